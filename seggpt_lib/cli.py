@@ -1,0 +1,47 @@
+"""The `seggpt` console command.
+
+Each subcommand lives in the module that does the work; that module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Register a new subcommand by
+adding one line to ``COMMANDS`` below (name -> (module, one-line help)).
+Modules are imported only when their subcommand is used, so ``seggpt --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("seggpt_lib.info", "show presets, parameter counts and the checkpoint formats understood"),
+}
+
+
+def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seggpt",
+        description="Fine-tune and evaluate SegGPT for few-shot industrial defect segmentation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(selected if selected in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
