@@ -231,7 +231,7 @@ class SegGPT(nn.Module):
         self.type_token_ins = nn.Parameter(torch.zeros(1, 1, 1, d))
         n_pos = (cfg.pretrain_img_size // cfg.patch_size) ** 2 + 1  # + cls slot, as stored officially
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as official
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         dec = cfg.decoder_embed_dim
