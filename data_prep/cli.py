@@ -1,0 +1,170 @@
+"""``seggpt prepare``: build datasets in the project's layout.
+
+    seggpt prepare synthetic     --out DIR [--seed S] [--per-class N] [--size PX] [--free N] [--overwrite]
+    seggpt prepare coco          --src DIR --out DIR [--multiclass] [--skip-bad] [--overwrite]
+    seggpt prepare magnetic-tile --src DIR --out DIR [--limit-per-class N] [--skip-bad] [--overwrite]
+    seggpt prepare split         --src DIR --out DIR [--seed S] [--val F] [--test F]
+                                 [--holdout-classes a,b | --holdout-n K] [--skip-bad] [--overwrite]
+    seggpt prepare stats         --src DIR [--out FILE]
+    seggpt prepare preview       --src DIR --out FILE.png [--per-class N]
+
+Bad input prints ``error: ...`` (naming the file and the problem) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+from .common import DataPrepError, DataPrepWarning
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="prepare_command", metavar="WHAT")
+    sub.required = True
+
+    p = sub.add_parser("synthetic", help="generate the synthetic PCB / metal defect dataset")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--per-class", type=_nonneg_int, default=40, help="images per defect class (default 40)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--free", type=_nonneg_int, default=None, help="defect-free images (default: --per-class)")
+    p.add_argument("--classes", default=None, help="comma-separated subset of defect classes (default: all)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: automatic)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
+    p = sub.add_parser("coco", help="convert VISION-Datasets-style COCO segmentation")
+    p.add_argument("--src", required=True, help="folder with <Sub>/<split>/_annotations.coco.json")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--multiclass", action="store_true", help="class-index masks + class_index.json")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
+    p = sub.add_parser("magnetic-tile", help="convert the magnetic-tile defect dataset")
+    p.add_argument("--src", required=True, help="folder with MT_<Class>/Imgs/")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--limit-per-class", type=_nonneg_int, default=None, help="keep the first N photos per class")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
+    p = sub.add_parser("split", help="seeded class-stratified train/val/test split")
+    p.add_argument("--src", required=True, help="dataset ROOT to split")
+    p.add_argument("--out", required=True, help="output folder (gets train/, val/, test/, split.json)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--val", type=_fraction, default=0.15, help="validation fraction (default 0.15)")
+    p.add_argument("--test", type=_fraction, default=0.15, help="test fraction (default 0.15)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--holdout-classes", default=None, help="comma-separated defect classes only in test")
+    g.add_argument("--holdout-n", type=_nonneg_int, default=None, help="hold out K random defect classes")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
+    p = sub.add_parser("stats", help="per-channel mean/std and class counts (JSON on stdout)")
+    p.add_argument("--src", required=True, help="dataset ROOT or split folder")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (not inside --src)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+
+    p = sub.add_parser("preview", help="contact sheet PNG: samples, mask overlays, 64 px view")
+    p.add_argument("--src", required=True, help="dataset ROOT")
+    p.add_argument("--out", required=True, help="PNG file to write (not inside --src)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
+    p.add_argument("--low-res", type=int, default=64, help="also show images at this size (0: off)")
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.prepare_command
+    t0 = time.perf_counter()
+    if cmd == "synthetic":
+        from .synthetic import generate_synthetic
+        out = generate_synthetic(args.out, seed=args.seed, per_class=args.per_class, size=args.size,
+                                 n_free=args.free, overwrite=args.overwrite,
+                                 classes=_split_list(args.classes), workers=args.workers)
+    elif cmd == "coco":
+        from .vision_coco import convert_vision_coco
+        out = convert_vision_coco(args.src, args.out, multiclass=args.multiclass,
+                                  skip_bad=args.skip_bad, overwrite=args.overwrite)
+    elif cmd == "magnetic-tile":
+        from .magnetic_tile import convert_magnetic_tile
+        out = convert_magnetic_tile(args.src, args.out, limit_per_class=args.limit_per_class,
+                                    skip_bad=args.skip_bad, overwrite=args.overwrite)
+    elif cmd == "split":
+        from .split import split_dataset
+        out = split_dataset(args.src, args.out, seed=args.seed, val=args.val, test=args.test,
+                            holdout_classes=_split_list(args.holdout_classes), holdout_n=args.holdout_n,
+                            skip_bad=args.skip_bad, overwrite=args.overwrite)
+        plan = json.loads((out / "split.json").read_text())
+        n = {sp: len(v) for sp, v in plan["files"].items()}
+        print(f"{plan['protocol']} split (seed {plan['seed']}): train {n['train']}, val {n['val']}, "
+              f"test {n['test']}" + (f"; held out: {', '.join(plan['holdout_classes'])}"
+                                     if plan["holdout_classes"] else ""))
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+        return 0
+    elif cmd == "stats":
+        from .stats import dataset_stats, write_stats
+        stats = dataset_stats(args.src, skip_bad=args.skip_bad)
+        print(json.dumps(stats, indent=2))
+        if args.out:
+            write_stats(stats, args.out, args.src)
+        return 0
+    elif cmd == "preview":
+        from .preview import contact_sheet
+        out = contact_sheet(args.src, args.out, per_class=args.per_class, low_res=args.low_res or None)
+        print(f"wrote {out}")
+        return 0
+    else:  # pragma: no cover - argparse rejects unknown choices
+        raise DataPrepError(f"unknown prepare command {cmd!r}")
+    from .common import read_classes_csv
+    rows = read_classes_csv(out) or []
+    classes = sorted({r["class"] for r in rows})
+    print(f"wrote {out}: {len(rows)} images, {len(classes)} classes ({', '.join(classes)}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataPrepWarning)
+        try:
+            code = _dispatch(args)
+        except DataPrepError as e:
+            code = 2
+            err = e
+        else:
+            err = None
+    for w in caught:
+        if issubclass(w.category, DataPrepWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if err is not None:
+        print(f"error: {err}", file=sys.stderr)
+    return code
