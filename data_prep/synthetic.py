@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
+import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -209,7 +211,6 @@ def _pcb_defect(rng: np.random.Generator, lay: _PcbLayout, cls: str, copper: np.
     size = lay.size
     w, gap = lay.w, lay.gap
     im, d = _blank(size)
-    present = sorted(lay.slots)
     for _ in range(60):
         x, y = lay.random_spot(rng)
         j = int(round(y / lay.pitch))
@@ -446,7 +447,6 @@ def _render_metal(rng: np.random.Generator, size: int, cls: str | None) -> tuple
         elif cls == "crack":
             img[mask] = img[mask] * rng.uniform(0.12, 0.25)                               # near-black
         elif cls == "pit":
-            xx, yy = _coords(size)
             g = _smooth_noise(rng, size, max(4, size // 12))
             a = rng.uniform(0, 2 * np.pi)
             rim = (np.cos(a) * np.gradient(g, axis=1) + np.sin(a) * np.gradient(g, axis=0))
@@ -536,7 +536,10 @@ def generate_synthetic(out_dir, seed: int = 0, per_class: int = 40, size: int = 
         (tmp / "labels").mkdir()
         tasks = [(int(seed), c, i, size, str(tmp)) for c, i in jobs]
         if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # fork is fastest, but not safe in a process that already runs torch threads
+            methods = mp.get_all_start_methods()
+            method = "fork" if "fork" in methods and "torch" not in sys.modules else "spawn"
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
                 it = pool.map(_write_one, tasks, chunksize=max(1, len(tasks) // (workers * 8)))
                 rows = list(progress(it, desc="synthetic", total=len(tasks), enabled=show_progress))
         else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +315,11 @@ def test_coco_bad_inputs(tmp_path):
     with pytest.warns(DataPrepWarning, match="unknown image id 42"):
         out = convert_vision_coco(src, tmp_path / "o3", skip_bad=True)
     assert len(_csv_rows(out)) == 6
+    data = json.loads(original)
+    data["annotations"][0]["category_id"] = 9
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataPrepError, match=r"annotation 1 refers to unknown category id 9"):
+        convert_vision_coco(src, tmp_path / "o3b")
     ann.write_text(original)
 
     # a truncated image, then also an image whose size differs from the JSON
@@ -496,6 +500,19 @@ def test_split_bad_inputs(tmp_path):
         split_dataset(src, tmp_path)
     with pytest.raises(DataPrepError, match="below 1"):
         split_dataset(src, tmp_path / "o4", val=0.5, test=0.5, skip_bad=True)
+
+
+def test_scan_dataset_other_problems(tmp_path):
+    src = _tiny_dataset(tmp_path / "t", n=3)
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(src / "labels" / "ghost_0000.png")
+    with pytest.raises(DataPrepError, match=r"ghost_0000\.png: label without an image"):
+        scan_dataset(src)
+    (src / "labels" / "ghost_0000.png").unlink()
+    common.write_classes_csv(src, _csv_rows(src) + [{"file": "gone.png", "class": "pit"}])
+    with pytest.raises(DataPrepError, match=r"classes\.csv: lists 'gone\.png'"):
+        scan_dataset(src)
+    with pytest.raises(DataPrepError, match="no images/ folder"):
+        scan_dataset(tmp_path)
 
 
 def test_class_from_filename_fallback(tmp_path):
