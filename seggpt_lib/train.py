@@ -1,0 +1,667 @@
+"""Fine-tuning SegGPT on defect pairs: config, learning-rate schedule, trainer, checkpoints.
+
+One process: ``seggpt train --config cfg.json``. Several (DDP, gloo on CPU, NCCL on GPU):
+``torchrun --nproc_per_node N -m seggpt_lib train --config cfg.json``. The pair stream is a
+pure function of (seed, epoch, sample number), ranks take interleaved samples, so a run
+with N ranks and batch B sees the samples of one process with batch N*B, and a resumed run
+continues exactly where the saved one stopped.
+
+Run folder ``log_dir/<run_id>/``: ``config.json``, ``metrics.csv``, TensorBoard events and
+``checkpoints/{last,best,step_N}/`` (``model.safetensors`` + ``trainer_state.pt``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from seggpt_lib.checkpoint import load_weights, save_weights
+from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
+from seggpt_lib.model import SegGPT, build_seggpt
+
+
+@dataclass
+class TrainConfig:
+    """Every key of a training config. The original ``configs/base.json`` keys keep their meaning."""
+
+    # --- the original's keys
+    lr: float = 1e-4
+    cycle_mult: float = 1.2
+    lr_decay_factor: float = 0.5
+    cycle_steps: int = 5000
+    warmup_steps: int = 500
+    min_lr: float = 1e-8
+    batch_size: int = 4
+    epoch: int = 1
+    log_dir: str = "runs"
+    train_dataset_dir: str = ""
+    val_dataset_dir: str = ""
+    data_count: int | None = None  # training pairs per epoch (default: number of training images)
+    mask_ratio: float = 0.75
+    num_workers: int = 2
+    eval_per_epoch: int = 2
+    ckpt_interval: int = 0  # keep a step_N checkpoint every N steps (0: only last/best)
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    image_log_interval: int = 0  # TensorBoard image row every N steps (0: at evaluations only)
+    n_classes: int = 2
+    # --- new keys
+    preset: str = "vit_large"
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides (official constructor names)
+    init_weights: str | None = None
+    max_steps: int | None = None
+    precision: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
+    seed: int = 0
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # 0: off
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False
+    negative_target: str = "query_mask"  # or "empty" (class-aware)
+    negative_share: float = 0.25
+    free_share: float = 0.0
+    fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
+    layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
+    augment: dict[str, Any] | None = None  # seggpt_lib.data.AugmentConfig fields; None = defaults
+    val_pairs: int = 64
+    log_interval: int = 10
+    device: str = "auto"
+    compile: bool = False
+    run_id: str | None = None
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        unknown = sorted(set(d) - set(cls.valid_keys()))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(cls.valid_keys())}")
+        cfg = cls(**d)
+        cfg.check(source)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config not found: {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON: {e}") from e
+        return cls.from_dict(d, source=str(p))
+
+    def check(self, source: str = "config") -> None:
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"{source}: precision must be bf16, fp16, fp32 or auto, got {self.precision!r}")
+        if self.negative_target not in ("query_mask", "empty"):
+            raise ValueError(f"{source}: negative_target must be 'query_mask' or 'empty', got {self.negative_target!r}")
+        for k in ("batch_size", "grad_accum_steps", "epoch", "cycle_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{source}: {k} must be >= 1, got {getattr(self, k)}")
+        if not self.train_dataset_dir:
+            raise ValueError(f"{source}: train_dataset_dir is required")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON where they can be (numbers, lists, true/null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# learning-rate schedule: cosine annealing with warm restarts (the original's)
+# ------------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: cycle ``i`` lasts ``cycle_steps * cycle_mult**i`` steps, peaks at
+    ``lr * lr_decay_factor**i`` after a linear warm-up from ``min_lr``, then follows a cosine
+    down to ``min_lr``."""
+    length, start, i = float(cfg.cycle_steps), 0.0, 0
+    while step >= start + int(length):
+        start += int(length)
+        length *= cfg.cycle_mult
+        i += 1
+    pos = step - start
+    cycle_len = int(length)
+    peak = cfg.lr * cfg.lr_decay_factor**i
+    warm = min(cfg.warmup_steps, max(cycle_len - 1, 0))
+    if pos < warm:
+        return cfg.min_lr + (peak - cfg.min_lr) * pos / warm
+    t = (pos - warm) / max(cycle_len - warm, 1)
+    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------------
+# distributed helpers (torchrun environment variables)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    if info.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# ------------------------------------------------------------------------------------------
+# model, optimiser
+# ------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> SegGPT:
+    overrides = dict(cfg.model)
+    if cfg.activation_checkpointing:
+        overrides["use_act_checkpoint"] = True
+    model = build_seggpt(cfg.preset, **overrides)
+    if cfg.init_weights:
+        load_weights(model, cfg.init_weights)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in cfg.freeze):
+            p.requires_grad_(False)
+    return model
+
+
+def _layer_id(name: str, depth: int) -> int:
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(("patch_embed", "pos_embed", "mask_token", "segment_token", "type_token")):
+        return 0
+    return depth + 1  # final norm and decoder
+
+
+def param_groups(model: SegGPT, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and tokens; optional layer-wise lr decay."""
+    depth = model.cfg.depth
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name.endswith(("token", "token_x", "token_y", "pos_embed", "rel_pos_h", "rel_pos_w", "_cls", "_ins"))
+        scale = cfg.layer_decay ** (depth + 1 - _layer_id(name, depth)) if cfg.layer_decay != 1.0 else 1.0
+        groups.setdefault((0.0 if no_wd else cfg.weight_decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints (folder written under a temporary name, then swapped in)
+# ------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(folder: Path, model: SegGPT, state: dict[str, Any]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(state["config"], indent=2))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / "trainer_state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no trainer state in {folder} (expected {path.name}); is this a run's checkpoint folder?")
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and optimizer
+
+
+# ------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------
+METRIC_FIELDS = ["step", "epoch", "lr", "loss", "fg_frac", "val_loss", "val_miou", "val_fg_frac", "samples_per_s", "elapsed_s"]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_miou: float
+    history: list[dict[str, Any]]
+
+
+def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> torch.Tensor:
+    """Predicted query-half class indices ``(B, H, W)`` after palette snapping."""
+    rgb = denormalize(pred_img.float(), mean, std)
+    h = rgb.shape[-2] // 2
+    return cmap_to_lbl(rgb[:, :, h:], palette)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False) -> None:
+        from seggpt_lib import data as D
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.info = init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+
+        self.model = build_model(cfg).to(self.device)
+        self.mcfg = self.model.cfg
+        self.train_index = D.DefectIndex.scan(cfg.train_dataset_dir)
+        self.val_index = D.DefectIndex.scan(cfg.val_dataset_dir) if cfg.val_dataset_dir else None
+        aug = D.AugmentConfig.from_dict(cfg.augment) if cfg.augment is not None else None
+        common = dict(
+            cfg=self.mcfg, mask_ratio=cfg.mask_ratio, negative_target=cfg.negative_target, n_classes=cfg.n_classes,
+            mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed, fg_weight=cfg.fg_weight,
+            negative_share=cfg.negative_share, free_share=cfg.free_share,
+        )
+        self.data_count = int(cfg.data_count or len(self.train_index))
+        self.train_ds = D.PairDataset(self.train_index, train=True, augment=aug, length=self.data_count, **common)
+        self.val_ds = (
+            D.PairDataset(self.val_index, train=False, length=cfg.val_pairs, **common) if self.val_index is not None else None
+        )
+        self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
+        self.steps_per_epoch = max(1, self.data_count // self.global_batch)
+        total = cfg.epoch * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.999),
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ddp_model: torch.nn.Module = self.model
+        if self.info.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+
+        self.step = 0
+        self.best_miou = -1.0
+        self.history: list[dict[str, Any]] = []
+        if run_dir is None:
+            run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(cfg.log_dir) / run_id
+        self.run_dir = Path(run_dir)
+        if resume:
+            self._resume()
+        elif self.info.is_main:
+            if (self.run_dir / "checkpoints").exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another run_id")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.writer = None
+        if self.info.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # tensorboard is in requirements; keep training without it
+                self.writer = None
+
+    # -- state --------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"kind": "cosine_warm_restarts", "step": self.step},
+            "best_miou": self.best_miou,
+            "rng": _rng_state(),
+            "config": self.cfg.to_dict(),
+            "model_config": self.mcfg.to_dict(),
+        }
+
+    def _resume(self) -> None:
+        folder = self.run_dir / "checkpoints" / "last"
+        state = load_trainer_state(folder)
+        load_weights(self.model, folder / "model.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_miou = float(state.get("best_miou", -1.0))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        csv_path = self.run_dir / "metrics.csv"
+        if csv_path.is_file():  # keep rows up to the checkpoint: the rest is re-done
+            with open(csv_path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+            self.history = rows
+
+    def _save(self, name: str) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._state())
+
+    # -- logging ------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        self.history.append(row)
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists() or len(self.history) == 1
+        with open(path, "w" if new else "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+                for r in self.history[:-1]:
+                    w.writerow(r)
+            w.writerow(row)
+        if self.writer is not None:
+            for k in METRIC_FIELDS[2:]:
+                v = row.get(k)
+                if isinstance(v, (int, float)) and v == v:
+                    self.writer.add_scalar(k, v, row["step"])
+
+    def _log_images(self, batch: dict[str, Any], pred_img: torch.Tensor, tag: str) -> None:
+        """The original's row: input | masked label | label | raw prediction | snapped prediction."""
+        if self.writer is None:
+            return
+        from seggpt_lib.masking import patch_mask_to_pixels
+
+        mean, std = self.cfg.image_mean, self.cfg.image_std
+        i = 0
+        img = denormalize(batch["imgs"][i : i + 1].float(), mean, std)
+        tgt = denormalize(batch["tgts"][i : i + 1].float(), mean, std)
+        m = patch_mask_to_pixels(batch["bool_masked_pos"][i : i + 1].cpu(), self.mcfg.grid, self.mcfg.patch_size)
+        masked = tgt * (1 - m)
+        raw = denormalize(pred_img[i : i + 1].detach().float().cpu(), mean, std)
+        pal = batch["palette"][i]
+        snapped = pal[cmap_to_lbl(raw, pal)].permute(0, 3, 1, 2).float()
+        row = torch.cat([img, masked, tgt, raw, snapped], dim=3)[0] / 255.0
+        self.writer.add_image(tag, row.clamp(0, 1), self.step)
+
+    # -- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation with the query half hidden: loss, mIoU (pairs with a defect to find), fg share."""
+        from seggpt_lib import data as D
+        from seggpt_lib.metrics import iou
+
+        if self.val_ds is None:
+            return {}
+        self.model.eval()
+        ids = list(range(self.info.rank, len(self.val_ds), self.info.world_size))
+        loader = DataLoader(torch.utils.data.Subset(self.val_ds, ids), batch_size=self.cfg.batch_size,
+                            num_workers=0, collate_fn=D.collate)
+        loss_sum, n, iou_sum, n_iou, fg_sum = 0.0, 0, 0.0, 0, 0.0
+        mean, std = self.cfg.image_mean, self.cfg.image_std
+        last = None
+        for batch in loader:
+            inputs = D.model_inputs(batch, self.device)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss, pred, _ = self.model(**inputs)
+            pred_img = self.model.unpatchify(pred.float())
+            lbl = _snap_query(pred_img, batch["palette"].to(self.device), mean, std).cpu()
+            h = self.mcfg.image_size[0]
+            gt = batch["labels"][:, h:].long()
+            b = gt.shape[0]
+            loss_sum += loss.item() * b
+            n += b
+            fg_sum += (lbl > 0).float().mean(dim=(1, 2)).sum().item()
+            for p, g in zip(lbl, gt):
+                if g.any():
+                    iou_sum += iou(p > 0, g > 0)
+                    n_iou += 1
+            last = (batch, pred_img.cpu())
+        loss_sum, n, iou_sum, n_iou, fg_sum = _all_reduce_sum([loss_sum, n, iou_sum, n_iou, fg_sum], self.device, self.info)
+        self.model.train()
+        if last is not None:
+            self._log_images(last[0], last[1], "val/prediction")
+        return {
+            "val_loss": loss_sum / max(n, 1),
+            "val_miou": iou_sum / n_iou if n_iou else float("nan"),
+            "val_fg_frac": fg_sum / max(n, 1),
+        }
+
+    # -- training -----------------------------------------------------------------------
+    def _loader(self, epoch: int, start: int) -> DataLoader:
+        from seggpt_lib import data as D
+
+        self.train_ds.set_epoch(epoch)
+        sampler = self.train_ds.make_sampler(rank=self.info.rank, world_size=self.info.world_size, start=start, drop_last=True)
+        return DataLoader(
+            self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            collate_fn=D.collate, pin_memory=self.device.type == "cuda", drop_last=True,
+            persistent_workers=False,
+        )
+
+    def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
+        from seggpt_lib import data as D
+
+        cfg = self.cfg
+        end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
+        eval_every = max(1, self.steps_per_epoch // max(cfg.eval_per_epoch, 1)) if cfg.eval_per_epoch else 0
+        self.model.train()
+        bar = None
+        if self.info.is_main and progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        t0 = time.perf_counter()
+        t_last, samples_since = t0, 0
+        last_val: dict[str, float] = {}
+        while self.step < end:
+            epoch = self.step // self.steps_per_epoch
+            start = (self.step - epoch * self.steps_per_epoch) * self.global_batch
+            it = iter(self._loader(epoch, start))
+            while self.step < end and self.step // self.steps_per_epoch == epoch:
+                lr = lr_at(self.step, cfg)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                loss_acc, fg_acc = 0.0, 0.0
+                for micro in range(cfg.grad_accum_steps):
+                    batch = next(it)
+                    inputs = D.model_inputs(batch, self.device)
+                    sync = micro == cfg.grad_accum_steps - 1 or self.info.world_size == 1
+                    ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) else _nullcontext()
+                    with ctx:
+                        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                            loss, pred, _ = self.forward_model(**inputs)
+                        self.scaler.scale(loss / cfg.grad_accum_steps).backward()
+                    loss_acc += loss.detach().float().item() / cfg.grad_accum_steps
+                    if micro == 0 and (self.step % cfg.log_interval == 0 or self.step + 1 == end):
+                        with torch.no_grad():
+                            pred_img = self.model.unpatchify(pred.detach().float())
+                            lbl = _snap_query(pred_img, batch["palette"].to(self.device), cfg.image_mean, cfg.image_std)
+                            fg_acc = (lbl > 0).float().mean().item()
+                        if cfg.image_log_interval and self.step % cfg.image_log_interval == 0:
+                            self._log_images(batch, pred_img.cpu(), "train/prediction")
+                loss_g, fg_g = _all_reduce_sum([loss_acc, fg_acc], self.device, self.info)
+                loss_g /= self.info.world_size
+                fg_g /= self.info.world_size
+                if not math.isfinite(loss_g):
+                    if bar is not None:
+                        bar.close()
+                    raise NonFiniteLoss(
+                        f"loss became {loss_g} at step {self.step}; stopping. The last good checkpoint is "
+                        f"{self.run_dir / 'checkpoints' / 'last'} (lower lr, use bf16/fp32, or check the data)"
+                    )
+                if cfg.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                samples_since += self.global_batch
+
+                do_eval = bool(eval_every) and (self.step % eval_every == 0 or self.step == self.total_steps)
+                do_log = (self.step - 1) % cfg.log_interval == 0 or self.step == end or do_eval
+                if do_eval:
+                    last_val = self.evaluate()
+                if do_log:
+                    now = time.perf_counter()
+                    sps = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "loss": loss_g,
+                           "fg_frac": fg_g, "samples_per_s": sps, "elapsed_s": now - t0,
+                           **({k: last_val.get(k, float("nan")) for k in ("val_loss", "val_miou", "val_fg_frac")} if do_eval else
+                              {"val_loss": float("nan"), "val_miou": float("nan"), "val_fg_frac": float("nan")})}
+                    self._log(row)
+                    if bar is not None:
+                        post = {"loss": f"{loss_g:.4f}", "fg": f"{fg_g:.3f}", "sps": f"{sps:.1f}"}
+                        if last_val:
+                            post["miou"] = f"{last_val.get('val_miou', float('nan')):.3f}"
+                        bar.set_postfix(post)
+                if do_eval and last_val.get("val_miou", float("nan")) > self.best_miou:
+                    self.best_miou = last_val["val_miou"]
+                    self._save("best")
+                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
+                    self._save(f"step_{self.step}")
+                if bar is not None:
+                    bar.update(1)
+            if self.step < end:
+                self._save("last")  # end of an epoch
+        self._save("last")
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        return TrainResult(self.run_dir, self.step, self.best_miou, self.history)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: TrainConfig | dict[str, Any], run_dir: str | os.PathLike[str] | None = None,
+          stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
+    """Train from a config (object or dict); returns the run folder, final step and history."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict(cfg)
+    trainer = Trainer(cfg, Path(run_dir) if run_dir else None)
+    try:
+        return trainer.fit(stop_at_step=stop_at_step, progress=progress)
+    finally:
+        trainer.close()
+
+
+def resume(run_dir: str | os.PathLike[str], stop_at_step: int | None = None, progress: bool = True,
+           overrides: dict[str, Any] | None = None) -> TrainResult:
+    """Continue a run from ``run_dir/checkpoints/last`` at its saved step."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+    d = json.loads(cfg_path.read_text())
+    d.update(overrides or {})
+    trainer = Trainer(TrainConfig.from_dict(d, source=str(cfg_path)), run_dir, resume=True)
+    try:
+        return trainer.fit(stop_at_step=stop_at_step, progress=progress)
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------------------------------
+# CLI: seggpt train --config FILE [--set key=value ...] [--resume RUN_DIR]
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="training config JSON (keys: see TrainConfig)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    parser.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        overrides = parse_set(args.set)
+        if args.resume:
+            result = resume(args.resume, args.stop_at_step, not args.no_progress, overrides)
+        else:
+            if not args.config:
+                print("error: give --config FILE (or --resume RUN_DIR)", file=sys.stderr)
+                return 2
+            d = json.loads(Path(args.config).read_text()) if Path(args.config).is_file() else None
+            if d is None:
+                raise FileNotFoundError(f"training config not found: {args.config}")
+            d.update(overrides)
+            cfg = TrainConfig.from_dict(d, source=args.config)
+            result = train(cfg, stop_at_step=args.stop_at_step, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run: {result.run_dir}  steps: {result.step}  best val mIoU: {result.best_miou:.4f}")
+    return 0
