@@ -63,6 +63,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides (official constructor names)
     init_weights: str | None = None
     max_steps: int | None = None
+    max_minutes: float | None = None  # wall-clock budget: stop (evaluate, checkpoint) when it is spent
     precision: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     seed: int = 0
     weight_decay: float = 0.05
@@ -555,7 +556,11 @@ class Trainer:
                 self.step += 1
                 samples_since += self.global_batch
 
-                do_eval = bool(eval_every) and (self.step % eval_every == 0 or self.step == self.total_steps)
+                if cfg.max_minutes and self.step < end:
+                    time_up = (time.perf_counter() - t0) > cfg.max_minutes * 60
+                    if _all_reduce_sum([float(time_up)], self.device, self.info)[0] > 0:
+                        end = self.step  # every rank stops at the same step
+                do_eval = bool(eval_every) and (self.step % eval_every == 0 or self.step in (self.total_steps, end))
                 do_log = (self.step - 1) % cfg.log_interval == 0 or self.step == end or do_eval
                 if do_eval:
                     last_val = self.evaluate()
