@@ -1005,8 +1005,8 @@ class PairDataset(Dataset):
 
     * ``imgs`` ``(3, 2H, W)`` float: prompt on top, query below, normalised with ``mean``/``std``
     * ``tgts`` ``(3, 2H, W)`` float: the coloured label pair, normalised the same way
-    * ``bool_masked_pos`` ``(L,)`` bool: ``random_patch_mask(mask_ratio)`` in training, the
-      query half in evaluation
+    * ``bool_masked_pos`` ``(L,)`` bool: ``random_patch_mask(mask_ratio)`` in training (the
+      query half for a ``query_mask_share`` of the samples), the query half in evaluation
     * ``valid`` ``(3, 2H, W)`` float: 1, and ``fg_weight`` on the defect pixels of the pair
     * ``seg_type`` long 0; ``labels`` ``(2H, W)`` uint8: the painted class indices (0/1 for
       binary sets); ``query_label`` ``(H, W)`` uint8: the query's own label (ground truth)
@@ -1028,6 +1028,7 @@ class PairDataset(Dataset):
         cfg: Any = None,
         train: bool = True,
         mask_ratio: float = 0.75,
+        query_mask_share: float = 0.0,
         negative_target: str = "query_mask",
         n_classes: int = 2,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -1073,6 +1074,9 @@ class PairDataset(Dataset):
         self.index = index
         self.train = bool(train)
         self.mask_ratio = float(mask_ratio)
+        if not 0.0 <= query_mask_share <= 1.0:
+            raise ValueError(f"query_mask_share must lie in [0, 1], got {query_mask_share}")
+        self.query_mask_share = float(query_mask_share)
         self.negative_target = negative_target
         self.n_classes = int(n_classes)
         self.mean = tuple(float(v) for v in mean)
@@ -1202,7 +1206,10 @@ class PairDataset(Dataset):
         gen = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, s, 0))
         palette = random_palette(self.n_classes, generator=gen)
         if self.train:
-            masked = random_patch_mask(self.grid, self.mask_ratio, 1, generator=gen)[0]
+            if self.query_mask_share > 0 and torch.rand((), generator=gen).item() < self.query_mask_share:
+                masked = query_half_mask(self.grid)[0]  # the inference task itself
+            else:
+                masked = random_patch_mask(self.grid, self.mask_ratio, 1, generator=gen)[0]
         else:
             masked = query_half_mask(self.grid)[0]
         imgs = normalize(torch.cat([p_img, q_img], dim=1), self.mean, self.std)

@@ -72,6 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     negative_target: str = "query_mask"  # or "empty" (class-aware)
     negative_share: float = 0.25
+    query_mask_share: float = 0.0  # share of training samples with the whole query half hidden (the inference task)
     free_share: float = 0.0
     fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
@@ -324,7 +325,8 @@ class Trainer:
             negative_share=cfg.negative_share, free_share=cfg.free_share,
         )
         self.data_count = int(cfg.data_count or len(self.train_index))
-        self.train_ds = D.PairDataset(self.train_index, train=True, augment=aug, length=self.data_count, **common)
+        self.train_ds = D.PairDataset(self.train_index, train=True, augment=aug, length=self.data_count,
+                                      query_mask_share=cfg.query_mask_share, **common)
         self.val_ds = (
             D.PairDataset(self.val_index, train=False, length=cfg.val_pairs, **common) if self.val_index is not None else None
         )
