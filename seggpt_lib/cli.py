@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.cli", "build datasets: synthetic, coco, magnetic-tile, split, stats"),
     "make-mapping": ("seggpt_lib.mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
     "tune-prompt": ("seggpt_lib.prompt_tuning", "learn a prompt image+mask for one defect class with SegGPT frozen"),
+    "reproduce": ("seggpt_lib.pipeline", "run the notebook pipeline (01-04) with papermill and regenerate results/"),
 }
 
 

@@ -1,0 +1,144 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Training
+#
+# Fine-tunes SegGPT on the training split of notebook 01 with `seggpt_lib.train`
+# (AdamW, cosine annealing with warm restarts after a linear warm-up, 75 % of the label-pair
+# patches hidden, defect pixels weighted `fg_weight` in the smooth-L1 loss, negative pairs
+# asking for an empty query half when `negative_target` is `empty`). Training stops after
+# `steps` steps or `train_minutes` minutes, whichever comes first; `steps = 0` skips it and
+# the given `weights` (or, without weights, the random initialisation) are evaluated.
+#
+# Shown: the loss, learning rate, predicted-defect share and validation mIoU curves
+# (`metrics.csv`), and the original's image row **[input | masked label | label | raw
+# prediction | prediction snapped to the palette]** on fixed validation pairs, before and after.
+
+# %% tags=["parameters"]
+results_dir = "results"
+preset = "vit_micro"  # "auto": the architecture of `weights`
+model = {}  # preset overrides (official constructor names)
+weights = ""  # initial weights (official .pth, HF, our .safetensors); empty: random init
+steps = 100000  # 0: no training
+train_minutes = 9.5  # wall-clock budget of the training loop; None: none
+device = "cpu"
+precision = "auto"
+seed = 0
+normalize = "imagenet"  # imagenet | dataset
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 5.0, "warmup_steps": 30, "cycle_steps": 100000,
+         "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
+eval_every = 50  # validation and checkpoints every N steps
+val_pairs = 64
+checkpoint = "best"  # best (validation mIoU) | last
+n_panels = 3
+
+# %%
+import json
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from seggpt_lib import pipeline as P
+from seggpt_lib import viz as V
+from seggpt_lib.checkpoint import build_from_checkpoint, save_weights
+
+R = Path(results_dir)
+data = P.read_fragment(R, "01_data_transformation")
+split_root = Path(data["split_root"])
+run_dir = P.training_run_dir(R)
+dev = P._device(device)
+pd.set_option("display.precision", 4)
+
+# %% [markdown]
+# ## The training configuration
+
+# %%
+mean_std = (data["mean"], data["std"]) if normalize == "dataset" else None
+cfg = P.training_config(split_root, run_dir, preset=preset, model=model, weights=weights, steps=steps,
+                        train_minutes=train_minutes, device=dev, precision=precision, seed=seed,
+                        normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
+                        val_pairs=val_pairs)
+shown = {k: v for k, v in cfg.to_dict().items() if k not in ("image_mean", "image_std")}
+print(json.dumps(shown, indent=1))
+
+# %% [markdown]
+# ## Before training: the initial weights
+
+# %%
+model0 = P.initial_model(cfg).to(dev)
+n_params = sum(p.numel() for p in model0.parameters())
+print(f"{cfg.preset}: {n_params / 1e6:.2f} M parameters, pair {tuple(model0.cfg.img_size)}, patch {model0.cfg.patch_size}")
+panel_ds = P.panel_dataset(cfg, split_root, n_panels, model0.cfg)
+rows = V.model_panel_rows(model0, panel_ds, range(len(panel_ds)), device=dev)
+P.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_panels_start");
+
+# %% [markdown]
+# ## Training
+
+# %%
+if steps > 0:
+    res = P.run_training(cfg, run_dir)
+    eval_weights = P.trained_weights(run_dir, checkpoint)
+    trained = True
+else:
+    res = {"run_dir": None, "steps_done": 0, "best_val_miou": float("nan"), "wall_s": 0.0}
+    if weights:
+        eval_weights = Path(weights)
+    else:  # evaluate the random initialisation: save it for notebooks 03-05
+        eval_weights = save_weights(model0, run_dir.parent / "init.safetensors")
+    trained = False
+    print(f"no training (steps = 0): evaluating {eval_weights}")
+
+# %% [markdown]
+# ## Curves (from `metrics.csv`)
+
+# %%
+metrics = P.read_metrics(run_dir) if trained else pd.DataFrame()
+if len(metrics):
+    P.save_figure(V.training_curves(metrics, title=f"{cfg.preset}, {res['steps_done']} steps"), R, "02_curves")
+    display(metrics.tail(5))
+else:
+    print("no training curves (no training)")
+
+# %% [markdown]
+# ## After training: the same validation pairs
+
+# %%
+model1 = build_from_checkpoint(eval_weights, preset=cfg.preset, **cfg.model).to(dev) if trained else model0
+rows = V.model_panel_rows(model1, panel_ds, range(len(panel_ds)), device=dev)
+title = (f"after {res['steps_done']} steps ({Path(eval_weights).parent.name} checkpoint)" if trained
+         else f"evaluated weights: {Path(eval_weights).name}")
+P.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
+
+# %%
+summary = pd.DataFrame([{
+    "preset": cfg.preset, "parameters_M": n_params / 1e6, "device": dev, "trained": trained,
+    "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_mIoU": res["best_val_miou"],
+    "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else float("nan"),
+    "lr": cfg.lr, "batch_size": cfg.batch_size, "init_weights": Path(weights).name if weights else "random",
+}])
+P.write_table(summary, R, "02_training", title="Training")
+try:
+    label = str(Path(eval_weights).resolve().relative_to(R.resolve()))
+except ValueError:
+    label = str(eval_weights)
+P.write_fragment(R, "02_training", {
+    "weights": str(Path(eval_weights).resolve()), "weights_label": label, "preset": cfg.preset, "model": cfg.model,
+    "mean": list(cfg.image_mean), "std": list(cfg.image_std), "trained": trained, "steps_done": res["steps_done"],
+    "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"], "device": dev, "n_parameters": n_params,
+})
+summary

@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Split ablation
+#
+# Every positive pair of the test split (a defect query with a prompt of its own class from the
+# training split) is predicted at `split` 1, 2 and 4: the query and its prompts are resized to
+# a square canvas (`work_size`), cut into n×n tiles, each tile resized to the model's native
+# size and paired with prompt tiles (`tile_pairing`: `aligned` pairs a tile with the prompts'
+# tile at the same place, `all` with every tile of every prompt as the original did), the tile
+# outputs are snapped to the palette and reassembled at full resolution. The original found
+# split 2 best (mIoU 0.173 / 0.538 / 0.327 for split 1 / 2 / 4 on 11 VISION queries).
+#
+# Metrics follow the evaluation protocol: per-image IoU on the full-resolution binary masks,
+# good catch when IoU ≥ `catch_iou`; mIoU is the mean of per-image IoU.
+
+# %% tags=["parameters"]
+results_dir = "results"
+weights = ""  # empty: the weights notebook 02 produced
+device = "cpu"
+precision = "auto"
+splits = [1, 2, 4]
+top_k = 1
+extra_top_k = 3  # one more row at eval_split with this many prompts (0: none)
+eval_split = 2
+work_size = "auto"  # canvas side when tiling; auto: median side of the test images, at most 1024
+tile_pairing = "aligned"  # aligned | all
+max_batch = 64
+max_queries = None  # None: every positive test query
+mapping_seed = 0
+catch_iou = 0.3
+n_panels = 3
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+
+from seggpt_lib import pipeline as P
+from seggpt_lib import viz as V
+
+R = Path(results_dir)
+split_root = Path(P.read_fragment(R, "01_data_transformation")["split_root"])
+em = P.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
+print("model:", em.describe())
+pd.set_option("display.precision", 4)
+
+# %% [markdown]
+# ## mIoU by split
+
+# %%
+abl = P.split_ablation(em, split_root, splits=splits, top_k=top_k, extra_top_k=extra_top_k, eval_split=eval_split,
+                       work_size=work_size, tile_pairing=tile_pairing, catch_iou=catch_iou, seed=mapping_seed,
+                       max_queries=max_queries)
+print(f"work size {abl['work_size']}, {abl['tile_pairing']} tile pairing, {len(abl['mapping'])} positive queries")
+P.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
+              note=f"catch: IoU >= {catch_iou}. original_mIoU: the original's published figure (11 VISION queries).")
+
+# %%
+t1 = abl["table"][abl["table"]["top_k"] == top_k]
+fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"split {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
+                  title=f"mIoU and catch rate by split (top-{top_k})", rotate=0)
+P.save_figure(fig, R, "03_split_miou");
+
+# %% [markdown]
+# ## Per-class IoU
+
+# %%
+per_class = P.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
+fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("split_")],
+                  title="IoU per defect class", ylabel="mean IoU", hline=catch_iou, hline_label="catch threshold")
+P.save_figure(fig, R, "03_per_class_iou");
+per_class
+
+# %% [markdown]
+# ## Per image
+
+# %%
+cols = ["file", "class", "split", "top_k", "prompts", "iou", "catch", "pred_pixels", "gt_pixels", "seconds"]
+per_image = P.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
+per_image.head(12)
+
+# %% [markdown]
+# ## Best and worst cases
+# At the best split: each row stacks the prompt (top) over the query (bottom), as the original's
+# TensorBoard rows did: **[input | masked label | label | raw prediction | snapped prediction]**.
+
+# %%
+best_split = int(t1.sort_values(["mIoU", "split"], ascending=[False, True])["split"].iloc[0])
+at_best = abl["per_image"][(abl["per_image"]["split"] == best_split) & (abl["per_image"]["top_k"] == top_k)]
+for worst, name in ((False, "best"), (True, "worst")):
+    rows = P.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, split=best_split,
+                          top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)
+    P.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
+
+# %%
+P.write_fragment(R, "03_split_ablation", {
+    "table": abl["table"].to_dict("records"), "per_class": abl["per_class"].to_dict("records"),
+    "top_k": top_k, "best_split": best_split, "work_size": abl["work_size"], "tile_pairing": tile_pairing,
+    "queries": len(abl["mapping"]), "weights": em.weights, "device": em.device,
+})
+abl["table"]

@@ -1,0 +1,299 @@
+"""``seggpt reproduce`` and the helpers of seggpt_lib.pipeline / seggpt_lib.viz: config handling,
+tables, fragments, summary and index, a failing stage's message, the end-to-end tiny run, and
+the HTML pages in headless Chromium (skipped where no browser is on PATH)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from seggpt_lib import pipeline as P
+from seggpt_lib import viz as V
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_results(base: Path) -> Path:
+    """One tiny ``seggpt reproduce --smoke`` run per test session (shared with
+    test_notebooks.py through the session's base temp folder)."""
+    from seggpt_lib import cli
+
+    d = base / "smoke_results"
+    if not (d / "summary.json").is_file() or json.loads((d / "summary.json").read_text()).get("status") != "complete":
+        rc = cli.main(["reproduce", "--smoke", "--set", f"results_dir={d}", "--set", "heartbeat_s=0"])
+        assert rc == 0, "seggpt reproduce --smoke failed (see the output above)"
+    return d
+
+
+# ------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------
+def test_config_file_and_overrides(tmp_path):
+    cfg = P.load_config(REPO / "configs" / "pipeline.json")
+    assert cfg["preset"] == "vit_micro" and cfg["data"] == "synthetic" and cfg["device"] == "cpu"
+    assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["negative_target"] == "empty" and cfg["train"]["batch_size"] == 16
+    assert cfg["train_minutes"] and cfg["steps"] > 0 and cfg["splits"] == [1, 2, 4]
+    cfg = P.load_config(REPO / "configs" / "pipeline.json",
+                        ["steps=0", "device=cuda", "weights=w.pth", "train.lr=1e-4", "splits=[1,2]", "data=coco:/x"])
+    assert cfg["steps"] == 0 and cfg["device"] == "cuda" and cfg["weights"] == "w.pth"
+    assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 16  # nested keys merge
+    assert cfg["splits"] == [1, 2] and cfg["data"] == "coco:/x"
+    assert set(cfg["_explicit"]) == {"steps", "device", "weights", "train", "splits", "data"}
+    with pytest.raises(P.PipelineError, match="unknown key 'stepz'"):
+        P.load_config(None, ["stepz=3"])
+    with pytest.raises(P.PipelineError, match="key=value"):
+        P.load_config(None, ["steps"])
+    with pytest.raises(P.PipelineError, match="steps must be"):
+        P.load_config(None, {"steps": -1})
+    with pytest.raises(P.PipelineError, match="tile_pairing"):
+        P.load_config(None, {"tile_pairing": "some"})
+    with pytest.raises(P.PipelineError, match="not found"):
+        P.load_config(tmp_path / "missing.json")
+    smoke = P.load_config(None, ["steps=5"], smoke=True)
+    assert smoke["steps"] == 5 and smoke["model"]["embed_dim"] == 64 and smoke["synthetic"]["size"] == 64
+
+
+def test_data_spec(tmp_path):
+    assert P.parse_data_spec("synthetic") == ("synthetic", "")
+    assert P.parse_data_spec("") == ("synthetic", "")
+    (tmp_path / "ds").mkdir()
+    assert P.parse_data_spec(f"coco:{tmp_path / 'ds'}") == ("coco", str((tmp_path / "ds").resolve()))
+    assert P.parse_data_spec(f"magnetic_tile:{tmp_path / 'ds'}")[0] == "magnetic_tile"
+    assert P.parse_data_spec(str(tmp_path / "ds")) == ("folder", str((tmp_path / "ds").resolve()))
+    assert P.parse_data_spec("ds", base=tmp_path)[1] == str((tmp_path / "ds").resolve())
+    with pytest.raises(P.PipelineError, match="not found"):
+        P.parse_data_spec(f"coco:{tmp_path / 'nope'}")
+
+
+def test_notebook_parameters():
+    cfg = P.load_config(REPO / "configs" / "pipeline.json", ["weights=some/w.pth", "results_dir=out"])
+    p2 = P.notebook_parameters("02_training", cfg)
+    assert p2["preset"] == "auto"  # weights without an explicit preset: the checkpoint's architecture
+    assert Path(p2["weights"]).is_absolute() and Path(p2["results_dir"]).is_absolute()
+    p2 = P.notebook_parameters("02_training", P.load_config(None, ["weights=w.pth", "preset=vit_large"]))
+    assert p2["preset"] == "vit_large"
+    p1 = P.notebook_parameters("01_data_transformation", P.load_config(None))
+    assert p1["source"] == "synthetic" and p1["source_path"] == ""
+    for name in P.NOTEBOOKS:  # evaluation notebooks take the weights notebook 02 wrote, not the initial ones
+        assert ("weights" in P.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training"))
+
+
+def test_resolve_preset(tmp_path):
+    from seggpt_lib import build_seggpt, save_weights
+
+    model = build_seggpt("vit_micro", **P.SMOKE["model"])
+    w = save_weights(model, tmp_path / "m.safetensors")
+    name, ov = P.resolve_preset(str(w), "auto")
+    assert name == "vit_micro" and ov["embed_dim"] == 64 and ov["depth"] == 3
+    assert P.model_config("auto", weights=str(w)).embed_dim == 64
+    assert P.resolve_preset("", "vit_tiny") == ("vit_tiny", {})
+    with pytest.raises(P.PipelineError, match="needs weights"):
+        P.resolve_preset("", "auto")
+
+
+# ------------------------------------------------------------------------------------------
+# tables, fragments, summary, index
+# ------------------------------------------------------------------------------------------
+def test_tables_and_fragments(tmp_path):
+    df = pd.DataFrame({"name": ["a|b", "c"], "iou": [0.5, float("nan")], "response_rate": [0.000123, 0.5],
+                       "ok": [True, False]})
+    md = P.markdown_table(df)
+    assert md.splitlines()[0] == "| name | iou | response_rate | ok |"
+    assert "| a\\|b | 0.5000 | 0.000123 | yes |" in md and "| c | – | 0.5000 | no |" in md
+    assert P.write_table(df, tmp_path, "t1", title="T") is df
+    assert pd.read_csv(tmp_path / "tables" / "t1.csv").shape == (2, 4)
+    assert (tmp_path / "tables" / "t1.md").read_text().startswith("### T")
+    P.write_fragment(tmp_path, "x", {"a": float("nan"), "b": np.float32(0.25), "c": [np.int64(3)], "p": Path("q")})
+    assert P.read_fragment(tmp_path, "x") == {"a": None, "b": 0.25, "c": [3], "p": "q"}
+    assert P.read_fragment(tmp_path, "nothing", required=False) is None
+    with pytest.raises(P.PipelineError, match="run notebook nothing first"):
+        P.read_fragment(tmp_path, "nothing")
+    path = P.save_figure(V.bar_chart(df, "name", ["iou"]), tmp_path, "f1", show=False)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_fragments(results: Path) -> None:
+    from seggpt_lib.metrics import PairResult, evaluate
+
+    gt = np.zeros((10, 10), bool)
+    gt[2:5, 2:5] = True
+    recs = [PairResult("a_1.png", ["a_2.png"], "positive", "a", gt, gt),
+            PairResult("a_1.png", ["b_2.png"], "negative", "a", np.zeros_like(gt), gt),
+            PairResult("free_1.png", ["a_2.png"], "free", "free", gt, np.zeros_like(gt))]
+    _, summary = evaluate(recs)
+    P.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
+    P.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
+                                              "trained": True})
+    P.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
+        {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]})
+    P.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
+
+
+def test_summary_and_index(tmp_path):
+    _fake_fragments(tmp_path)
+    (tmp_path / "reports").mkdir(exist_ok=True)
+    (tmp_path / "reports" / "01_data_transformation.html").write_text("<html></html>")
+    s = P.build_summary(tmp_path, P.load_config(None), {"01_data_transformation": 1.0}, 12.5)
+    h = s["headline"]
+    assert h["miou_split_1"] == 0.25 and h["miou_split_2"] == 0.5 and h["miou_split_2_top3"] == 0.6
+    assert h["positive_miou"] == 1.0 and h["catch_rate"] == 1.0 and h["yield_rate"] == 1.0
+    assert h["free_yield_rate"] == 0.0 and h["pes"] == 1.0 and h["negative_miou"] == 0.0
+    assert s["published"]["pes"] == 0.546 and s["published"]["miou_split_2"] == 0.538
+    assert s["baselines"]["paint_nothing"]["pes"] == 0.5
+    for k in ("data", "preset", "weights", "device", "wall_time_s", "git_commit", "steps"):
+        assert k in s
+    assert s["preset"] == "vit_micro" and s["steps"] == 7 and s["wall_time_s"] == 12.5
+    json.dumps(s, allow_nan=False)  # strict JSON: no NaN
+    table = P.headline_table(s)
+    assert list(table["metric"])[:3] == ["mIoU split 1", "mIoU split 2", "mIoU split 2, top-3"]
+    assert table.set_index("metric").loc["PES", "original"] == 0.546
+    page = P.write_index_html(tmp_path, s).read_text()
+    assert "reports/01_data_transformation.html" in page and "paint_nothing" in page and "<script" not in page
+    assert "0.546" in page and "positive mIoU" in page
+
+
+def test_failing_stage_names_notebook_and_partial_copy(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    (nbdir / "bad.py").write_text('# %% tags=["parameters"]\nx = 1\n\n# %%\nprint("first cell ran")\n\n'
+                                  '# %%\nraise ValueError(f"broken on purpose {x}")\n')
+    out = tmp_path / "work" / "bad.ipynb"
+    with pytest.raises(P.PipelineError) as e:
+        P.execute_notebook("bad", out, {"x": 2}, notebooks_dir=nbdir)
+    msg = str(e.value)
+    assert "notebook bad failed" in msg and "ValueError" in msg and "broken on purpose 2" in msg
+    assert str(out) in msg and out.is_file()  # the partially executed copy is there
+    with pytest.raises(P.PipelineError, match="no parameter"):
+        P.execute_notebook("bad", out, {"y": 2}, notebooks_dir=nbdir)
+    with pytest.raises(P.PipelineError, match="not found"):
+        P.execute_notebook("nothing", out, {}, notebooks_dir=nbdir)
+
+
+def test_cli_registration_and_errors(capsys, tmp_path):
+    from seggpt_lib import cli
+
+    assert cli.COMMANDS["reproduce"][0] == "seggpt_lib.pipeline"
+    assert cli.main(["reproduce", "--config", str(REPO / "configs" / "pipeline.json"), "--set", "steps=7",
+                     "--set", "device=cuda", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 7 and printed["device"] == "cuda"  # repeated --set flags all count
+    assert cli.main(["reproduce", "--config", str(tmp_path / "nope.json")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--stages", "9", "--set", f"results_dir={tmp_path}"]) == 1
+    assert "unknown stage" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# viz
+# ------------------------------------------------------------------------------------------
+def test_viz_helpers():
+    from matplotlib.figure import Figure
+
+    img = np.full((20, 30, 3), 100, np.uint8)
+    m = np.zeros((20, 30), bool)
+    m[5:10, 5:10] = True
+    o = V.overlay(img, m)
+    assert o.shape == img.shape and (o[7, 7] != img[7, 7]).any() and (o[0, 0] == img[0, 0]).all()
+    both = V.overlay_pred_gt(img, m, m)
+    assert tuple(both[7, 7]) != tuple(V.overlay_pred_gt(img, m, np.zeros_like(m))[7, 7])
+    assert V.colorize(m).shape == (20, 30, 3) and V.to_rgb_uint8(m.astype(float)).dtype == np.uint8
+
+    class Pred:
+        mask, color, raw = m, V.colorize(m), V.colorize(m).astype(np.float32)
+
+    row = V.prediction_panel_row(img, m, img, m, Pred(), size=(16, 24))
+    assert len(row) == 5 and all(p.shape == (32, 24, 3) for p in row)
+    fig = V.five_panel_figure([(row, "a row")], suptitle="t")
+    assert isinstance(fig, Figure) and V.figure_png(fig)[:4] == b"\x89PNG"
+    metrics = pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.5, 0.4], "lr": [1e-4, 1e-3, 1e-3],
+                            "fg_frac": [0.1, 0.2, 0.3], "val_miou": [float("nan"), 0.2, 0.3],
+                            "val_loss": [float("nan"), 0.6, 0.5], "val_fg_frac": [float("nan"), 0.1, 0.1]})
+    assert isinstance(V.training_curves(metrics), Figure)
+    table = pd.DataFrame({"kind": ["positive", "negative", "free"], "iou": [0.5, 0.1, 1.0],
+                          "response_rate": [0.1, 0.0001, 0.0]})
+    assert isinstance(V.rate_figure(table), Figure)
+    assert isinstance(V.contact_sheet([img, img, img], ["a", "b", "c"], ncols=2), Figure)
+
+
+def test_model_panel_rows(tmp_path):
+    from data_prep.synthetic import generate_synthetic
+    from seggpt_lib import build_seggpt
+    from seggpt_lib.data import DefectIndex, PairDataset
+
+    root = generate_synthetic(tmp_path / "syn", per_class=2, size=32, classes=["pit", "stain"], n_free=0)
+    model = build_seggpt("vit_micro", **P.SMOKE["model"])
+    ds = PairDataset(DefectIndex.scan(root), cfg=model.cfg, train=False, length=2)
+    rows = V.model_panel_rows(model, ds, [0, 1])
+    assert len(rows) == 2 and all(len(p) == 5 and p[0].shape == (64, 32, 3) for p, _ in rows)
+    assert "IoU" in rows[0][1]
+    ds_train = PairDataset(DefectIndex.scan(root), cfg=model.cfg, train=True, length=2)
+    assert isinstance(V.pair_samples_figure(ds_train, [0, 1]), object)
+
+
+# ------------------------------------------------------------------------------------------
+# end to end
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> Path:
+    return smoke_results(tmp_path_factory.getbasetemp())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reproduce_end_to_end(results):
+    """``seggpt reproduce --smoke`` (runs in about a minute on 2 free cores): every output."""
+    s = json.loads((results / "summary.json").read_text())
+    assert s["status"] == "complete"
+    for k in ("miou_split_1", "miou_split_2", "miou_split_4", "positive_miou", "catch_rate", "negative_miou",
+              "yield_rate", "free_yield_rate", "pes"):
+        v = s["headline"][k]
+        assert v is not None and 0.0 <= v <= 1.0, (k, v)
+    assert math.isclose(s["headline"]["pes"], 0.5 * s["headline"]["catch_rate"] + 0.5 * s["headline"]["yield_rate"])
+    assert s["data"] == "synthetic" and s["preset"] == "vit_micro" and s["device"] == "cpu" and s["steps"] == 3
+    assert s["wall_time_s"] > 0 and set(s["stage_times_s"]) == set(P.NOTEBOOKS)
+    assert "git_commit" in s and s["published"]["pes"] == 0.546
+    for name in P.NOTEBOOKS:
+        assert (results / "reports" / f"{name}.html").is_file()
+        assert (results / "work" / f"{name}.ipynb").is_file()
+        assert (results / "work" / f"{name}.json").is_file()
+    assert not list((results / "work").glob("*.input.ipynb"))
+    page = (results / "index.html").read_text()
+    for name in P.NOTEBOOKS:
+        assert f"reports/{name}.html" in page
+    assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
+    head = pd.read_csv(results / "tables" / "headline.csv")
+    assert "PES" in set(head["metric"])
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _dump_dom(browser: str, page: Path, profile: Path) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--dump-dom", page.resolve().as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_reports_render_in_headless_chromium(results, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium / chromium-browser on PATH (make test tries to install it)")
+    dom = _dump_dom(browser, results / "index.html", tmp_path / "profile")
+    assert "Headline" in dom and "paint_nothing" in dom and "positive mIoU" in dom and "PES" in dom
+    dom = _dump_dom(browser, results / "reports" / "04_pair_evaluation.html", tmp_path / "profile")
+    assert "paint nothing" in dom and "catch" in dom and "PES" in dom  # the summary table rendered
+    dom = _dump_dom(browser, results / "reports" / "03_split_ablation.html", tmp_path / "profile")
+    assert "original_mIoU" in dom
