@@ -1,0 +1,472 @@
+"""``seggpt infer``: prompted inference over a mapping JSON, with masks, overlays and metrics.
+
+::
+
+    seggpt infer --weights W.safetensors --mapping positive.json \\
+        --prompt-img-dir DATA/images --prompt-label-dir DATA/labels --dataset-dir DATA \\
+        --top-k 1 --split 2 --outdir runs/pos_split2
+
+Inputs: the mapping ``{query_file: [prompt_file, ...]}`` (the original's format); queries are
+``DATASET/images/<file>`` (or ``DATASET/<file>``) with optional ground truth
+``DATASET/labels/<stem>.png``; prompts are ``PROMPT_IMG_DIR/<file>`` with their masks
+``PROMPT_LABEL_DIR/<stem>.png`` (binary, the image's size).
+
+Outputs in ``--outdir`` (refused when it exists and is not empty, unless ``--overwrite``, which
+replaces only the files listed here):
+
+* ``color/<stem>.png``: the prediction snapped to the palette, at the query's resolution;
+* ``label/<stem>.png``: the binary prediction, 0/255;
+* ``concat/<stem>.png``: input | ground truth (green) | prediction (red), side by side;
+* ``per_image.csv``: one row per mapping entry (file, class, kind, prompts, iou, catch,
+  response_rate, yield, pixel counts, gt_missing, n_prompts, seconds);
+* ``summary.json``: :func:`seggpt_lib.metrics.evaluate`'s summary (``miou``, ``catch_rate``,
+  ``yield_rate``, ``pes``, counts, thresholds, baselines) plus ``settings`` and ``timing``;
+* ``results.txt``: the original's text report, one line per image (IoU, response rate), then
+  the means and rates.
+
+Pair kinds (``--kind``): ``positive`` (catch is scored), ``negative`` / ``free`` (yield is
+scored), or ``auto``: a query of class ``free`` or with an empty ground truth is ``free``; a
+query whose class differs from every prompt's class is ``negative``; otherwise ``positive``.
+Classes come from ``classes.csv`` (query dataset; prompt dataset root) or the file-name prefix.
+
+All input problems are reported before any work starts, each kind in one message listing every
+file: missing query / prompt images or prompt masks, non-binary or wrong-size prompt masks,
+ground truths of the wrong size. Exit code 2 with ``error: ...`` on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OUTPUT_DIRS = ("color", "label", "concat")
+OUTPUT_FILES = ("per_image.csv", "summary.json", "results.txt")
+KIND_CHOICES = ("auto", "positive", "negative", "free")
+FREE = "free"
+
+
+class InferInputError(ValueError):
+    """Bad input to ``seggpt infer`` (reported as ``error: ...``, exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------
+def _triple(text: str, kind=float) -> tuple:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from seggpt_lib.inference import PRECISIONS, TILE_PAIRINGS
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (safetensors, official .pth, HF folder)")
+    g.add_argument("--preset", help="architecture preset when the checkpoint does not record it (e.g. vit_large)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast precision (default fp32)")
+    g.add_argument("--max-batch", type=int, default=8, metavar="N", help="(query tile, prompt tile) pairs per forward pass (default 8)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--mapping", required=True, metavar="JSON", help="{query_file: [prompt_file, ...]}")
+    g.add_argument("--prompt-img-dir", required=True, metavar="DIR", help="prompt images (DIR/images when it exists)")
+    g.add_argument("--prompt-label-dir", required=True, metavar="DIR", help="prompt masks, <stem>.png")
+    g.add_argument("--dataset-dir", required=True, metavar="DIR", help="query dataset root: images/, labels/ (optional), classes.csv")
+    g.add_argument("--kind", default="auto", choices=KIND_CHOICES, help="pair kind for the metrics (default auto)")
+    g = parser.add_argument_group("procedure")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="use the first K prompts of each entry (default: all)")
+    g.add_argument("--split", type=int, default=1, metavar="N", help="N x N tiles of the work canvas (default 1: no tiling)")
+    g.add_argument("--work-size", type=int, default=1024, metavar="PX", help="side of the square work canvas for split > 1 (default 1024)")
+    g.add_argument("--tile-pairing", default="all", choices=TILE_PAIRINGS, help="query tile with every prompt tile (all, the original) or the same tile (aligned)")
+    g.add_argument("--seam-pass", action="store_true", help="re-predict windows centred on the tile seams")
+    g.add_argument("--no-ensemble", action="store_true", help="average per-prompt outputs instead of the feature ensemble")
+    g.add_argument("--defect-color", type=lambda s: _triple(s, int), default=(255, 255, 255), metavar="R,G,B", help="prompt-mask defect colour (default 255,255,255)")
+    g.add_argument("--mean", type=_triple, default=None, metavar="R,G,B", help="normalisation mean (default ImageNet)")
+    g.add_argument("--std", type=_triple, default=None, metavar="R,G,B", help="normalisation std (default ImageNet)")
+    g = parser.add_argument_group("metrics and output")
+    g.add_argument("--catch-iou", type=float, default=0.3, help="good catch when IoU >= this (default 0.3)")
+    g.add_argument("--yield-response", type=float, default=0.000239, help="correct yield when response rate < this (default 0.000239)")
+    g.add_argument("--outdir", required=True, metavar="DIR", help="output folder (must be new or empty)")
+    g.add_argument("--overwrite", action="store_true", help="replace this command's outputs in a non-empty --outdir")
+    g.add_argument("--no-concat", action="store_true", help="skip the concat/ images")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------------------
+# input checks (everything before any work)
+# ------------------------------------------------------------------------------------------
+def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    if outdir.exists():
+        if not outdir.is_dir():
+            raise InferInputError(f"--outdir {outdir} exists and is not a folder")
+        if any(outdir.iterdir()) and not overwrite:
+            raise InferInputError(
+                f"--outdir {outdir} exists and is not empty; refusing to mix with another run's "
+                "outputs (choose a new folder, or pass --overwrite to replace this command's outputs)"
+            )
+
+
+def _clear_outputs(outdir: Path) -> None:
+    """Remove a previous run's outputs (only the names this command writes)."""
+    for d in OUTPUT_DIRS:
+        if (outdir / d).is_dir():
+            shutil.rmtree(outdir / d)
+    for f in OUTPUT_FILES:
+        (outdir / f).unlink(missing_ok=True)
+
+
+def _load_mapping(path: str) -> dict[str, list[str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise InferInputError(f"mapping not found: {p}")
+    try:
+        mapping = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InferInputError(f"{p}: not a JSON mapping ({e})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise InferInputError(f"{p}: a mapping must be a non-empty JSON object {{query: [prompts]}}")
+    return mapping
+
+
+def _label_path(label_dir: Path, file: str) -> Path | None:
+    """``<stem>.png`` in ``label_dir``, else a file of the same name; None when neither exists."""
+    for cand in (label_dir / f"{Path(file).stem}.png", label_dir / file):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` from the image header (no decoding)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _check_inputs(mapping, args, q_dir: Path, p_dir: Path, p_label_dir: Path, gt_dir: Path):
+    """Every missing file in one error; then every bad prompt mask / gt size in one error."""
+    from seggpt_lib.inference import PromptMaskError, check_prompt_mask, load_mask_file
+    from seggpt_lib.mapping import validate_mapping
+
+    problems = []
+    used = {q: ps[: args.top_k] if isinstance(ps, list) else ps for q, ps in mapping.items()}
+    try:
+        validate_mapping(used, q_dir, p_dir)
+    except FileNotFoundError as e:
+        problems.append(str(e))
+    except ValueError as e:
+        raise InferInputError(str(e)) from None
+    prompts = sorted({p for ps in mapping.values() for p in ps[: args.top_k]})
+    prompt_labels = {p: _label_path(p_label_dir, p) for p in prompts}
+    missing = sorted(p for p, lp in prompt_labels.items() if lp is None and (p_dir / p).is_file())
+    if missing:
+        lines = [f"{len(missing)} prompt mask(s) missing from {p_label_dir} (expected <stem>.png):"]
+        lines += [f"  {Path(p).stem}.png (for {p})" for p in missing]
+        problems.append(("mapping refers to missing files:\n" if not problems else "") + "\n".join(lines))
+    if problems:
+        raise InferInputError("\n".join(problems))
+
+    stems: dict[str, str] = {}
+    for q in mapping:
+        s = Path(q).stem
+        if s in stems:
+            raise InferInputError(f"queries {stems[s]} and {q} share the stem {s!r}: their outputs would collide")
+        stems[s] = q
+
+    bad = []
+    for p in prompts:
+        lp = prompt_labels[p]
+        try:
+            check_prompt_mask(load_mask_file(lp), _header_size(p_dir / p), name=str(lp))
+        except PromptMaskError as e:
+            bad.append(str(e))
+        except OSError as e:
+            bad.append(f"{lp}: unreadable ({e})")
+    gts: dict[str, Path | None] = {}
+    for q in mapping:
+        g = _label_path(gt_dir, q) if gt_dir.is_dir() else None
+        gts[q] = g
+        if g is not None:
+            try:
+                gh, qh = _header_size(g), _header_size(q_dir / q)
+            except OSError as e:
+                bad.append(f"{g}: unreadable ({e})")
+                continue
+            if gh != qh:
+                bad.append(f"{g}: ground truth is {gh[0]}x{gh[1]} (HxW) but its image {q} is {qh[0]}x{qh[1]}")
+    if bad:
+        raise InferInputError(f"{len(bad)} bad mask file(s):\n  " + "\n  ".join(bad))
+    return prompt_labels, gts
+
+
+# ------------------------------------------------------------------------------------------
+# classes and kinds
+# ------------------------------------------------------------------------------------------
+def _class_lookup(*roots: Path):
+    """file name -> class, from the manifests of ``roots`` (classes.csv or name prefix)."""
+    from seggpt_lib.mapping import class_from_name, read_manifest
+
+    table: dict[str, str] = {}
+    for root in roots:
+        if root is None or not root.is_dir():
+            continue
+        try:
+            df = read_manifest(root)
+        except (OSError, ValueError):
+            continue
+        for f, c in zip(df["file"], df["class"]):
+            table.setdefault(f, c)
+
+    def lookup(file: str) -> str:
+        return table.get(file) or class_from_name(file)
+
+    return lookup
+
+
+def _prompt_root(p_img_dir: Path) -> Path:
+    return p_img_dir.parent if p_img_dir.name == "images" else p_img_dir
+
+
+def pair_kind(kind: str, query_class: str, prompt_classes: list[str], gt: np.ndarray | None) -> str:
+    """The pair kind of one entry (see the module docstring for ``auto``)."""
+    if kind != "auto":
+        return kind
+    if query_class == FREE or (gt is not None and not gt.any()):
+        return "free"
+    if all(c != query_class for c in prompt_classes):
+        return "negative"
+    return "positive"
+
+
+# ------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------
+def _overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int], alpha: float = 0.55) -> np.ndarray:
+    out = image.astype(np.float32)
+    if mask is None:  # no ground truth: a dimmed input
+        return (out * 0.35).astype(np.uint8)
+    c = np.asarray(colour, np.float32)
+    out[mask] = out[mask] * (1 - alpha) + c * alpha
+    return out.round().astype(np.uint8)
+
+
+def _write_outputs(outdir: Path, stem: str, image: np.ndarray, gt: np.ndarray | None, pred, concat: bool) -> None:
+    from PIL import Image
+
+    Image.fromarray(pred.color).save(outdir / "color" / f"{stem}.png", compress_level=1)
+    Image.fromarray(pred.label, mode="L").save(outdir / "label" / f"{stem}.png", compress_level=6)
+    if concat:
+        sep = np.full((image.shape[0], 4, 3), 255, np.uint8)
+        row = np.concatenate([image, sep, _overlay(image, gt, (0, 255, 0)), sep, _overlay(image, pred.mask, (255, 0, 0))], axis=1)
+        Image.fromarray(row).save(outdir / "concat" / f"{stem}.png", compress_level=1)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _fmt(x: Any, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def results_text(table, summary: dict, settings: dict) -> str:
+    """The original's text report: one line per image (IoU, response rate), then the means."""
+    lines = [
+        f"# seggpt infer: split {settings['split']}, top-k {settings['top_k'] or 'all'}, "
+        f"tile pairing {settings['tile_pairing']}, seam pass {settings['seam_pass']}, weights {settings['weights']}",
+    ]
+    width = max([len(str(f)) for f in table["file"]] + [4])
+    for _, r in table.iterrows():
+        gt_note = "  (no ground truth)" if bool(r["gt_missing"]) else ""
+        lines.append(f"{str(r['file']):<{width}}  {r['kind']:<8}  IoU: {_fmt(r['iou'], 4)}  "
+                     f"response rate: {_fmt(r['response_rate'], 6)}{gt_note}")
+    resp = table["response_rate"].astype(float)
+    lines += [
+        "",
+        f"mIoU (positive pairs): {_fmt(summary.get('miou'), 4)}",
+        f"mIoU (negative pairs): {_fmt(summary.get('negative_miou'), 4)}",
+        f"mean response rate: {_fmt(float(resp.mean()) if len(resp) else math.nan, 6)}",
+        f"catch rate: {_fmt(summary.get('catch_rate'), 4)} ({summary.get('n_catch', 0)}/{summary.get('n_positive', 0)}, IoU >= {summary['catch_iou']:g})",
+        f"yield rate: {_fmt(summary.get('yield_rate'), 4)} ({summary.get('n_yield', 0)}/{summary.get('n_negative', 0)}, response < {summary['yield_response']:g})",
+        f"free yield rate: {_fmt(summary.get('free_yield_rate'), 4)} ({summary.get('n_free_yield', 0)}/{summary.get('n_free', 0)})",
+        f"PES: {_fmt(summary.get('pes'), 4)} (yield from {summary.get('pes_yield_source')})",
+    ]
+    if summary.get("n_missing_gt"):
+        lines.append(f"{summary['n_missing_gt']} image(s) without ground truth: predictions written, not scored")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# run
+# ------------------------------------------------------------------------------------------
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if tqdm is None or not enabled:
+        class _Null:
+            def update(self, n=1): ...
+            def close(self): ...
+        return _Null()
+    return tqdm(total=total, desc="infer", unit="img")
+
+
+def _read_gt(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    from seggpt_lib.inference import load_mask_file
+
+    return load_mask_file(path) != 0
+
+
+def infer(args: argparse.Namespace) -> dict:
+    """Do the work of ``seggpt infer``; returns the summary. Raises InferInputError on bad input."""
+    import torch
+
+    from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD
+    from seggpt_lib.inference import SegGPTPredictor, load_rgb
+    from seggpt_lib.mapping import image_dir
+    from seggpt_lib.metrics import PairResult, evaluate, summary_markdown
+
+    t_start = time.perf_counter()
+    for name, v, lo in (("--split", args.split, 1), ("--max-batch", args.max_batch, 1), ("--work-size", args.work_size, 8)):
+        if v < lo:
+            raise InferInputError(f"{name} must be >= {lo}, got {v}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InferInputError(f"--top-k must be >= 1, got {args.top_k}")
+    outdir = Path(args.outdir)
+    _check_outdir(outdir, args.overwrite)
+
+    mapping = _load_mapping(args.mapping)
+    dataset = Path(args.dataset_dir)
+    if not dataset.is_dir():
+        raise InferInputError(f"--dataset-dir not found: {dataset}")
+    for flag, d in (("--prompt-img-dir", args.prompt_img_dir), ("--prompt-label-dir", args.prompt_label_dir)):
+        if not Path(d).is_dir():
+            raise InferInputError(f"{flag} not found: {d}")
+    q_dir, p_dir = image_dir(dataset), image_dir(args.prompt_img_dir)
+    p_label_dir, gt_dir = Path(args.prompt_label_dir), dataset / "labels"
+    prompt_labels, gt_paths = _check_inputs(mapping, args, q_dir, p_dir, p_label_dir, gt_dir)
+    classes = _class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)))
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        predictor = SegGPTPredictor.from_checkpoint(
+            args.weights, preset=args.preset, device=device, precision=args.precision,
+            max_batch=args.max_batch, defect_color=args.defect_color,
+            mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD,
+        )
+    except FileNotFoundError as e:
+        raise InferInputError(str(e)) from None
+    t_loaded = time.perf_counter()
+
+    _clear_outputs(outdir)
+    for d in OUTPUT_DIRS if not args.no_concat else OUTPUT_DIRS[:2]:
+        (outdir / d).mkdir(parents=True, exist_ok=True)
+    kw = dict(split=args.split, ensemble=not args.no_ensemble, tile_pairing=args.tile_pairing,
+              seam_pass=args.seam_pass, work_size=args.work_size, keep_raw=False)
+    queries = list(mapping)
+    k_max = max(len(ps[: args.top_k]) for ps in mapping.values())
+    per_query = predictor.pairs_per_query(k_max, args.split, args.tile_pairing, args.seam_pass)
+    per_call = max(1, math.ceil(4 * args.max_batch / per_query))
+
+    records: list[PairResult] = []
+    model_s = 0.0
+    bar = _progress(len(queries), enabled=not args.no_progress and sys.stderr.isatty())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes = []
+        for start in range(0, len(queries), per_call):
+            chunk = queries[start : start + per_call]
+            images = [load_rgb(q_dir / q) for q in chunk]
+            prompt_files = [mapping[q][: args.top_k] for q in chunk]
+            preds = predictor.predict_batch(
+                images,
+                [[p_dir / p for p in ps] for ps in prompt_files],
+                [[prompt_labels[p] for p in ps] for ps in prompt_files],
+                **kw,
+            )
+            for q, image, ps, pred in zip(chunk, images, prompt_files, preds):
+                model_s += pred.timing["model_s"]
+                gt = _read_gt(gt_paths[q])
+                q_class = classes(q)
+                kind = pair_kind(args.kind, q_class, [classes(p) for p in ps], gt)
+                records.append(PairResult(
+                    query=q, prompts=ps, kind=kind, query_class=q_class, pred=pred.mask, gt=gt,
+                    extra={"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": round(pred.timing["total_s"], 4)},
+                ))
+                writes.append(pool.submit(_write_outputs, outdir, Path(q).stem, image, gt, pred, not args.no_concat))
+            bar.update(len(chunk))
+        for w in writes:
+            w.result()
+    bar.close()
+    t_done = time.perf_counter()
+
+    table, summary = evaluate(records, catch_iou=args.catch_iou, yield_response=args.yield_response)
+    settings = {
+        "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
+        "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
+        "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "split": args.split,
+        "top_k": args.top_k, "tile_pairing": args.tile_pairing, "seam_pass": args.seam_pass,
+        "work_size": args.work_size, "ensemble": not args.no_ensemble, "precision": args.precision,
+        "device": str(predictor.device), "max_batch": args.max_batch,
+        "defect_color": list(args.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
+        "model": predictor.model.cfg.to_dict(),
+    }
+    n = len(queries)
+    timing = {
+        "total_s": round(t_done - t_start, 3), "load_s": round(t_loaded - t_start, 3),
+        "predict_s": round(t_done - t_loaded, 3), "model_s": round(model_s, 3),
+        "seconds_per_image": round((t_done - t_loaded) / n, 4), "images_per_s": round(n / max(t_done - t_loaded, 1e-9), 3),
+        "pairs": int(predictor.stats["pairs"]), "forward_passes": int(predictor.stats["forward_passes"]),
+    }
+    summary = {**summary, "n_images": n, "settings": settings, "timing": timing}
+    table.to_csv(outdir / "per_image.csv", index=False)
+    (outdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    (outdir / "results.txt").write_text(results_text(table, summary, settings), encoding="utf-8")
+    print(summary_markdown(summary), end="")
+    print(f"{n} image(s), {timing['pairs']} pairs in {timing['forward_passes']} forward passes, "
+          f"{timing['predict_s']:.2f} s ({timing['seconds_per_image']:.3f} s/image); outputs in {outdir}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from seggpt_lib.checkpoint import CheckpointError
+    from seggpt_lib.inference import PromptMaskError
+
+    try:
+        infer(args)
+    except (InferInputError, PromptMaskError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
