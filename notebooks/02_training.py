@@ -73,7 +73,7 @@ cfg = P.training_config(split_root, run_dir, preset=preset, model=model, weights
                         normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
                         val_pairs=val_pairs)
 shown = {k: v for k, v in cfg.to_dict().items() if k not in ("image_mean", "image_std")}
-print(json.dumps(shown, indent=1))
+display(Markdown("```json\n" + json.dumps(shown, indent=1) + "\n```"))
 
 # %% [markdown]
 # ## Before training: the initial weights

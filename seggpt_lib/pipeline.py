@@ -150,7 +150,8 @@ DEFAULTS: dict[str, Any] = {
     "results_dir": "results",
     "kernel": "python3",
     "html": True,
-    "heartbeat_s": 30,
+    "heartbeat_s": 30,  # a "still running" line every N seconds (0: none)
+    "echo": True,  # show what the notebooks print, as they print it
 }
 
 # a one-minute check of the whole pipeline (seggpt reproduce --smoke; the tests use it): a tiny
@@ -1026,7 +1027,7 @@ def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: d
         panels = viz.prediction_panel_row(img, gt, pimg, pm, preds[q], size=size)
         p_cls = p_idx.class_of(pi)
         rows.append((panels, f"{q_idx.class_of(qi)}: {Path(q).stem}, prompt {Path(mapping[q][0]).stem} ({p_cls})  "
-                             f"IoU {score:.3f}, response {resp:.5f}"))
+                             f"IoU {score:.3f}, response {resp:.6f}"))
     return rows
 
 
@@ -1249,10 +1250,52 @@ def _kernel_env() -> None:
         os.environ["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
 
 
+def _kernel_manager_class():
+    """A kernel manager that provisions CurveZMQ keys where jupyter_client, pyzmq and the
+    kernelspec support it (encrypted kernel traffic, and no "running over TCP without
+    encryption" warning on every stage); None keeps nbclient's default."""
+    try:
+        import zmq
+        from jupyter_client.manager import AsyncKernelManager
+    except ImportError:  # pragma: no cover
+        return None
+    if "transport_encryption" not in AsyncKernelManager.class_trait_names() or not zmq.has("curve"):
+        return None
+
+    class _CurveKernelManager(AsyncKernelManager):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.transport_encryption = "auto"  # only where the kernelspec declares support
+
+    return _CurveKernelManager
+
+
+class _PrefixWriter:
+    """A text stream that prefixes every line (the notebooks' printed progress, indented)."""
+
+    def __init__(self, stream, prefix: str = "    | ") -> None:
+        self.stream, self.prefix, self._bol = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for ch in text.splitlines(keepends=True):
+            if self._bol:
+                out.append(self.prefix)
+            out.append(ch)
+            self._bol = ch.endswith("\n")
+        self.stream.write("".join(out))
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def execute_notebook(name: str, output: str | os.PathLike, parameters: dict[str, Any], kernel: str = "python3",
                      notebooks_dir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
-                     timeout: int | None = None) -> Path:
-    """Run notebook ``name`` with papermill, writing the executed copy to ``output``. A failing
+                     timeout: int | None = None, echo=None) -> Path:
+    """Run notebook ``name`` with papermill, writing the executed copy to ``output``; what the
+    notebook prints goes to ``echo`` (a text stream) too, line by line as it comes. A failing
     cell raises :class:`PipelineError` naming the notebook, the error and the partial copy."""
     import nbformat
     import papermill as pm
@@ -1270,8 +1313,14 @@ def execute_notebook(name: str, output: str | os.PathLike, parameters: dict[str,
         unknown = sorted(set(parameters) - set(declared))
         if unknown:
             raise PipelineError(f"notebook {name} has no parameter(s) {unknown} (its parameters: {sorted(declared)})")
+        extra: dict[str, Any] = {}
+        if echo is not None:
+            extra["stdout_file"] = _PrefixWriter(echo)
+        km = _kernel_manager_class()
+        if km is not None:
+            extra["kernel_manager_class"] = km
         pm.execute_notebook(str(src), str(output), parameters=parameters, kernel_name=kernel, progress_bar=False,
-                            cwd=str(cwd or os.getcwd()), execution_timeout=timeout, log_output=False)
+                            cwd=str(cwd or os.getcwd()), execution_timeout=timeout, log_output=False, **extra)
     except NoSuchKernel:
         raise PipelineError(f"no Jupyter kernel named {kernel!r}: install it with "
                             f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel}` (make install does)") from None
@@ -1405,7 +1454,8 @@ def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: 
         probe = _training_probe(results) if name == "02_training" else None
         try:
             with _Heartbeat(label, float(config.get("heartbeat_s") or 0), t_start, probe, log):
-                execute_notebook(name, out, params, kernel=config.get("kernel", "python3"))
+                execute_notebook(name, out, params, kernel=config.get("kernel", "python3"),
+                                 echo=sys.stdout if config.get("echo", True) else None)
         except PipelineError as e:
             times[name] = time.perf_counter() - t0
             failure = PipelineError(f"stage {i}/{n} failed: {e}")

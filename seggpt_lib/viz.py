@@ -556,7 +556,7 @@ class Explorer:
             titles = [f"{query} + prediction", "green missed / red false / yellow hit", "snapped prediction",
                       f"prompt {used[0]}"]
             fig = contact_sheet(panels, titles, ncols=4, cell=2.6,
-                                suptitle=f"{kind}: IoU {score:.3f}, response {resp:.5f}, split {split}, top-{top_k}")
+                                suptitle=f"{kind}: IoU {score:.3f}, response {resp:.6f}, split {split}, top-{top_k}")
             out["figure"] = fig
         self.last = out
         return out
@@ -571,7 +571,7 @@ class Explorer:
             verdict = "good catch" if o["catch"] else "escape"
         else:
             verdict = "correct yield" if o["yield"] else "overkill"
-        return (f"{o['kind']} | IoU {o['iou']:.3f} | response {o['response_rate']:.5f} | {verdict} | "
+        return (f"{o['kind']} | IoU {o['iou']:.3f} | response {o['response_rate']:.6f} | {verdict} | "
                 f"{o['n_pairs']} pairs in {o['seconds']:.2f} s")
 
     def widget(self, split_choices: Sequence[int] = (1, 2, 4), max_top_k: int = 5):
