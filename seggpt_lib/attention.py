@@ -4,17 +4,127 @@ The score between query position ``(hq, wq)`` and key position ``(hk, wk)`` is
 ``scale * q·k + q·Rh[hq, hk] + q·Rw[wq, wk]``; ``Rh``/``Rw`` come from the learnt tables
 ``rel_pos_h`` (``2*Hp-1, head_dim``) and ``rel_pos_w`` (``2*Wp-1, head_dim``).
 
-``rel_pos_attention`` is the single entry point the model calls; ``impl`` picks the kernel.
-``"math"`` is the reference: it materialises the full ``L x L`` score matrix in fp32.
+``rel_pos_attention`` is the single entry point the model calls; ``impl`` picks the kernel:
+
+``"math"``
+    The reference: explicit ``L x L`` scores, bias added, softmax, weighted sum.
+``"sdpa_bias"``
+    The bias ``rel_h + rel_w`` is materialised as an ``L x L`` additive ``attn_mask`` (in q's
+    dtype) and handed to :func:`torch.nn.functional.scaled_dot_product_attention`.
+``"sdpa_folded"``
+    No ``L x L`` tensor at all: the bias is folded into the dot product. With
+    ``q' = [scale*q, rel_h(q), rel_w(q)]`` and ``k' = [k, onehot(hk), onehot(wk)]``,
+    ``q'·k' = scale*q·k + rel_h[q, hk] + rel_w[q, wk]`` exactly, so a mask-free SDPA call
+    (flash / memory-efficient kernels on GPU, the flash kernel on CPU) computes the same
+    attention. Head dims are zero-padded to a multiple of 8 (ViT-L: 64 + 56 + 28 = 148 -> 152,
+    within flash attention's 256 limit); ``v`` is padded to match and the output sliced back.
+``"matmul_folded"``
+    The same folded ``q'``/``k'``, but scores from one explicit GEMM, softmax, ``@ v`` (no
+    padded ``v``; one ``L x L`` tensor instead of the reference's two).
+
+Which one runs (first match wins):
+
+1. :func:`set_attention_impl` (or the :func:`attention_impl` context manager) forcing a name;
+2. the environment variable ``SEGGPT_ATTN`` (read at import and by ``set_attention_impl(None)``);
+3. the ``impl`` argument (the model passes its config's ``attn_impl``);
+4. ``"auto"``: :func:`auto_impl` picks per device and dtype what measured fastest.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-ATTENTION_IMPLS = ("math",)
+ATTENTION_IMPLS = ("math", "sdpa_bias", "sdpa_folded", "matmul_folded")
+_ENV_VAR = "SEGGPT_ATTN"
 
 
+def _check_name(name: str) -> str:
+    if name not in ("auto",) + ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {name!r}; choose from {('auto',) + ATTENTION_IMPLS}")
+    return name
+
+
+def _env_impl() -> str | None:
+    value = os.environ.get(_ENV_VAR, "").strip()
+    return _check_name(value) if value and value != "auto" else None
+
+
+_FORCED: str | None = _env_impl()
+
+
+def set_attention_impl(name: str | None) -> str | None:
+    """Force every ``rel_pos_attention`` call to use ``name``; returns the previous setting.
+
+    ``None`` returns to the environment's ``SEGGPT_ATTN`` (or no forcing); ``"auto"`` forces
+    nothing either, so each call follows its own ``impl`` argument.
+    """
+    global _FORCED
+    previous = _FORCED
+    if name is None:
+        _FORCED = _env_impl()
+    else:
+        _FORCED = None if _check_name(name) == "auto" else name
+    return previous
+
+
+def get_attention_impl() -> str | None:
+    """The forced implementation, or ``None`` when each call follows its ``impl`` argument."""
+    return _FORCED
+
+
+@contextlib.contextmanager
+def attention_impl(name: str | None) -> Iterator[None]:
+    """Temporarily force an implementation: ``with attention_impl("math"): ...``."""
+    global _FORCED
+    previous = _FORCED
+    set_attention_impl(name)
+    try:
+        yield
+    finally:
+        _FORCED = previous
+
+
+def auto_impl(device: torch.device | str, dtype: torch.dtype, grad: bool = False) -> str:
+    """The implementation ``"auto"`` resolves to on ``device`` for inputs of ``dtype``.
+
+    ``grad``: whether the call will be differentiated (training). Measured choices:
+
+    * CUDA: ``"sdpa_folded"``. It reaches the flash kernel (bf16/fp16; the memory-efficient
+      kernel for fp32) with no ``L x L`` tensor in forward or backward and no bias gradient to
+      reduce; the extra head dims (ViT-L: 64 -> 152) cost FLOPs that tensor cores have to spare.
+    * CPU, fp32: CPU attention at these sizes is compute-bound, so the folded SDPA's extra head
+      dims (vit_tiny grid: 64 -> 112) cost more than the bias tensor they save. Forward only:
+      ``"sdpa_bias"`` (the fused CPU kernel with a mask, ~2x faster than the reference on the
+      vit_tiny shape); with gradients: the reference ``"math"``, whose backward is ~10 % faster
+      than SDPA's CPU backward with a mask gradient.
+    * CPU, bf16/fp16: ``"matmul_folded"``: low-precision GEMMs are fast on CPU while SDPA's CPU
+      kernel is not (about 2x faster than every other path, forward and backward).
+    * anything else (mps, xpu, ...): the reference ``"math"``.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "sdpa_folded"
+    if kind == "cpu":
+        if dtype != torch.float32:
+            return "matmul_folded"
+        return "math" if grad else "sdpa_bias"
+    return "math"
+
+
+def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype, grad: bool = False) -> str:
+    """The implementation a call with ``impl`` runs, after forcing and ``"auto"``."""
+    name = _FORCED or _check_name(impl)
+    return auto_impl(device, dtype, grad) if name == "auto" else name
+
+
+# ------------------------------------------------------------------------------------------
+# relative positions
+# ------------------------------------------------------------------------------------------
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative-position embeddings for every (query, key) coordinate pair: ``(q_size, k_size, C)``.
 
@@ -23,10 +133,29 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
         rel_pos = resize_rel_pos(rel_pos, max_dist)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    return rel_pos[_constant(_rel_index, q_size, k_size, rel_pos.device)]
+
+
+def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """``(q_size, k_size)`` row of ``rel_pos`` for each (query, key) coordinate pair."""
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
     rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[rel.long()]
+    return rel.long()
+
+
+@functools.lru_cache(maxsize=128)
+def _constant_cached(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in training too
+        return fn(*args)
+
+
+def _constant(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, built once per argument tuple in eager mode (index tensors, one-hots):
+    this saves a dozen tiny kernel launches per block on GPU. Traced afresh under torch.compile."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    return _constant_cached(fn, *args)
 
 
 def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -51,6 +180,16 @@ def rel_pos_terms(
     return rel_h, rel_w
 
 
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> None:
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"expected q, k, v of shape (B, heads, L, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if grid[0] * grid[1] != q.shape[2]:
+        raise ValueError(f"grid {tuple(grid)} does not cover the {q.shape[2]} tokens")
+
+
+# ------------------------------------------------------------------------------------------
+# implementations
+# ------------------------------------------------------------------------------------------
 def attention_math(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,6 +209,106 @@ def attention_math(
     return attn @ v
 
 
+def attention_sdpa_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """SDPA with the relative-position bias as an additive ``(B, n, L, L)`` mask in q's dtype."""
+    b, n, length, _ = q.shape
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, grid)
+    # contiguous terms give a contiguous broadcast sum, so the reshape below copies nothing
+    bias = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(b, n, length, length), scale=scale)
+
+
+def folded_head_dim(head_dim: int, grid: tuple[int, int]) -> int:
+    """Head dim of the folded q'/k'/v': ``head_dim + Hp + Wp`` rounded up to a multiple of 8."""
+    return -(-(head_dim + grid[0] + grid[1]) // 8) * 8
+
+
+def _key_position_onehots(grid: tuple[int, int], pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(L, Hp + Wp + pad)``: each key's row one-hot then column one-hot, then zeros."""
+    hp, wp = grid
+    rows = torch.arange(hp, device=device).repeat_interleave(wp)
+    cols = torch.arange(wp, device=device).repeat(hp)
+    return torch.cat(
+        [F.one_hot(rows, hp), F.one_hot(cols, wp), rows.new_zeros(hp * wp, pad)], dim=1
+    ).to(dtype)
+
+
+def fold_rel_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q', k')`` with ``q' k'^T`` = the biased scores ``scale*q k^T + rel_h + rel_w``.
+
+    Both are ``(B, n, L, folded_head_dim(d, grid))``: ``q' = [scale*q, rel_h(q), rel_w(q), 0]``,
+    ``k' = [k, onehot(key row), onehot(key column), 0]``.
+    """
+    b, n, length, d = q.shape
+    hp, wp = grid
+    extra = folded_head_dim(d, grid) - d - hp - wp
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, grid)
+    q_parts = [q * scale, rel_h.reshape(b, n, length, hp), rel_w.reshape(b, n, length, wp)]
+    if extra:
+        q_parts.append(q.new_zeros(b, n, length, extra))
+    qf = torch.cat(q_parts, dim=-1)
+    onehots = _constant(_key_position_onehots, tuple(grid), extra, k.device, k.dtype)
+    kf = torch.cat([k, onehots.expand(b, n, length, onehots.shape[-1])], dim=-1)
+    return qf, kf
+
+
+def attention_sdpa_folded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Mask-free SDPA on the folded ``(q', k')`` and zero-padded ``v``; output sliced back to d."""
+    qf, kf = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, grid, scale)
+    d = v.shape[-1]
+    vf = F.pad(v, (0, qf.shape[-1] - d))
+    return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :d]
+
+
+def attention_matmul_folded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """The folded scores as one explicit GEMM (``q' k'^T``), softmax, ``@ v``.
+
+    It materialises the ``L x L`` scores once (the reference builds them, then a biased
+    copy); the fastest path for bf16 on CPU, where GEMMs are cheap and SDPA's CPU kernel is not.
+    """
+    qf, kf = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, grid, scale)
+    return (qf @ kf.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+_IMPLS = {
+    "math": attention_math,
+    "sdpa_bias": attention_sdpa_bias,
+    "sdpa_folded": attention_sdpa_folded,
+    "matmul_folded": attention_matmul_folded,
+}
+
+
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,7 +319,12 @@ def rel_pos_attention(
     scale: float,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Attention with decomposed relative positions; ``impl`` in ``("auto",) + ATTENTION_IMPLS``."""
-    if impl not in ("auto",) + ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose from {('auto',) + ATTENTION_IMPLS}")
-    return attention_math(q, k, v, rel_pos_h, rel_pos_w, grid, scale)
+    """Attention with decomposed relative positions over ``grid``: ``(B, n, L, d)``.
+
+    ``q, k, v``: ``(B, n_heads, L = Hp * Wp, head_dim)``; ``impl`` in ``("auto",) +
+    ATTENTION_IMPLS``, overridden by :func:`set_attention_impl` / ``SEGGPT_ATTN``.
+    """
+    _check_shapes(q, k, v, grid)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
+    name = resolve_impl(impl, q.device, q.dtype, grad)
+    return _IMPLS[name](q, k, v, rel_pos_h, rel_pos_w, grid, scale)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("seggpt_lib.info", "show presets, parameter counts and the checkpoint formats understood"),
     "prepare": ("data_prep.cli", "build datasets: synthetic, coco, magnetic-tile, split, stats"),
     "make-mapping": ("seggpt_lib.mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
+    "bench": ("seggpt_lib.bench", "benchmark this SegGPT against transformers' SegGptForImageSegmentation"),
     "infer": ("seggpt_lib.infer_cli", "prompted inference over a mapping JSON: masks, overlays, per-image metrics, summary"),
     "tune-prompt": ("seggpt_lib.prompt_tuning", "learn a prompt image+mask for one defect class with SegGPT frozen"),
     "reproduce": ("seggpt_lib.pipeline", "run the notebook pipeline (01-04) with papermill and regenerate results/"),

@@ -97,6 +97,44 @@ def test_resolve_preset(tmp_path):
         P.resolve_preset("", "auto")
 
 
+def test_prepare_data_sources(tmp_path):
+    from data_prep.synthetic import generate_synthetic
+
+    info = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    split = Path(info["split_root"])
+    assert set(P.split_roots(split)) == {"train", "val", "test"} and not info["reused"]
+    again = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    assert again["reused"]  # same settings: the earlier build is kept
+    other = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, split_seed=1,
+                           log=lambda m: None)
+    assert not other["reused"]
+    counts = P.class_counts(split)
+    assert counts["total"].iloc[-1] == 9 * 3 + 3 and counts["class"].iloc[-1] == "all"
+    # a folder in our layout is split; a folder already split is used in place
+    root = generate_synthetic(tmp_path / "own", per_class=3, size=32, classes=["pit", "stain"])
+    info = P.prepare_data(tmp_path / "w2", "folder", str(root), log=lambda m: None)
+    assert Path(info["split_root"]) == tmp_path / "w2" / "data" / "split"
+    info = P.prepare_data(tmp_path / "w3", "folder", info["split_root"], log=lambda m: None)
+    assert info["split_root"] == str(tmp_path / "w2" / "data" / "split") and info["reused"]
+    with pytest.raises(P.PipelineError, match="neither a dataset"):
+        P.prepare_data(tmp_path / "w4", "folder", str(tmp_path), log=lambda m: None)
+    with pytest.raises(P.PipelineError, match="source must be"):
+        P.prepare_data(tmp_path / "w4", "zip")
+
+
+def test_prepare_magnetic_tile(tmp_path):
+    from conftest import shared_dataset
+
+    src = shared_dataset("magnetic_tile")
+    if src is None:
+        pytest.skip("the magnetic-tile dataset is not in ../shared/datasets")
+    info = P.prepare_data(tmp_path / "w", "magnetic_tile", str(src), limit_per_class=4, log=lambda m: None)
+    counts = P.class_counts(info["split_root"])
+    assert "free" in set(counts["class"]) and counts["total"].iloc[-1] >= 5 * 4
+    stats = P.image_stats(info["split_root"])
+    assert ((stats["mean_r"] > 0) & (stats["mean_r"] < 1)).all()
+
+
 # ------------------------------------------------------------------------------------------
 # tables, fragments, summary, index
 # ------------------------------------------------------------------------------------------
@@ -269,6 +307,52 @@ def test_reproduce_end_to_end(results):
     assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
     head = pd.read_csv(results / "tables" / "headline.csv")
     assert "PES" in set(head["metric"])
+
+
+def test_official_format_weights_without_training(results, tmp_path):
+    """``steps 0`` + weights in the official pickle layout (no recorded architecture): notebook 02
+    takes them as they are, the preset comes from the tensor shapes, and the evaluation runs."""
+    import torch
+
+    from seggpt_lib import build_seggpt
+
+    torch.manual_seed(0)
+    w = tmp_path / "official_like.pth"
+    torch.save({"model": build_seggpt("vit_micro").state_dict()}, w)
+    assert P.resolve_preset(str(w), "auto") == ("vit_micro", {})
+    res = tmp_path / "res"
+    shutil.copytree(results / "work" / "data", res / "work" / "data")
+    shutil.copy(results / "work" / "01_data_transformation.json", res / "work")
+    cfg = P.load_config(None, ["steps=0", f"weights={w}", f"results_dir={res}", "heartbeat_s=0", "echo=false",
+                               "n_panels=1"])
+    P.reproduce(cfg, stages=["02_training"], log=lambda m: None)
+    frag = P.read_fragment(res, "02_training")
+    assert frag["trained"] is False and frag["steps_done"] == 0 and frag["preset"] == "vit_micro"
+    assert frag["weights"] == str(w.resolve()) and frag["model"] == {}
+    assert (res / "reports" / "02_training.html").is_file() and not (res / "work" / "train" / "run").exists()
+    em = P.load_eval_model(res)
+    assert em.preset == "vit_micro" and em.predictor.image_size == (64, 64)
+    ev = P.pair_evaluation(em, P.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
+                           log=lambda m: None)
+    assert ev["summary"]["n_positive"] == 2 and ev["summary"]["n_negative"] == 2
+
+
+def test_failing_stage_in_reproduce(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    res = tmp_path / "res"
+    cfg = P.load_config(None, [f"data={tmp_path / 'empty'}", f"results_dir={res}", "heartbeat_s=0", "echo=false"])
+    lines: list[str] = []
+    with pytest.raises(P.PipelineError) as e:
+        P.reproduce(cfg, log=lines.append)
+    msg = str(e.value)
+    assert "stage 1/4 failed" in msg and "notebook 01_data_transformation failed" in msg and "neither a dataset" in msg
+    assert str(res / "work" / "01_data_transformation.ipynb") in msg and "its report so far" in msg
+    assert any("FAILED" in ln for ln in lines)
+    s = json.loads((res / "summary.json").read_text())
+    assert s["status"] == "failed" and (res / "index.html").is_file()
+    assert (res / "reports" / "01_data_transformation.html").is_file()
+    assert not (res / "work" / "02_training.ipynb").exists()  # later stages did not run
 
 
 def _chromium() -> str | None:

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# What a lent GPU machine (one H100/H200, 16 cores) runs, in about 3-5 minutes:
+#   0. environment: python with torch + transformers (else .venv + requirements), torch/GPU info
+#   1. attention parity on the GPU vs float64 (fp32, bf16; forward and backward), no pytest needed
+#   2. tests/test_attention.py on the GPU (when pytest and hypothesis are there)
+#   3. the attention implementations alone at the ViT-L shape (bf16)
+#   4. the model benchmark, ViT-L, bf16 autocast: ours vs transformers eager (--json)
+#   5. the same in fp32 (fewer iterations)
+#   6. ours under torch.compile (bf16; hard time limit, skipped with GPU_CHECK_COMPILE=0)
+#   7. PLACEHOLDER: a 100-step training smoke run (only when seggpt_lib/train.py exists)
+# Every stage prints its name and wall time. Outputs go under $OUT (default ./gpu_check_out): one
+# log per stage in $OUT/logs/, packed at the end into $OUT/gpu_check_logs.tar.gz (the logs folder
+# is then removed, unless GPU_CHECK_PACK=0: a lent machine returns at most 8 files), and
+# $OUT/summary.txt with the result tables and the JSON lines.
+# A failing stage is reported and the script goes on; the exit status is 1 if any stage failed.
+# Dry run elsewhere: GPU_CHECK_DEVICE=cpu GPU_CHECK_BENCH_ARGS="--preset vit_micro --iters 1 --warmup 1"
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/gpu_check_out}"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+FAILED=()
+T_ALL=$(date +%s)
+DEV="${GPU_CHECK_DEVICE:-cuda}"
+read -r -a XARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"  # extra benchmark arguments (dry runs)
+
+stage() {  # stage NAME LOGFILE CMD...: run, tee to $LOGS/LOGFILE, time it, record failures
+  local name="$1" log="$2"
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  echo
+  echo "=== [$(date +%H:%M:%S)] stage: $name"
+  set +e
+  "$@" 2>&1 | tee "$LOGS/$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  echo "=== stage: $name: rc=$rc, $(( $(date +%s) - t0 )) s"
+  if [ "$rc" -ne 0 ]; then FAILED+=("$name (rc $rc)"); fi
+  return 0
+}
+
+# --- 0. environment -------------------------------------------------------------------------
+t0=$(date +%s)
+echo "=== stage: environment"
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import torch, transformers' >/dev/null 2>&1; then
+  echo "torch/transformers not importable with $PY: creating .venv (system site packages) and installing requirements"
+  "$PY" -m venv .venv --system-site-packages
+  PY="$REPO/.venv/bin/python"
+  "$PY" -m pip install -q -r requirements.txt
+fi
+"$PY" - <<'EOF' 2>&1 | tee "$LOGS/environment.txt"
+import platform, torch, transformers
+print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__)
+print("cuda available:", torch.cuda.is_available(), "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU:", torch.cuda.get_device_name(0), f"| {p.total_memory / 2**30:.1f} GiB | sm_{p.major}{p.minor}")
+    print("flash SDPA:", torch.backends.cuda.flash_sdp_enabled(), "| mem-efficient SDPA:", torch.backends.cuda.mem_efficient_sdp_enabled())
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$LOGS/environment.txt" || true
+echo "=== stage: environment: $(( $(date +%s) - t0 )) s"
+if [ "$DEV" = cuda ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "no CUDA device visible: stopping" >&2
+  exit 1
+fi
+
+# --- 1-2. attention parity --------------------------------------------------------------------
+stage "attention parity vs float64 (cuda; fp32, bf16; fwd+bwd)" attention_parity.txt \
+  "$PY" benchmarks/bench_model.py --parity --device "$DEV"
+if "$PY" -c 'import pytest, hypothesis' >/dev/null 2>&1; then
+  stage "pytest tests/test_attention.py (cpu + cuda)" pytest_attention.txt \
+    "$PY" -m pytest tests/test_attention.py -q -p no:cacheprovider
+else
+  echo "(pytest/hypothesis missing: tests/test_attention.py skipped; the parity stage above covers the GPU)"
+fi
+
+# --- 3. attention alone -------------------------------------------------------------------------
+stage "attention implementations, ViT-L shape, bf16" attention_bench.txt \
+  "$PY" benchmarks/bench_model.py --attention --device "$DEV" --precision bf16 --json ${XARGS[@]+"${XARGS[@]}"}
+
+# --- 4-5. the model benchmark -------------------------------------------------------------------
+stage "model benchmark ViT-L bf16 (ours vs transformers eager)" bench_vit_large_bf16.txt \
+  "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 --json ${XARGS[@]+"${XARGS[@]}"}
+stage "model benchmark ViT-L fp32" bench_vit_large_fp32.txt \
+  "$PY" benchmarks/bench_model.py --device "$DEV" --precision fp32 --iters 3 --warmup 1 --no-ckpt-extra --json \
+  ${XARGS[@]+"${XARGS[@]}"}
+
+# --- 6. torch.compile ---------------------------------------------------------------------------
+if [ "${GPU_CHECK_COMPILE:-1}" != "0" ]; then
+  stage "model benchmark ViT-L bf16, ours compiled (limit ${GPU_CHECK_COMPILE_LIMIT:-150} s)" bench_vit_large_bf16_compile.txt \
+    timeout "${GPU_CHECK_COMPILE_LIMIT:-150}" "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 --compile \
+    --iters 5 --warmup 2 --no-ckpt-extra --json ${XARGS[@]+"${XARGS[@]}"}
+fi
+
+# --- 7. PLACEHOLDER: 100-step training smoke run ------------------------------------------------
+# PLACEHOLDER (to be filled in by the owner of seggpt_lib/train.py): a 100-step smoke run such as
+#   python -m seggpt_lib train --config <smoke config> --set max_steps=100 ...
+# Until then: check that the command loads here, and run GPU_CHECK_TRAIN_ARGS when it is set.
+if [ -f seggpt_lib/train.py ]; then
+  stage "training command loads (placeholder)" train_help.txt "$PY" -m seggpt_lib train --help
+  if [ -n "${GPU_CHECK_TRAIN_ARGS:-}" ]; then
+    # shellcheck disable=SC2086  # word splitting of the argument string is intended
+    stage "training smoke run (placeholder)" train_smoke.txt "$PY" -m seggpt_lib train $GPU_CHECK_TRAIN_ARGS
+  fi
+fi
+
+# --- summary -------------------------------------------------------------------------------------
+SUMMARY="$OUT/summary.txt"
+{
+  echo "gpu_check: $(( $(date +%s) - T_ALL )) s"
+  cat "$LOGS/environment.txt"
+  [ -s "$LOGS/attention_parity.txt" ] && head -n 1 "$LOGS/attention_parity.txt"
+  [ -s "$LOGS/pytest_attention.txt" ] && tail -n 1 "$LOGS/pytest_attention.txt"
+  [ -s "$LOGS/attention_bench.txt" ] && grep -v '^{' "$LOGS/attention_bench.txt" | grep -v '^W[0-9]'
+  for f in bench_vit_large_bf16 bench_vit_large_fp32 bench_vit_large_bf16_compile; do
+    [ -s "$LOGS/$f.txt" ] || continue
+    echo
+    echo "--- $f"
+    grep -A 12 '^SegGPT benchmark' "$LOGS/$f.txt" | grep -v '^{' || true
+    "$PY" - "$LOGS/$f.txt" <<'EOF' || true
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except Exception:
+    sys.exit(0)
+g = lambda v: "n/a" if v is None else f"{v:.1f}"
+print(f"RESULT {sys.argv[1].rsplit('/', 1)[-1][:-4]}: inference {r['inference_speedup']:.2f}x "
+      f"({r['ours_infer_samples_per_s']:.1f} vs {r['theirs_infer_samples_per_s']:.1f} samples/s), "
+      f"training {r['train_speedup']:.2f}x ({r['ours_train_samples_per_s']:.1f} vs {r['theirs_train_samples_per_s']:.1f}), "
+      f"train peak GiB ours {g(r['ours_train_peak_gib'])} vs {g(r['theirs_train_peak_gib'])}, "
+      f"ours act-ckpt {g(r.get('ours_train_ckpt_peak_gib'))}")
+print("JSON", json.dumps(r, sort_keys=True))
+EOF
+  done
+  if [ "${#FAILED[@]}" -ne 0 ]; then printf 'FAILED stage: %s\n' "${FAILED[@]}"; else echo "all stages passed"; fi
+} > "$SUMMARY" 2>&1 || true
+tar czf "$OUT/gpu_check_logs.tar.gz" -C "$OUT" logs
+if [ "${GPU_CHECK_PACK:-1}" != "0" ]; then rm -rf "$LOGS"; fi
+echo
+echo "=== summary; logs packed in $OUT/gpu_check_logs.tar.gz"
+grep -v '^JSON' "$SUMMARY"
+[ "${#FAILED[@]}" -eq 0 ]
