@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD, label_to_color, normalize, random_palette
+from seggpt_lib.colors import fixed_palette, IMAGENET_MEAN, IMAGENET_STD, label_to_color, normalize, random_palette
 from seggpt_lib.masking import query_half_mask, random_patch_mask
 
 __all__ = [
@@ -1029,6 +1029,7 @@ class PairDataset(Dataset):
         train: bool = True,
         mask_ratio: float = 0.75,
         query_mask_share: float = 0.0,
+        defect_color: Sequence[int] | None = None,
         negative_target: str = "query_mask",
         n_classes: int = 2,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -1077,6 +1078,9 @@ class PairDataset(Dataset):
         if not 0.0 <= query_mask_share <= 1.0:
             raise ValueError(f"query_mask_share must lie in [0, 1], got {query_mask_share}")
         self.query_mask_share = float(query_mask_share)
+        if defect_color is not None and (n_classes != 2 or len(defect_color) != 3):
+            raise ValueError(f"defect_color {defect_color} needs a binary set (n_classes 2) and an RGB triple")
+        self.defect_color = tuple(int(c) for c in defect_color) if defect_color is not None else None
         self.negative_target = negative_target
         self.n_classes = int(n_classes)
         self.mean = tuple(float(v) for v in mean)
@@ -1204,7 +1208,9 @@ class PairDataset(Dataset):
             q_tgt = q_lbl
         labels = torch.cat([p_lbl, q_tgt], dim=0)  # (2H, W)
         gen = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, s, 0))
-        palette = random_palette(self.n_classes, generator=gen)
+        palette = random_palette(self.n_classes, generator=gen)  # drawn always: keeps the stream
+        if self.defect_color is not None:
+            palette = fixed_palette([[0, 0, 0], list(self.defect_color)])
         if self.train:
             if self.query_mask_share > 0 and torch.rand((), generator=gen).item() < self.query_mask_share:
                 masked = query_half_mask(self.grid)[0]  # the inference task itself

@@ -72,6 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     negative_target: str = "query_mask"  # or "empty" (class-aware)
     negative_share: float = 0.25
+    defect_color: list[int] | None = None  # one fixed defect colour (binary sets); None: random per sample (original)
     query_mask_share: float = 0.0  # share of training samples with the whole query half hidden (the inference task)
     free_share: float = 0.0
     fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
@@ -322,7 +323,7 @@ class Trainer:
         common = dict(
             cfg=self.mcfg, mask_ratio=cfg.mask_ratio, negative_target=cfg.negative_target, n_classes=cfg.n_classes,
             mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed, fg_weight=cfg.fg_weight,
-            negative_share=cfg.negative_share, free_share=cfg.free_share,
+            negative_share=cfg.negative_share, free_share=cfg.free_share, defect_color=cfg.defect_color,
         )
         self.data_count = int(cfg.data_count or len(self.train_index))
         self.train_ds = D.PairDataset(self.train_index, train=True, augment=aug, length=self.data_count,

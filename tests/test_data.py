@@ -548,3 +548,22 @@ def test_synthetic_generator_if_present(tmp_path):
     batch = D.collate([ds[i] for i in range(8)])
     assert batch["imgs"].shape == (8, 3, 2 * IMG[0], IMG[1])
     assert torch.isfinite(batch["imgs"]).all()
+
+
+def test_fixed_defect_colour_and_query_mask_share(index):
+    ds = dataset(index, train=True, seed=1, negative_share=0.0, length=40, defect_color=(255, 255, 255), query_mask_share=0.5)
+    grid = (2 * IMG[0] // PATCH, IMG[1] // PATCH)
+    n_half = 0
+    for i in range(40):
+        it = ds[i]
+        assert it["palette"].tolist() == [[0, 0, 0], [255, 255, 255]]
+        col, lab = _colours(it), it["labels"]
+        assert (col[:, lab > 0] == 255).all() and (col[:, lab == 0] == 0).all()
+        m = it["bool_masked_pos"].reshape(grid)
+        if m[grid[0] // 2 :].all() and not m[: grid[0] // 2].any():
+            n_half += 1
+    assert 10 <= n_half <= 30  # about half the samples hide exactly the query half
+    with pytest.raises(ValueError, match="defect_color"):
+        dataset(index, train=True, defect_color=(1, 2))
+    with pytest.raises(ValueError, match="query_mask_share"):
+        dataset(index, train=True, query_mask_share=1.5)
