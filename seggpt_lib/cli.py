@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("seggpt_lib.train", "fine-tune SegGPT on defect pairs (single process, or DDP under torchrun)"),
     "info": ("seggpt_lib.info", "show presets, parameter counts and the checkpoint formats understood"),
     "prepare": ("data_prep.cli", "build datasets: synthetic, coco, magnetic-tile, split, stats"),
     "make-mapping": ("seggpt_lib.mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
