@@ -33,7 +33,8 @@ def _cfg(synth: Path, tmp_path: Path, **kw) -> TrainConfig:
     d = dict(
         preset="vit_micro", model=TINY, train_dataset_dir=str(synth), val_dataset_dir=str(synth), lr=1e-3,
         warmup_steps=2, cycle_steps=1000, batch_size=4, epoch=100, max_steps=6, num_workers=0, eval_per_epoch=0,
-        log_dir=str(tmp_path / "runs"), run_id="r", val_pairs=8, log_interval=1, fg_weight=5.0, seed=0,
+        log_dir=str(tmp_path / "runs"), run_id="r", val_pairs=8, log_interval=1, fg_weight=10.0, seed=0,
+        defect_color=[255, 255, 255], query_mask_share=0.5,  # the small-model recipe (benchmarks/README.md)
     )
     d.update(kw)
     return TrainConfig.from_dict(d)
@@ -87,7 +88,7 @@ def test_resume_gives_the_same_weights(synth, tmp_path):
 
 
 def test_short_default_run_does_not_collapse(synth, tmp_path):
-    """With the project defaults for small models (fg_weight 5, lr 1e-3) the model paints something."""
+    """With the small-model recipe of configs/pipeline.json the model paints something (no collapse)."""
     result = train(_cfg(synth, tmp_path, max_steps=60, eval_per_epoch=1, epoch=100, data_count=240, batch_size=8), progress=False)
     vals = [float(r["val_miou"]) for r in result.history if r["val_miou"] == r["val_miou"]]
     assert vals and max(vals) > 0.0
