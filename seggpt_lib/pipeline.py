@@ -1160,7 +1160,8 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     h = html.escape
     status = summary.get("status", "complete")
     meta = [("status", status), ("data", summary.get("data")), ("preset", summary.get("preset")),
-            ("weights evaluated", summary.get("weights")), ("initial weights", summary.get("init_weights")),
+            ("weights evaluated", summary.get("weights")),
+            ("initial weights", summary.get("init_weights") or "none (random initialisation)"),
             ("training steps", summary.get("steps")), ("device", summary.get("device")),
             ("evaluation", f"split {summary.get('eval_split')}, top-{summary.get('top_k')}, "
                            f"{summary.get('tile_pairing')} tile pairing, work size {summary.get('work_size')}"),
@@ -1435,6 +1436,8 @@ def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: 
         if s not in NOTEBOOK_PARAMETERS:
             raise PipelineError(f"unknown stage {s!r}; stages: {', '.join(NOTEBOOK_PARAMETERS)}")
     results = Path(config["results_dir"]).expanduser().resolve()
+    if any((results / marker).exists() for marker in (".git", "pyproject.toml", "setup.py")):
+        raise PipelineError(f"results_dir {results} looks like a source tree; pick a folder of its own (e.g. results)")
     dirs = result_dirs(results)
     if stages == list(NOTEBOOKS):
         _clean_outputs(dirs)

@@ -225,6 +225,8 @@ def test_cli_registration_and_errors(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
     assert cli.main(["reproduce", "--stages", "9", "--set", f"results_dir={tmp_path}"]) == 1
     assert "unknown stage" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--set", f"results_dir={REPO}"]) == 1  # never clean a source tree
+    assert "source tree" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
