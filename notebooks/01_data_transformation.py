@@ -20,7 +20,7 @@
 # (`images/`, `labels/` with 0 = background, non-zero = defect, `classes.csv`), splits it
 # (seeded, stratified by class) into `train/val/test`, and shows what the model will see:
 # samples with their masks, class counts, image statistics and the pair colouring of training
-# samples (prompt on top, query below; background black, one random defect colour per sample).
+# samples (prompt on top, query below; background black, the defect in one colour).
 #
 # The original project flattened the VISION sub-datasets into one `train_dataset/{train,val}`
 # folder pair with the class as the file-name prefix; `data_prep` does the same and keeps the
@@ -40,7 +40,8 @@ preset = "vit_micro"  # the model size decides the pair layout shown below
 model = {}
 weights = ""  # with preset "auto" the architecture is read from these weights
 seed = 0
-train = {"mask_ratio": 0.75, "negative_target": "empty", "fg_weight": 5.0}
+train = {"mask_ratio": 0.75, "query_mask_share": 0.5, "defect_color": [255, 255, 255], "negative_target": "empty",
+         "fg_weight": 10.0}
 
 # %%
 from pathlib import Path
@@ -94,10 +95,12 @@ P.save_figure(fig, R, "01_samples");
 # %% [markdown]
 # ## Pair colouring: what a training sample looks like
 # Each sample stacks a prompt (top) and a query (bottom). The label pair is coloured black
-# for background and **one random colour per sample** for the defect; a random
-# `mask_ratio` share of the label-pair patches is hidden and must be painted by the model.
-# Negative pairs (prompt of another class) ask for an empty query half when
-# `negative_target` is `empty`.
+# for background and, for the defect, **one random colour per sample** (the original's
+# recipe) or the fixed `defect_color` of the training recipe (the colour the predictor
+# paints prompts in). A random `mask_ratio` share of the label-pair patches is hidden and
+# must be painted by the model; a `query_mask_share` of the samples hide the whole query
+# half instead, as at inference. Negative pairs (prompt of another class) ask for an empty
+# query half when `negative_target` is `empty`.
 
 # %%
 ds = P.display_dataset(split_root, preset=preset, model=model, weights=weights, seed=seed, train=train, n=4)

@@ -18,8 +18,10 @@
 #
 # Fine-tunes SegGPT on the training split of notebook 01 with `seggpt_lib.train`
 # (AdamW, cosine annealing with warm restarts after a linear warm-up, 75 % of the label-pair
-# patches hidden, defect pixels weighted `fg_weight` in the smooth-L1 loss, negative pairs
-# asking for an empty query half when `negative_target` is `empty`). Training stops after
+# patches hidden, or the whole query half for a `query_mask_share` of the samples as at
+# inference, defect pixels weighted `fg_weight` in the smooth-L1 loss, negative pairs asking
+# for an empty query half when `negative_target` is `empty`, the defect painted in one fixed
+# `defect_color` or, without it, one random colour per sample as in the original). Training stops after
 # `steps` steps or `train_minutes` minutes, whichever comes first; `steps = 0` skips it and
 # the given `weights` (or, without weights, the random initialisation) are evaluated.
 #
@@ -38,8 +40,8 @@ device = "cpu"
 precision = "auto"
 seed = 0
 normalize = "imagenet"  # imagenet | dataset
-train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 5.0, "warmup_steps": 30, "cycle_steps": 100000,
-         "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 10.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+         "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
 eval_every = 50  # validation and checkpoints every N steps
 val_pairs = 64
 checkpoint = "best"  # best (validation mIoU) | last
@@ -138,7 +140,7 @@ except ValueError:
     label = str(eval_weights)
 P.write_fragment(R, "02_training", {
     "weights": str(Path(eval_weights).resolve()), "weights_label": label, "preset": cfg.preset, "model": cfg.model,
-    "mean": list(cfg.image_mean), "std": list(cfg.image_std), "trained": trained, "steps_done": res["steps_done"],
+    "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": trained, "steps_done": res["steps_done"],
     "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"], "device": dev, "n_parameters": n_params,
 })
 summary

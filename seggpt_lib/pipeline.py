@@ -127,8 +127,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "normalize": "imagenet",  # imagenet (the official weights') | dataset (the training split's own mean/std)
     "train": {  # any seggpt_lib.train.TrainConfig keys: the recipe
-        "lr": 1e-3, "batch_size": 16, "fg_weight": 5.0, "warmup_steps": 30, "cycle_steps": 100000,
-        "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
+        "lr": 1e-3, "batch_size": 16, "fg_weight": 10.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+        "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
     },
     "eval_every": 50,  # validation (and a checkpoint) every N steps
     "val_pairs": 64,
@@ -563,6 +563,7 @@ def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     t = {**DEFAULTS["train"], **(train or {})}
     idx = _scan(Path(split_root) / "train")
     ds = PairDataset(idx, cfg=mcfg, train=True, mask_ratio=float(t.get("mask_ratio", 0.75)),
+                     query_mask_share=float(t.get("query_mask_share", 0.0)), defect_color=t.get("defect_color"),
                      negative_target=t.get("negative_target", "query_mask"), seed=seed, length=max(n, 1),
                      fg_weight=float(t.get("fg_weight", 1.0)), negative_share=float(t.get("negative_share", 0.25)))
     return ds
@@ -686,7 +687,8 @@ def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
     roots = split_roots(split_root)
     root = next((roots[s] for s in ("val", "test") if s in roots and has_positive_pairs(roots[s])), roots["train"])
     return PairDataset(_scan(root), cfg=mcfg, train=False, negative_target=cfg.negative_target, mean=cfg.image_mean,
-                       std=cfg.image_std, seed=cfg.seed, length=max(1, n), negative_share=cfg.negative_share)
+                       std=cfg.image_std, seed=cfg.seed, length=max(1, n), negative_share=cfg.negative_share,
+                       defect_color=getattr(cfg, "defect_color", None))
 
 
 def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -748,9 +750,11 @@ class EvalModel:
 
 def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: str = "auto", model: dict | None = None,
                     device: str = "cpu", precision: str = "auto", max_batch: int = 64,
-                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> EvalModel:
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    defect_color: Sequence[int] | None = None) -> EvalModel:
     """The model to evaluate: ``weights`` (official, HF or ours), or, when empty, what notebook
-    02 produced (its fragment: weights, architecture, normalisation)."""
+    02 produced (its fragment: weights, architecture, normalisation, the fixed defect colour
+    it was trained with). The prompt masks are painted in ``defect_color`` (default white)."""
     from seggpt_lib.checkpoint import build_from_checkpoint
     from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD
     from seggpt_lib.inference import SegGPTPredictor
@@ -759,13 +763,15 @@ def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: s
         frag = read_fragment(results_dir, "02_training")
         weights, preset, model = frag["weights"], frag["preset"], frag.get("model") or {}
         mean, std = mean or frag.get("mean"), std or frag.get("std")
+        defect_color = defect_color or frag.get("defect_color")
     mean = list(mean or IMAGENET_MEAN)
     std = list(std or IMAGENET_STD)
     name, ov = resolve_preset(weights, preset, model)
     net = build_from_checkpoint(weights, preset=name, **ov)
     dev = _device(device)
     prec = precision if precision != "auto" else ("bf16" if dev.startswith("cuda") else "fp32")
-    pred = SegGPTPredictor(net, device=dev, precision=prec, mean=mean, std=std, max_batch=max_batch)
+    extra = {"defect_color": tuple(int(c) for c in defect_color)} if defect_color else {}
+    pred = SegGPTPredictor(net, device=dev, precision=prec, mean=mean, std=std, max_batch=max_batch, **extra)
     return EvalModel(pred, str(weights), name, ov, mean, std, dev, prec)
 
 
