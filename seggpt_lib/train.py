@@ -643,7 +643,8 @@ def resume(run_dir: str | os.PathLike[str], stop_at_step: int | None = None, pro
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training config JSON (keys: see TrainConfig)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys (repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -61,7 +61,7 @@ def test_loss_falls_in_30_steps(synth, tmp_path):
     result = train(_cfg(synth, tmp_path, max_steps=30), progress=False)
     losses = [float(r["loss"]) for r in result.history]
     assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # measured: about -15 % with fg x10
     run = result.run_dir
     assert (run / "config.json").is_file() and (run / "metrics.csv").is_file()
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -102,9 +102,10 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_process(synth, tmp_path):
-    # fg_weight 1: every sample then hides the same number of patches, so the mean of the two
-    # ranks' masked means equals the one-process masked mean (DDP averages per-rank losses)
-    common = dict(max_steps=3, fg_weight=1.0)
+    # fg_weight 1 and only random masks: every sample then has the same loss weight in total, so
+    # the mean of the two ranks' masked means equals the one-process masked mean (DDP averages
+    # per-rank losses)
+    common = dict(max_steps=3, fg_weight=1.0, query_mask_share=0.0)
     one = train(_cfg(synth, tmp_path, run_id="one", batch_size=4, **common), progress=False)
     cfg = _cfg(synth, tmp_path, run_id="ddp", batch_size=2, **common)
     cfg_path = tmp_path / "ddp.json"
