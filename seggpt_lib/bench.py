@@ -250,7 +250,8 @@ def run_benchmark(
     for job in jobs_inf:
         _warm(job, warmup + (2 if compile and job.name == "ours" else 0), dev)
     _timed(jobs_inf, iters, dev)
-    say(f"inference: {len(jobs_inf[0].times)} timed rounds")
+    say(f"inference, {len(jobs_inf[0].times)} timed rounds: ours {_rate(jobs_inf[0]):.2f} samples/s, "
+        f"transformers {_rate(jobs_inf[1]):.2f} ({_rate(jobs_inf[0]) / _rate(jobs_inf[1]):.2f}x)")
 
     # -- training -------------------------------------------------------------------------
     bt = batch_train
@@ -295,7 +296,8 @@ def run_benchmark(
     for job in jobs_tr:
         _warm(job, warmup + (2 if compile and job.name == "ours" else 0), dev)
     _timed(jobs_tr, iters, dev)
-    say(f"training: {len(jobs_tr[0].times)} timed rounds")
+    say(f"training, {len(jobs_tr[0].times)} timed rounds: ours {_rate(jobs_tr[0]):.2f} samples/s, "
+        f"transformers {_rate(jobs_tr[1]):.2f} ({_rate(jobs_tr[0]) / _rate(jobs_tr[1]):.2f}x)")
 
     ckpt: Job | None = None
     if ckpt_extra:

@@ -174,7 +174,8 @@ def test_auto_picks_a_valid_impl(device, dtype, grad):
 
 def test_auto_choices():
     assert auto_impl("cuda", torch.bfloat16) == auto_impl("cuda", torch.bfloat16, grad=True) == "sdpa_folded"
-    assert auto_impl("cuda", torch.float32) == "sdpa_folded"
+    assert auto_impl("cuda", torch.float16) == "sdpa_folded"
+    assert auto_impl("cuda", torch.float32) == auto_impl("cuda", torch.float32, grad=True) == "math"
     assert auto_impl("cpu", torch.float32) == "sdpa_bias"
     assert auto_impl("cpu", torch.float32, grad=True) == "math"
     assert auto_impl("cpu", torch.bfloat16) == auto_impl("cpu", torch.bfloat16, grad=True) == "matmul_folded"
