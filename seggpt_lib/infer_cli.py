@@ -24,6 +24,14 @@ replaces only the files listed here):
 * ``results.txt``: the original's text report, one line per image (IoU, response rate), then
   the means and rates.
 
+A learned prompt (``--learned-prompt FILE.safetensors``, from ``seggpt tune-prompt``) replaces
+the mapping's image prompts: every query is predicted from it (``--top-k`` does not apply), the
+mapping may then list the queries only (a JSON list ``["q1.png", ...]``, or an object whose
+prompt lists are ignored), ``--prompt-img-dir`` / ``--prompt-label-dir`` are not needed, the
+normalisation and defect colour come from the prompt file (an explicit ``--mean``, ``--std``
+or ``--defect-color`` must match it), and the prompt class for ``--kind auto`` is the
+prompt's class.
+
 Pair kinds (``--kind``): ``positive`` (catch is scored), ``negative`` / ``free`` (yield is
 scored), or ``auto``: a query of class ``free`` or with an empty ground truth is ``free``; a
 query whose class differs from every prompt's class is ``negative``; otherwise ``positive``.
@@ -81,8 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=8, metavar="N", help="(query tile, prompt tile) pairs per forward pass (default 8)")
     g = parser.add_argument_group("data")
     g.add_argument("--mapping", required=True, metavar="JSON", help="{query_file: [prompt_file, ...]}")
-    g.add_argument("--prompt-img-dir", required=True, metavar="DIR", help="prompt images (DIR/images when it exists)")
-    g.add_argument("--prompt-label-dir", required=True, metavar="DIR", help="prompt masks, <stem>.png")
+    g.add_argument("--prompt-img-dir", metavar="DIR", help="prompt images (DIR/images when it exists); required "
+                                                           "unless --learned-prompt")
+    g.add_argument("--prompt-label-dir", metavar="DIR", help="prompt masks, <stem>.png; required unless --learned-prompt")
+    g.add_argument("--learned-prompt", metavar="FILE", help="a learned prompt (seggpt tune-prompt) used for every query "
+                                                            "in place of the mapping's prompts; the mapping may then "
+                                                            "list the queries only")
     g.add_argument("--dataset-dir", required=True, metavar="DIR", help="query dataset root: images/, labels/ (optional), classes.csv")
     g.add_argument("--kind", default="auto", choices=KIND_CHOICES, help="pair kind for the metrics (default auto)")
     g = parser.add_argument_group("procedure")
@@ -92,9 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-pairing", default="all", choices=TILE_PAIRINGS, help="query tile with every prompt tile (all, the original) or the same tile (aligned)")
     g.add_argument("--seam-pass", action="store_true", help="re-predict windows centred on the tile seams")
     g.add_argument("--no-ensemble", action="store_true", help="average per-prompt outputs instead of the feature ensemble")
-    g.add_argument("--defect-color", type=lambda s: _triple(s, int), default=(255, 255, 255), metavar="R,G,B", help="prompt-mask defect colour (default 255,255,255)")
-    g.add_argument("--mean", type=_triple, default=None, metavar="R,G,B", help="normalisation mean (default ImageNet)")
-    g.add_argument("--std", type=_triple, default=None, metavar="R,G,B", help="normalisation std (default ImageNet)")
+    g.add_argument("--defect-color", type=lambda s: _triple(s, int), default=None, metavar="R,G,B", help="prompt-mask defect colour (default 255,255,255; with --learned-prompt the prompt's)")
+    g.add_argument("--mean", type=_triple, default=None, metavar="R,G,B", help="normalisation mean (default ImageNet; with --learned-prompt the prompt's)")
+    g.add_argument("--std", type=_triple, default=None, metavar="R,G,B", help="normalisation std (default ImageNet; with --learned-prompt the prompt's)")
     g = parser.add_argument_group("metrics and output")
     g.add_argument("--catch-iou", type=float, default=0.3, help="good catch when IoU >= this (default 0.3)")
     g.add_argument("--yield-response", type=float, default=0.000239, help="correct yield when response rate < this (default 0.000239)")
@@ -127,7 +139,9 @@ def _clear_outputs(outdir: Path) -> None:
         (outdir / f).unlink(missing_ok=True)
 
 
-def _load_mapping(path: str) -> dict[str, list[str]]:
+def _load_mapping(path: str, queries_only: bool = False) -> dict[str, list[str]]:
+    """The mapping JSON; with ``queries_only`` (a learned prompt) a list of query files is
+    accepted too, and the prompt lists are dropped."""
     p = Path(path)
     if not p.is_file():
         raise InferInputError(f"mapping not found: {p}")
@@ -135,6 +149,13 @@ def _load_mapping(path: str) -> dict[str, list[str]]:
         mapping = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise InferInputError(f"{p}: not a JSON mapping ({e})") from None
+    if queries_only:
+        if isinstance(mapping, list) and all(isinstance(q, str) for q in mapping):
+            mapping = {q: [] for q in mapping}
+        if not isinstance(mapping, dict) or not mapping:
+            raise InferInputError(f"{p}: with --learned-prompt the mapping must be a non-empty JSON list of query "
+                                  "files or an object {query: [prompts]} (prompts ignored)")
+        return {str(q): [] for q in mapping}
     if not isinstance(mapping, dict) or not mapping:
         raise InferInputError(f"{p}: a mapping must be a non-empty JSON object {{query: [prompts]}}")
     return mapping
@@ -156,15 +177,22 @@ def _header_size(path: Path) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
-def _check_inputs(mapping, args, q_dir: Path, p_dir: Path, p_label_dir: Path, gt_dir: Path):
-    """Every missing file in one error; then every bad prompt mask / gt size in one error."""
+def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: Path | None, gt_dir: Path):
+    """Every missing file in one error; then every bad prompt mask / gt size in one error.
+    Without ``p_dir`` (a learned prompt) only the queries and their ground truths are checked."""
     from seggpt_lib.inference import PromptMaskError, check_prompt_mask, load_mask_file
     from seggpt_lib.mapping import validate_mapping
 
     problems = []
+    if p_dir is None:
+        missing_q = sorted(q for q in mapping if not (q_dir / q).is_file())
+        if missing_q:
+            raise InferInputError(f"mapping refers to missing files:\n{len(missing_q)} query image(s) missing from "
+                                  f"{q_dir}:\n" + "\n".join(f"  {f}" for f in missing_q))
     used = {q: ps[: args.top_k] if isinstance(ps, list) else ps for q, ps in mapping.items()}
     try:
-        validate_mapping(used, q_dir, p_dir)
+        if p_dir is not None:
+            validate_mapping(used, q_dir, p_dir)
     except FileNotFoundError as e:
         problems.append(str(e))
     except ValueError as e:
@@ -363,29 +391,53 @@ def infer(args: argparse.Namespace) -> dict:
     outdir = Path(args.outdir)
     _check_outdir(outdir, args.overwrite)
 
-    mapping = _load_mapping(args.mapping)
+    learned = None
+    if args.learned_prompt:
+        from seggpt_lib.prompt_tuning import load_learned_prompt
+
+        try:
+            learned = load_learned_prompt(args.learned_prompt)
+        except FileNotFoundError as e:
+            raise InferInputError(f"--learned-prompt: {e}") from None
+    mapping = _load_mapping(args.mapping, queries_only=learned is not None)
     dataset = Path(args.dataset_dir)
     if not dataset.is_dir():
         raise InferInputError(f"--dataset-dir not found: {dataset}")
     for flag, d in (("--prompt-img-dir", args.prompt_img_dir), ("--prompt-label-dir", args.prompt_label_dir)):
-        if not Path(d).is_dir():
+        if learned is None and not d:
+            raise InferInputError(f"{flag} is required (or give --learned-prompt)")
+        if d and not Path(d).is_dir():
             raise InferInputError(f"{flag} not found: {d}")
-    q_dir, p_dir = image_dir(dataset), image_dir(args.prompt_img_dir)
-    p_label_dir, gt_dir = Path(args.prompt_label_dir), dataset / "labels"
+    q_dir, gt_dir = image_dir(dataset), dataset / "labels"
+    p_dir = image_dir(args.prompt_img_dir) if learned is None else None
+    p_label_dir = Path(args.prompt_label_dir) if learned is None else None
     prompt_labels, gt_paths = _check_inputs(mapping, args, q_dir, p_dir, p_label_dir, gt_dir)
-    classes = _class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)))
+    classes = _class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)) if args.prompt_img_dir else None)
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    look = {"mean": args.mean, "std": args.std, "defect_color": args.defect_color}
+    if learned is not None:  # the prompt's normalisation and colour unless given (then they must match)
+        from seggpt_lib.prompt_tuning import predictor_kwargs
+
+        pk = predictor_kwargs(learned)
+        look = {k: v if v is not None else pk[k] for k, v in look.items()}
     try:
         predictor = SegGPTPredictor.from_checkpoint(
             args.weights, preset=args.preset, device=device, precision=args.precision,
-            max_batch=args.max_batch, defect_color=args.defect_color,
-            mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD,
+            max_batch=args.max_batch, defect_color=look["defect_color"] or (255, 255, 255),
+            mean=look["mean"] or IMAGENET_MEAN, std=look["std"] or IMAGENET_STD,
         )
     except FileNotFoundError as e:
         raise InferInputError(str(e)) from None
+    learned_pairs = None
+    if learned is not None:
+        from seggpt_lib.prompt_tuning import to_prompt_pairs
+
+        learned.check_fits(predictor.model, source=str(args.learned_prompt))
+        learned_pairs = to_prompt_pairs(learned, predictor)
+        learned_name = f"learned:{learned.class_name or Path(args.learned_prompt).stem}"
     t_loaded = time.perf_counter()
 
     _clear_outputs(outdir)
@@ -394,7 +446,7 @@ def infer(args: argparse.Namespace) -> dict:
     kw = dict(split=args.split, ensemble=not args.no_ensemble, tile_pairing=args.tile_pairing,
               seam_pass=args.seam_pass, work_size=args.work_size, keep_raw=False)
     queries = list(mapping)
-    k_max = max(len(ps[: args.top_k]) for ps in mapping.values())
+    k_max = 1 if learned is not None else max(len(ps[: args.top_k]) for ps in mapping.values())
     per_query = predictor.pairs_per_query(k_max, args.split, args.tile_pairing, args.seam_pass)
     per_call = max(1, math.ceil(4 * args.max_batch / per_query))
 
@@ -406,18 +458,23 @@ def infer(args: argparse.Namespace) -> dict:
         for start in range(0, len(queries), per_call):
             chunk = queries[start : start + per_call]
             images = [load_rgb(q_dir / q) for q in chunk]
-            prompt_files = [mapping[q][: args.top_k] for q in chunk]
-            preds = predictor.predict_batch(
-                images,
-                [[p_dir / p for p in ps] for ps in prompt_files],
-                [[prompt_labels[p] for p in ps] for ps in prompt_files],
-                **kw,
-            )
+            if learned is not None:
+                prompt_files = [[learned_name] for _ in chunk]
+                preds = predictor.predict_batch(images, prompt_pairs=learned_pairs, **kw)
+            else:
+                prompt_files = [mapping[q][: args.top_k] for q in chunk]
+                preds = predictor.predict_batch(
+                    images,
+                    [[p_dir / p for p in ps] for ps in prompt_files],
+                    [[prompt_labels[p] for p in ps] for ps in prompt_files],
+                    **kw,
+                )
             for q, image, ps, pred in zip(chunk, images, prompt_files, preds):
                 model_s += pred.timing["model_s"]
                 gt = _read_gt(gt_paths[q])
                 q_class = classes(q)
-                kind = pair_kind(args.kind, q_class, [classes(p) for p in ps], gt)
+                p_classes = [learned.class_name] if learned is not None else [classes(p) for p in ps]
+                kind = pair_kind(args.kind, q_class, p_classes, gt)
                 records.append(PairResult(
                     query=q, prompts=ps, kind=kind, query_class=q_class, pred=pred.mask, gt=gt,
                     extra={"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": round(pred.timing["total_s"], 4)},
@@ -434,10 +491,12 @@ def infer(args: argparse.Namespace) -> dict:
         "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
         "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
         "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "split": args.split,
-        "top_k": args.top_k, "tile_pairing": args.tile_pairing, "seam_pass": args.seam_pass,
+        "top_k": args.top_k if learned is None else None, "tile_pairing": args.tile_pairing, "seam_pass": args.seam_pass,
+        "learned_prompt": str(args.learned_prompt) if learned is not None else None,
+        "learned_prompt_class": learned.class_name if learned is not None else None,
         "work_size": args.work_size, "ensemble": not args.no_ensemble, "precision": args.precision,
         "device": str(predictor.device), "max_batch": args.max_batch,
-        "defect_color": list(args.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
+        "defect_color": list(predictor.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
         "model": predictor.model.cfg.to_dict(),
     }
     n = len(queries)
@@ -460,10 +519,11 @@ def infer(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from seggpt_lib.checkpoint import CheckpointError
     from seggpt_lib.inference import PromptMaskError
+    from seggpt_lib.prompt_tuning import LearnedPromptError
 
     try:
         infer(args)
-    except (InferInputError, PromptMaskError, CheckpointError) as e:
+    except (InferInputError, PromptMaskError, CheckpointError, LearnedPromptError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, OSError) as e:

@@ -167,3 +167,52 @@ def test_pair_kind_rules():
     assert pair_kind("auto", "open", ["scratch", "open"], gt) == "positive"
     assert pair_kind("auto", "open", ["open"], None) == "positive"
     assert pair_kind("negative", "open", ["open"], gt) == "negative"
+
+
+def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
+    """``--learned-prompt``: every query is predicted from the learned prompt (seggpt tune-prompt);
+    the mapping may list the queries only and the prompt folders are not needed."""
+    from seggpt_lib.checkpoint import build_from_checkpoint
+    from seggpt_lib.prompt_tuning import save_learned_prompt, tune_prompt
+
+    root, data, mapping = workdir
+    model = build_from_checkpoint(root / "w.safetensors")
+    prompt, _ = tune_prompt(model, data, "open", steps=1, batch_size=2, progress=False, device="cpu", evaluate=False)
+    lp = save_learned_prompt(prompt, tmp_path / "open.safetensors")
+    (tmp_path / "queries.json").write_text(json.dumps(["open_000000.png", "scratch_000001.png", "free_000000.png"]))
+    base = ["infer", "--weights", str(root / "w.safetensors"), "--dataset-dir", str(data), "--device", "cpu",
+            "--no-progress", "--learned-prompt", str(lp)]
+    out = tmp_path / "run"
+    assert main(base + ["--mapping", str(tmp_path / "queries.json"), "--outdir", str(out)]) == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "per_image.csv").set_index("file")
+    assert (table["prompts"] == "learned:open").all() and (table["n_prompts"] == 1).all()
+    assert table["kind"].to_dict() == {"open_000000.png": "positive", "scratch_000001.png": "negative",
+                                       "free_000000.png": "free"}
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["learned_prompt"] == str(lp) and s["settings"]["learned_prompt_class"] == "open"
+    assert s["settings"]["defect_color"] == list(prompt.defect_color) and s["n_pairs"] == 3
+    assert (out / "label" / "open_000000.png").is_file()
+    # the same predictions from Python: load_learned_prompt + to_prompt_pairs
+    from seggpt_lib.inference import SegGPTPredictor
+    from seggpt_lib.prompt_tuning import load_learned_prompt, predictor_kwargs, to_prompt_pairs
+
+    pred = SegGPTPredictor(model, **predictor_kwargs(prompt))
+    p = load_learned_prompt(lp, model=pred.model)
+    mine = pred.predict(data / "images" / "open_000000.png", prompt_pairs=to_prompt_pairs(p, pred))
+    label = np.asarray(Image.open(out / "label" / "open_000000.png")) != 0
+    assert (mine.mask == label).all()
+    # a full mapping: its prompts are ignored (and the prompt folders may be given)
+    out2 = tmp_path / "run2"
+    assert main(_argv(root, data, out2, "--learned-prompt", str(lp))) == 0, capsys.readouterr().err
+    t2 = pd.read_csv(out2 / "per_image.csv")
+    assert len(t2) == len(mapping) and (t2["prompts"] == "learned:open").all()
+    # a normalisation that contradicts the prompt's, weights given as a prompt, no prompts at all
+    assert main(base + ["--mapping", str(tmp_path / "queries.json"), "--outdir", str(tmp_path / "r3"),
+                        "--mean", "0.1,0.1,0.1"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    bad = base[:-1] + [str(root / "w.safetensors"), "--mapping", str(tmp_path / "queries.json"), "--outdir",
+                       str(tmp_path / "r4")]
+    assert main(bad) == 2 and "not a learned prompt" in capsys.readouterr().err
+    plain = ["infer", "--weights", str(root / "w.safetensors"), "--dataset-dir", str(data), "--device", "cpu",
+             "--mapping", str(root / "map.json"), "--outdir", str(tmp_path / "r5")]
+    assert main(plain) == 2 and "--prompt-img-dir is required" in capsys.readouterr().err
