@@ -581,7 +581,7 @@ class Trainer:
                         if last_val:
                             post["miou"] = f"{last_val.get('val_miou', float('nan')):.3f}"
                         bar.set_postfix(post)
-                if do_eval and last_val.get("val_miou", float("nan")) > self.best_miou:
+                if do_eval and last_val.get("val_miou", float("nan")) >= self.best_miou:  # ties: keep the later
                     self.best_miou = last_val["val_miou"]
                     self._save("best")
                 if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
