@@ -149,3 +149,17 @@ def test_refuses_to_overwrite_an_existing_run(synth, tmp_path):
     train(_cfg(synth, tmp_path, max_steps=1, run_id="same"), progress=False)
     with pytest.raises(FileExistsError, match="resume"):
         train(_cfg(synth, tmp_path, max_steps=1, run_id="same"), progress=False)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(synth, tmp_path, monkeypatch):
+    from seggpt_lib.model import SegGPT
+    from seggpt_lib.train import NonFiniteLoss
+
+    first = train(_cfg(synth, tmp_path, run_id="nan", max_steps=2), progress=False)
+    good = _weights(first.run_dir)
+    original = SegGPT.forward_loss
+    monkeypatch.setattr(SegGPT, "forward_loss", lambda self, *a: original(self, *a) * float("nan"))
+    with pytest.raises(NonFiniteLoss, match="at step 2"):
+        resume(first.run_dir, progress=False, overrides={"max_steps": 5})
+    kept = _weights(first.run_dir)
+    assert all(torch.equal(good[k], kept[k]) for k in good)  # the last good checkpoint is untouched
