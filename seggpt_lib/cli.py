@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("seggpt_lib.bench", "benchmark this SegGPT against transformers' SegGptForImageSegmentation"),
     "infer": ("seggpt_lib.infer_cli", "prompted inference over a mapping JSON: masks, overlays, per-image metrics, summary"),
     "tune-prompt": ("seggpt_lib.prompt_tuning", "learn a prompt image+mask for one defect class with SegGPT frozen"),
-    "reproduce": ("seggpt_lib.pipeline", "run the notebook pipeline (01-04) with papermill and regenerate results/"),
+    "reproduce": ("seggpt_lib.pipeline", "run the notebook pipeline (01-04, 06) with papermill and regenerate results/"),
+    "study": ("seggpt_lib.study", "magnetic-tile study: original vs class-aware negatives, image vs learned prompts, seen and held-out classes"),
 }
 
 

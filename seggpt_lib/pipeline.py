@@ -7,6 +7,9 @@
 3. ``03_split_ablation``: mIoU by split (1, 2, 4) on the positive test pairs;
 4. ``04_pair_evaluation``: positive / negative prompts and defect-free queries: IoU, catch,
    yield, PES, beside the trivial baselines and the original project's published figures;
+5. ``06_beyond``: beyond the original: its negatives recipe against class-aware negatives (the
+   same training budget), each with an image prompt, a top-k ensemble and a learned prompt
+   (prompt tuning, the model frozen) (:mod:`seggpt_lib.study`);
 
 with papermill, in order, with one set of parameters, then renders every executed notebook to
 ``RESULTS/reports/<name>.html`` and writes ``RESULTS/summary.json`` (every headline figure and
@@ -74,7 +77,9 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS: tuple[str, ...] = ("01_data_transformation", "02_training", "03_split_ablation", "04_pair_evaluation")
+NOTEBOOKS: tuple[str, ...] = ("01_data_transformation", "02_training", "03_split_ablation", "04_pair_evaluation",
+                              "06_beyond")
+BEYOND_NOTEBOOK = "06_beyond"
 EXPLORER_NOTEBOOK = "05_explorer"
 
 # ------------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {},  # preset overrides (official constructor names)
     "weights": "",  # initial weights; with steps 0 the weights evaluated
     "steps": 100000,  # training steps (0: no training)
-    "train_minutes": 9.5,  # wall-clock budget of the training loop (None/0: none); whichever comes first
+    "train_minutes": 4.5,  # wall-clock budget of the training loop (None/0: none); whichever comes first
     "device": "cpu",  # cpu | cuda | auto
     "precision": "auto",  # training: bf16 on CUDA, fp32 on CPU; inference likewise
     "seed": 0,
@@ -146,6 +151,12 @@ DEFAULTS: dict[str, Any] = {
     "mapping_seed": 0,
     "catch_iou": 0.3,
     "yield_response": 0.000239,
+    # beyond the original (06): the other negatives recipe, trained with the same budget, and prompt tuning
+    "beyond_minutes": None,  # training budget of 06's model; None: train_minutes (the same as 02's)
+    "beyond_tune_steps": 40,  # prompt-tuning steps per class
+    "beyond_max_queries": 18,  # queries per kind (positive, negative, defect-free) in 06
+    "beyond_top_k": 3,  # prompts of 06's ensemble row
+    "beyond_split": 1,  # 06 scores every row at this split
     # where things go
     "results_dir": "results",
     "kernel": "python3",
@@ -172,6 +183,9 @@ SMOKE: dict[str, Any] = {
     "eval_every": 3,
     "val_pairs": 8,
     "n_panels": 2,
+    "beyond_tune_steps": 2,
+    "beyond_max_queries": 4,
+    "beyond_top_k": 2,
 }
 
 # which parameters each notebook takes (the rest of its parameters cell keeps its defaults)
@@ -186,6 +200,10 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
     "04_pair_evaluation": ("results_dir", "device", "precision", "eval_split", "top_k", "work_size", "tile_pairing",
                            "max_batch", "max_queries", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
     "05_explorer": ("results_dir", "device", "precision", "work_size", "tile_pairing", "max_batch"),
+    "06_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
+                  "precision", "seed", "normalize", "train", "eval_every", "val_pairs", "checkpoint",
+                  "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_split", "work_size",
+                  "tile_pairing", "max_batch", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
 }
 
 
@@ -273,6 +291,11 @@ def _check_config(cfg: dict[str, Any]) -> None:
     need(isinstance(cfg["steps"], int) and cfg["steps"] >= 0, f"steps must be an integer >= 0, got {cfg['steps']!r}")
     tm = cfg["train_minutes"]
     need(tm is None or (isinstance(tm, (int, float)) and tm >= 0), f"train_minutes must be a number >= 0 or null, got {tm!r}")
+    bm = cfg["beyond_minutes"]
+    need(bm is None or (isinstance(bm, (int, float)) and bm >= 0),
+         f"beyond_minutes must be a number >= 0 or null (null: train_minutes), got {bm!r}")
+    need(isinstance(cfg["beyond_tune_steps"], int) and cfg["beyond_tune_steps"] >= 1,
+         f"beyond_tune_steps must be an integer >= 1, got {cfg['beyond_tune_steps']!r}")
     need(isinstance(cfg["splits"], list) and cfg["splits"] and all(isinstance(s, int) and s >= 1 for s in cfg["splits"]),
          f"splits must be a list of integers >= 1, got {cfg['splits']!r}")
     need(isinstance(cfg["top_k"], int) and cfg["top_k"] >= 1, f"top_k must be an integer >= 1, got {cfg['top_k']!r}")
@@ -414,7 +437,10 @@ def parse_data_spec(data: str, base: str | os.PathLike | None = None) -> tuple[s
         raise PipelineError(f"data {data!r}: no path given")
     p = Path(path).expanduser()
     if not p.is_absolute():
-        p = Path(base or os.getcwd()) / p
+        rel = p
+        p = Path(base or os.getcwd()) / rel
+        if base is None and not p.exists() and (REPO_ROOT / rel).exists():
+            p = REPO_ROOT / rel  # a path relative to the repository (configs/magnetic_tile.json)
     if not p.exists():
         raise PipelineError(f"data {data!r}: {p} not found")
     return source, str(p.resolve())
@@ -1065,7 +1091,8 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
     commit, and each notebook's fragment."""
     cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
     frags = {n: read_fragment(results_dir, n, required=False) for n in NOTEBOOKS}
-    d01, d02, d03, d04 = (frags[n] or {} for n in NOTEBOOKS)
+    d01, d02, d03, d04 = (frags.get(n) or {} for n in NOTEBOOKS[:4])
+    d06 = frags.get(BEYOND_NOTEBOOK) or {}
     headline: dict[str, Any] = {}
     for row in d03.get("table", []):
         if row.get("top_k") == d03.get("top_k", 1):
@@ -1100,6 +1127,8 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
         "steps": d02.get("steps_done"),
         "train_wall_s": d02.get("wall_s"),
         "best_val_miou": d02.get("best_val_miou"),
+        "beyond": {k: d06.get(k) for k in ("rows", "training", "budget_minutes", "split", "top_k", "tune_steps",
+                                           "max_queries")} if d06 else {},
         "device": d04.get("device", cfg.get("device")),
         "wall_time_s": wall_s,
         "stage_times_s": stage_times or {},
@@ -1158,6 +1187,31 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
 """
 
 
+def beyond_table(summary: dict[str, Any]):
+    """Notebook 06's rows from a summary: recipe, prompt, training steps, mIoU, catch, yield,
+    defect-free yield, PES (empty when 06 did not run)."""
+    import pandas as pd
+
+    cols = ["recipe", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
+    rows = (summary.get("beyond") or {}).get("rows") or []
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+
+
+def _beyond_html(summary: dict[str, Any]) -> list[str]:
+    df = beyond_table(summary)
+    if not len(df):
+        return []
+    b = summary.get("beyond") or {}
+    df = df.assign(steps=[("–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
+                          for v in df["steps"]])
+    return ["<h2>Beyond the original</h2>", _html_table(df),
+            f"<p><small>Notebook 06: the original's negatives (a negative pair paints the query's own defect) against "
+            f"class-aware negatives (it paints nothing), trained with the same budget "
+            f"({b.get('budget_minutes')} min), each with one image prompt, a top-{b.get('top_k')} ensemble and a "
+            f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); split "
+            f"{b.get('split')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
+
+
 def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """``index.html``: headline table, run settings, links to every report, table and figure
     (relative links; inline CSS, no script, nothing fetched)."""
@@ -1188,6 +1242,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
         "<p><small>original: the published figures of the project this one grows from (11 VISION queries, split 2; "
         "BRIEF §1.5). Paint nothing / paint everything: trivial baselines on the same pairs. "
         "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
+        *_beyond_html(summary),
         "<h2>Run</h2>",
         f"<table class=meta>{meta_rows}</table>",
         "<h2>Reports</h2><ul>",
@@ -1399,9 +1454,14 @@ def training_run_dir(results_dir: str | os.PathLike) -> Path:
     return Path(results_dir) / "work" / "train" / "run"
 
 
-def _training_probe(results_dir: Path) -> Callable[[], str]:
+def _training_probe(results_dir: Path, beyond: bool = False) -> Callable[[], str]:
     def probe() -> str:
-        p = training_run_dir(results_dir) / "metrics.csv"
+        if beyond:  # notebook 06 trains in work/beyond/run_<negative_target>
+            found = sorted((Path(results_dir) / "work" / "beyond").glob("run_*/metrics.csv"),
+                           key=lambda q: q.stat().st_mtime)
+            p = found[-1] if found else Path(results_dir) / "missing"
+        else:
+            p = training_run_dir(results_dir) / "metrics.csv"
         if not p.is_file():
             return ""
         lines = p.read_text().strip().splitlines()
@@ -1434,7 +1494,7 @@ def _clean_outputs(dirs: dict[str, Path]) -> None:
 
 
 def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the notebooks (all four, or ``stages``) with one set of parameters, render the
+    """Run the notebooks (all five, or ``stages``) with one set of parameters, render the
     reports, merge the summary, write ``summary.json`` and ``index.html``. Returns the summary.
     A failing stage raises :class:`PipelineError` (after writing a partial summary and index)."""
     stages = list(stages or NOTEBOOKS)
@@ -1460,7 +1520,8 @@ def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: 
         out = dirs["work"] / f"{name}.ipynb"
         log(f"{label}: started (total {_fmt_dur(time.perf_counter() - t_start)})")
         t0 = time.perf_counter()
-        probe = _training_probe(results) if name == "02_training" else None
+        probe = (_training_probe(results) if name == "02_training" else
+                 _training_probe(results, beyond=True) if name == BEYOND_NOTEBOOK else None)
         try:
             with _Heartbeat(label, float(config.get("heartbeat_s") or 0), t_start, probe, log):
                 execute_notebook(name, out, params, kernel=config.get("kernel", "python3"),
@@ -1505,8 +1566,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable; JSON values; train.lr=1e-4 for nested keys)")
     parser.add_argument("--stages", default=None,
-                        help="comma-separated stages to run (numbers or names; default: 1,2,3,4); a partial run keeps "
-                             "the other stages' results")
+                        help="comma-separated stages to run (numbers or names; default: 1,2,3,4,6; 5 is the "
+                             "interactive explorer); a partial run keeps the other stages' results")
     parser.add_argument("--smoke", action="store_true",
                         help="a one-minute check of the whole pipeline: tiny synthetic set, tiny model, 3 steps "
                              "(applied after --config, before --set)")

@@ -81,7 +81,10 @@ def test_notebook_parameters():
     p1 = P.notebook_parameters("01_data_transformation", P.load_config(None))
     assert p1["source"] == "synthetic" and p1["source_path"] == ""
     for name in P.NOTEBOOKS:  # evaluation notebooks take the weights notebook 02 wrote, not the initial ones
-        assert ("weights" in P.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training"))
+        assert ("weights" in P.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training",
+                                                                            "06_beyond"))  # 06 trains from them too
+    p6 = P.notebook_parameters("06_beyond", cfg)
+    assert p6["preset"] == "auto" and p6["beyond_minutes"] is None and p6["train_minutes"] == cfg["train_minutes"]
 
 
 def test_resolve_preset(tmp_path):
@@ -307,6 +310,12 @@ def test_reproduce_end_to_end(results):
     for name in P.NOTEBOOKS:
         assert f"reports/{name}.html" in page
     assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
+    assert "Beyond the original" in page and "tables/06_beyond.csv" in page and "figures/06_beyond.png" in page
+    rows = s["beyond"]["rows"]
+    assert len(rows) == 7 and rows[-1]["prompt"] == "paint nothing"  # 2 recipes x 3 prompts + the baseline
+    for r in rows:
+        for k in ("mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"):
+            assert r[k] is None or 0.0 <= r[k] <= 1.0, (r, k)
     head = pd.read_csv(results / "tables" / "headline.csv")
     assert "PES" in set(head["metric"])
 
@@ -348,7 +357,7 @@ def test_failing_stage_in_reproduce(tmp_path):
     with pytest.raises(P.PipelineError) as e:
         P.reproduce(cfg, log=lines.append)
     msg = str(e.value)
-    assert "stage 1/4 failed" in msg and "notebook 01_data_transformation failed" in msg and "neither a dataset" in msg
+    assert "stage 1/5 failed" in msg and "notebook 01_data_transformation failed" in msg and "neither a dataset" in msg
     assert str(res / "work" / "01_data_transformation.ipynb") in msg and "its report so far" in msg
     assert any("FAILED" in ln for ln in lines)
     s = json.loads((res / "summary.json").read_text())

@@ -1,0 +1,714 @@
+"""Beyond the original: class-aware negatives and prompt tuning, measured side by side.
+
+The original project trained negative pairs (a prompt of another defect class) to paint the
+query's *own* defect (``negative_target="query_mask"``): a model so trained answers every
+prompt with "the defect in this image", whatever the prompt shows, and its yield on negative
+prompts is poor (0.182 published). Two things it did not try:
+
+* **class-aware negatives** (``negative_target="empty"``): a negative pair asks for an empty
+  query half, so the prompt's class matters;
+* **prompt tuning** (SegGPT §3.3, in-context tuning): SegGPT frozen, one prompt image + label
+  learned per class on the training split (:func:`seggpt_lib.prompt_tuning.tune_prompt`).
+
+:func:`compare_recipes` trains the two recipes with the same wall-clock budget and otherwise the
+same recipe (an already trained model may stand in for one of them, e.g. notebook 02's), then
+scores each on the held-out test split with three kinds of prompt: one image prompt (top-1), a
+top-k feature ensemble, and the learned prompt of the class. Every row has mIoU, catch rate
+(positive prompts), yield rate (negative prompts), defect-free yield (defect-free queries) and
+PES, beside the paint-nothing baseline on the same pairs.
+
+``seggpt study`` runs that comparison on the magnetic-tile set under two protocols (see the
+README's "Magnetic-tile study"): **seen classes** (a seeded 70/30 split of every class; a
+validation share carved from the 70) and **held-out classes** (defect classes never seen in
+training; their test images are split into a support half, the prompt pool and the prompt-tuning
+data, and a query half). ``--quick`` is a sub-minute CPU check; the GPU configuration is in
+``benchmarks/gpu_study.sh``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "RECIPES",
+    "compare_recipes",
+    "evaluate_model",
+    "learned_prompts",
+    "machine_info",
+    "make_holdout_eval",
+    "run_study",
+    "train_recipe",
+]
+
+RECIPES: dict[str, str] = {
+    "query_mask": "original negatives (query mask)",
+    "empty": "class-aware negatives (empty)",
+}
+METHODS = ("top1", "topk", "learned")
+FREE = "free"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TABLE_COLUMNS = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
+                 "PES", "negative_mIoU", "n_positive", "n_negative", "n_free", "s_per_query"]
+
+
+def _quiet(msg: str) -> None:  # a log that says nothing
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# training one recipe
+# ------------------------------------------------------------------------------------------
+def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, negative_target: str, *,
+                 preset: str = "vit_micro", model_overrides: dict | None = None, weights: str = "",
+                 steps: int = 100000, budget_minutes: float | None = None, device: str = "cpu",
+                 precision: str = "auto", seed: int = 0, recipe: dict[str, Any] | None = None,
+                 normalize: str = "imagenet", mean_std=None, eval_every: int = 50, val_pairs: int = 64,
+                 checkpoint: str = "best", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``recipe`` with ``negative_target`` on ``split_root/train`` (validation on ``val``)
+    for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
+    ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
+    ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
+    from seggpt_lib import pipeline as P
+
+    if negative_target not in RECIPES:
+        raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
+    train = {**(recipe or {}), "negative_target": negative_target}
+    cfg = P.training_config(split_root, run_dir, preset=preset, model=model_overrides, weights=weights, steps=steps,
+                            train_minutes=budget_minutes, device=P._device(device), precision=precision, seed=seed,
+                            normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
+                            val_pairs=val_pairs, log=log)
+    res = P.run_training(cfg, run_dir, log=log)
+    return {"negative_target": negative_target, "weights": str(P.trained_weights(run_dir, checkpoint)),
+            "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_miou": res["best_val_miou"],
+            "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color,
+            "reused": False}
+
+
+# ------------------------------------------------------------------------------------------
+# learned prompts
+# ------------------------------------------------------------------------------------------
+def learned_prompts(em, prompt_root: str | os.PathLike, classes: Sequence[str], *, steps: int = 40, lr: float = 0.1,
+                    batch_size: int = 4, fg_weight: float = 1.0, negative_share: float = 0.25, seed: int = 0,
+                    save_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One learned prompt per class of ``classes``, tuned on the class's images in ``prompt_root``
+    with the model of ``em`` (a :class:`seggpt_lib.pipeline.EvalModel`) frozen, in the predictor's
+    normalisation and defect colour. ``negative_share`` of each batch are images of other classes
+    or defect-free ones with an empty target. Returns ``{class: LearnedPrompt}``; with
+    ``save_dir`` each is also written as ``<class>.safetensors`` (for ``seggpt infer
+    --learned-prompt``)."""
+    from seggpt_lib.prompt_tuning import save_learned_prompt, tune_prompt
+
+    pred = em.predictor
+    index = _scan(prompt_root)
+    has_other = bool(index.is_free.any()) or len(set(index.class_names) - {FREE}) > 1
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for cls in sorted(set(classes)):
+        prompt, _ = tune_prompt(
+            pred.model, index, cls, steps=int(steps), lr=float(lr), batch_size=int(batch_size), init="real",
+            seed=int(seed), device=pred.device, progress=False, fg_weight=float(fg_weight),
+            negative_share=float(negative_share) if has_other else 0.0,
+            precision="bf16" if pred.device.type == "cuda" else "fp32", defect_color=pred.defect_color,
+            mean=pred.mean, std=pred.std, evaluate=True,
+        )
+        out[cls] = prompt
+        if save_dir is not None:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            save_learned_prompt(prompt, Path(save_dir) / f"{cls}.safetensors")
+    pred.model.eval()
+    log(f"learned prompts for {len(out)} class(es), {steps} steps each, in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+_SCANS: dict[tuple[str, int, int], Any] = {}
+
+
+def _scan(root: str | os.PathLike):
+    """``DefectIndex.scan(root)`` (labels decoded, images not verified), kept while the folder's
+    image and label listings are unchanged (a study scans the same folders many times)."""
+    from seggpt_lib.data import DefectIndex
+
+    root = Path(root)
+    key = (str(root.resolve()), (root / "images").stat().st_mtime_ns if (root / "images").is_dir() else 0,
+           (root / "labels").stat().st_mtime_ns if (root / "labels").is_dir() else 0)
+    if key not in _SCANS:
+        if len(_SCANS) > 16:
+            _SCANS.clear()
+        _SCANS[key] = DefectIndex.scan(root, verify=False)
+    return _SCANS[key]
+
+
+def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, prompts: dict[str, Any],
+                     split: int, work_size: int, tile_pairing: str, method: str):
+    """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
+    class (positive) or of the first mapped prompt's class (negative, free)."""
+    from seggpt_lib import pipeline as P
+    from seggpt_lib.data import read_label, read_rgb
+    from seggpt_lib.metrics import PairResult
+    from seggpt_lib.prompt_tuning import to_prompt_pairs
+
+    q_root, p_root = P.eval_roots(eval_root)
+    q_idx, p_idx = _scan(q_root), _scan(p_root)
+    pred = em.predictor
+    pairs = {c: to_prompt_pairs(p, pred) for c, p in prompts.items()}
+    chunk = max(1, min(16, pred.max_batch // max(1, pred.pairs_per_query(1, split, tile_pairing))))
+    out = []
+    queries = sorted(mapping)
+    for c0 in range(0, len(queries), chunk):
+        names = queries[c0:c0 + chunk]
+        imgs, gts, classes, q_classes = [], [], [], []
+        for q in names:
+            i = q_idx.find(q)
+            imgs.append(read_rgb(q_idx.image_path(i)))
+            gts.append(read_label(q_idx.label_path(i)) != 0)
+            qc = q_idx.class_of(i)
+            q_classes.append(qc)
+            classes.append(qc if kind == "positive" else p_idx.class_of(p_idx.find(mapping[q][0])))
+        t0 = time.perf_counter()
+        outs = pred.predict_batch(imgs, prompt_pairs=[pairs[c] for c in classes], split=split,
+                                  tile_pairing=tile_pairing, work_size=work_size, keep_raw=False)
+        sec = (time.perf_counter() - t0) / len(names)
+        for q, o, g, c, qc in zip(names, outs, gts, classes, q_classes):
+            out.append(PairResult(query=q, prompts=[f"learned:{c}"], kind=kind, query_class=qc, pred=o.mask, gt=g,
+                                  extra={"method": method, "split": split, "top_k": 1, "seconds": sec}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# evaluating one model
+# ------------------------------------------------------------------------------------------
+def _method_label(method: str, k: int, tune_steps: int) -> str:
+    return {"top1": "image prompt, top-1", "topk": f"image prompts, top-{k} ensemble",
+            "learned": f"learned prompt ({tune_steps} steps)"}[method]
+
+
+def _row(summary: dict[str, Any], table) -> dict[str, Any]:
+    sec = table["seconds"].astype(float) if "seconds" in table and len(table) else None
+    return {"mIoU": summary["miou"], "catch_rate": summary["catch_rate"], "yield_rate": summary["yield_rate"],
+            "free_yield_rate": summary["free_yield_rate"], "PES": summary["pes"],
+            "negative_mIoU": summary["negative_miou"], "n_positive": summary["n_positive"],
+            "n_negative": summary["n_negative"], "n_free": summary["n_free"],
+            "s_per_query": float(sec.mean()) if sec is not None else math.nan}
+
+
+def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] = METHODS, top_k: int = 3,
+                   split: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                   max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = 0.3,
+                   yield_response: float = 0.000239, tune_steps: int = 40, tune_lr: float = 0.1,
+                   tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
+                   seed: int = 0, prompt_dir: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score one model (an :class:`~seggpt_lib.pipeline.EvalModel`) on ``eval_root`` (a folder
+    with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data).
+
+    The same positive, negative and defect-free query sets (at most ``max_queries`` each, spread
+    over the classes) go through every method of ``methods``: ``top1`` (the first mapped image
+    prompt), ``topk`` (the first ``top_k``, feature ensemble), ``learned`` (the class's learned
+    prompt; for negative and defect-free queries the prompt of the first mapped prompt's class,
+    so each negative pair asks for the same other class as the image-prompt rows).
+    Returns ``rows`` ({method, prompt, metrics...}), ``per_image`` (every scored pair, with a
+    ``method`` column), ``baseline`` (the paint-nothing row), ``prompts`` (the learned ones),
+    ``mappings``, ``work_size``."""
+    import pandas as pd
+
+    from seggpt_lib import pipeline as P
+    from seggpt_lib.metrics import evaluate
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; methods: {METHODS}")
+    q_root, p_root = P.eval_roots(eval_root)
+    ws = P.work_size_of(work_size, q_root, em)
+    k = int(top_k) if "topk" in methods else 1
+    methods = list(methods)
+    try:
+        pos = P.prompt_mapping(eval_root, "positive", k=k, seed=mapping_seed, max_queries=max_queries)
+    except ValueError as e:
+        if k == 1:
+            raise
+        log(f"no top-{k} rows: {e}")
+        methods = [m for m in methods if m != "topk"]
+        k = 1
+        pos = P.prompt_mapping(eval_root, "positive", k=1, seed=mapping_seed, max_queries=max_queries)
+    mappings = {"positive": pos}
+    for kind in ("negative", "free"):
+        try:
+            mappings[kind] = P.prompt_mapping(eval_root, kind, k=k, seed=mapping_seed, max_queries=max_queries)
+        except ValueError:
+            mappings[kind] = {}
+        if not mappings[kind] and k > 1:  # too few prompts of other classes for k: fall back to one
+            mappings[kind] = P.prompt_mapping(eval_root, kind, k=1, seed=mapping_seed, max_queries=max_queries)
+
+    prompts: dict[str, Any] = {}
+    if "learned" in methods:
+        p_idx, q_idx = _scan(p_root), _scan(q_root)
+        need = {q_idx.class_of(q_idx.find(q)) for q in pos}
+        for kind in ("negative", "free"):
+            need |= {p_idx.class_of(p_idx.find(ps[0])) for ps in mappings[kind].values()}
+        prompts = learned_prompts(em, p_root, sorted(need), steps=tune_steps, lr=tune_lr, batch_size=tune_batch,
+                                  fg_weight=tune_fg_weight, negative_share=tune_negative_share, seed=seed,
+                                  save_dir=prompt_dir, log=log)
+    rows, tables, baseline = [], [], None
+    for method in methods:
+        records = []
+        t0 = time.perf_counter()
+        for kind, m in mappings.items():
+            if not m:
+                continue
+            if method == "learned":
+                records += _predict_learned(em, eval_root, m, kind, prompts, split, ws, tile_pairing, method)
+            else:
+                kk = 1 if method == "top1" else k
+                recs = P.predict_mapping(em, eval_root, m, kind, split=split, top_k=kk, work_size=ws,
+                                         tile_pairing=tile_pairing)
+                for r in recs:
+                    r.extra["method"] = method
+                records += recs
+        table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response)
+        log(f"  {_method_label(method, k, tune_steps)}: {len(records)} pairs in {time.perf_counter() - t0:.1f} s, "
+            f"mIoU {summary['miou']:.3f}, catch {summary['catch_rate']:.3f}, yield {summary['yield_rate']:.3f}, "
+            f"PES {summary['pes']:.3f}")
+        rows.append({"method": method, "prompt": _method_label(method, k, tune_steps), **_row(summary, table)})
+        tables.append(table)
+        if baseline is None:
+            b = summary["baselines"]["paint_nothing"]
+            baseline = {"mIoU": b["miou"], "catch_rate": b["catch_rate"], "yield_rate": b["yield_rate"],
+                        "free_yield_rate": b["free_yield_rate"], "PES": b["pes"], "negative_mIoU": b["negative_miou"],
+                        "n_positive": summary["n_positive"], "n_negative": summary["n_negative"],
+                        "n_free": summary["n_free"], "s_per_query": 0.0}
+    per_image = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return {"rows": rows, "per_image": per_image, "baseline": baseline, "prompts": prompts, "mappings": mappings,
+            "work_size": ws, "top_k": k}
+
+
+# ------------------------------------------------------------------------------------------
+# the comparison
+# ------------------------------------------------------------------------------------------
+def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", model_overrides: dict | None = None,
+                    budget_minutes: float | None = 4.5, device: str = "cpu", seed: int = 0, *,
+                    recipe: dict[str, Any] | None = None, steps: int = 100000, weights: str = "",
+                    reuse: dict[str, dict[str, Any] | str] | None = None,
+                    negative_targets: Sequence[str] = ("query_mask", "empty"),
+                    eval_root: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None,
+                    precision: str = "auto", normalize: str = "imagenet", mean_std=None, eval_every: int = 50,
+                    val_pairs: int = 64, checkpoint: str = "best", methods: Sequence[str] = METHODS,
+                    top_k: int = 3, split: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                    max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = 0.3,
+                    yield_response: float = 0.000239, tune_steps: int = 40, tune_lr: float = 0.1,
+                    tune_batch: int = 4, tune_negative_share: float = 0.25, max_batch: int = 64,
+                    results_dir: str | os.PathLike | None = None, table_name: str | None = None,
+                    title: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or reuse) one model per ``negative_targets`` entry with the same ``recipe`` and
+    budget (``steps`` / ``budget_minutes``), score each with :func:`evaluate_model` on
+    ``eval_root`` (default ``split_root``: its ``test`` queries, ``train`` prompts).
+
+    ``reuse``: ``{negative_target: weights path or a train_recipe-like dict}``: an already
+    trained model for that recipe (say notebook 02's class-aware model) instead of training it.
+    Prompt tuning uses the recipe's ``fg_weight``. Returns ``table`` (a DataFrame: one row per
+    (recipe, prompt method), then ``paint nothing``; columns :data:`TABLE_COLUMNS`), ``per_image``,
+    ``training`` (one row per recipe: steps, minutes, best validation mIoU, reused),
+    ``models`` ({negative_target: its training dict}), ``evals`` ({negative_target: evaluate_model's
+    result}) and ``seconds``. With ``results_dir`` and ``table_name`` the tables are written there
+    (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
+    import pandas as pd
+
+    from seggpt_lib import pipeline as P
+
+    t_all = time.perf_counter()
+    recipe = {**P.DEFAULTS["train"], **(recipe or {})}
+    eval_root = Path(eval_root or split_root)
+    work = Path(work_dir) if work_dir is not None else Path(split_root).parent / "compare"
+    models: dict[str, dict[str, Any]] = {}
+    for nt in negative_targets:
+        given = (reuse or {}).get(nt)
+        if given:
+            info = {"weights": given} if isinstance(given, (str, os.PathLike)) else dict(given)
+            info = {"negative_target": nt, "steps": None, "minutes": None, "best_val_miou": math.nan, **info,
+                    "reused": True}
+            info["weights"] = str(info["weights"])
+            log(f"{info.get('label') or RECIPES[nt]}: reusing {info['weights']}")
+        else:
+            log(f"{RECIPES[nt]}: training ({budget_minutes if budget_minutes else 'no'} min budget, <= {steps} steps)")
+            info = train_recipe(split_root, work / f"run_{nt}", nt, preset=preset, model_overrides=model_overrides,
+                                weights=weights, steps=steps, budget_minutes=budget_minutes, device=device,
+                                precision=precision, seed=seed, recipe=recipe, normalize=normalize,
+                                mean_std=mean_std, eval_every=eval_every, val_pairs=val_pairs,
+                                checkpoint=checkpoint, log=log)
+        models[nt] = info
+
+    rows, per_image, evals, ems, baseline = [], [], {}, {}, None
+    for nt, info in models.items():
+        label = info.get("label") or RECIPES[nt]
+        em = P.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=precision,
+                               max_batch=max_batch, mean=info.get("mean"), std=info.get("std"),
+                               defect_color=info.get("defect_color") or recipe.get("defect_color"))
+        ems[nt] = em
+        log(f"evaluating {label}: {em.describe()}")
+        ev = evaluate_model(em, eval_root, methods=methods, top_k=top_k, split=split, work_size=work_size,
+                            tile_pairing=tile_pairing, max_queries=max_queries, mapping_seed=mapping_seed,
+                            catch_iou=catch_iou, yield_response=yield_response, tune_steps=tune_steps,
+                            tune_lr=tune_lr, tune_batch=tune_batch, tune_fg_weight=float(recipe.get("fg_weight", 1.0)),
+                            tune_negative_share=tune_negative_share, seed=seed,
+                            prompt_dir=work / f"prompts_{nt}", log=log)
+        evals[nt] = ev
+        for r in ev["rows"]:
+            rows.append({"recipe": label, "negative_target": nt, "steps": info.get("steps"), **r})
+        t = ev["per_image"].copy()
+        t.insert(0, "negative_target", nt)
+        per_image.append(t)
+        baseline = baseline or ev["baseline"]
+    if baseline is not None:
+        rows.append({"recipe": "baseline", "negative_target": "", "prompt": "paint nothing", "steps": None,
+                     "method": "paint_nothing", **baseline})
+    table = pd.DataFrame(rows)
+    table = table[[c for c in TABLE_COLUMNS if c in table.columns] + ["method"]]
+    per_image_df = pd.concat(per_image, ignore_index=True) if per_image else pd.DataFrame()
+    training = pd.DataFrame([{"recipe": m.get("label") or RECIPES[nt], "negative_target": nt, "steps": m.get("steps"),
+                              "minutes": m.get("minutes"), "best_val_mIoU": m.get("best_val_miou"),
+                              "reused": bool(m.get("reused")), "weights": Path(m["weights"]).name}
+                             for nt, m in models.items()])
+    if results_dir is not None and table_name:
+        P.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
+                      note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
+                           "Paint nothing: the trivial baseline on the same pairs.")
+        if len(per_image_df):
+            P.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
+        P.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
+    return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
+            "eval_models": ems, "eval_root": str(eval_root), "split": split, "tile_pairing": tile_pairing,
+            "seconds": time.perf_counter() - t_all}
+
+
+def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("positive", "negative"),
+                   methods: Sequence[str] = ("top1", "learned"), size: int = 128):
+    """A contact sheet from :func:`compare_recipes`'s result: for ``n`` queries of each kind
+    (spread over the mapping), the query with its ground truth (green), then the prediction
+    (red) of every compared model with each of ``methods``. Returns the figure, or None when
+    there is nothing to show."""
+    from seggpt_lib import pipeline as P
+    from seggpt_lib import viz as V
+    from seggpt_lib.data import read_label, read_rgb
+    from seggpt_lib.metrics import iou, response_rate
+
+    eval_root = res["eval_root"]
+    q_root, p_root = P.eval_roots(eval_root)
+    q_idx, p_idx = _scan(q_root), _scan(p_root)
+    images, titles, ncols = [], [], 1
+    ev0 = next(iter(res["evals"].values()), None)
+    for kind in kinds:
+        if ev0 is None or not ev0["mappings"].get(kind):
+            continue
+        qs = sorted(ev0["mappings"][kind])
+        pick = [qs[int(i)] for i in np.unique(np.linspace(0, len(qs) - 1, min(n, len(qs))).round().astype(int))]
+        preds: dict[tuple[str, str], dict[str, Any]] = {}  # (recipe, method) -> {query: PairResult}
+        for nt, ev in res["evals"].items():
+            em, m = res["eval_models"][nt], ev["mappings"][kind]
+            sub = {q: m[q] for q in pick}
+            for method in methods:
+                if method == "learned":
+                    if not ev["prompts"]:
+                        continue
+                    recs = _predict_learned(em, eval_root, sub, kind, ev["prompts"], res["split"], ev["work_size"],
+                                            res["tile_pairing"], method)
+                else:
+                    recs = P.predict_mapping(em, eval_root, sub, kind, split=res["split"],
+                                             top_k=1 if method == "top1" else ev["top_k"], work_size=ev["work_size"],
+                                             tile_pairing=res["tile_pairing"])
+                preds[(nt, method)] = {r.query: r for r in recs}
+        for q in pick:
+            i = q_idx.find(q)
+            img, gt = read_rgb(q_idx.image_path(i)), read_label(q_idx.label_path(i)) != 0
+            h = min(size, img.shape[0])
+            hw = (h, max(1, round(img.shape[1] * h / img.shape[0])))
+            row = [V.resize_image(V.overlay(img, gt, color=(0, 200, 0)), hw)]
+            row_t = [f"{kind}: {q_idx.class_of(i)}"]
+            for (nt, method), recs in preds.items():
+                rec = recs[q]
+                ptxt = rec.prompts[0] if method == "learned" else p_idx.class_of(p_idx.find(rec.prompts[0]))
+                shown = V.overlay_pred_gt(img, rec.pred, gt) if kind == "positive" else V.overlay(img, rec.pred)
+                row.append(V.resize_image(shown, hw))
+                score = f"IoU {iou(rec.pred, gt):.2f}" if kind == "positive" else f"resp {response_rate(rec.pred):.4f}"
+                row_t.append(f"{nt} {method} ({ptxt})\n{score}")
+            ncols = len(row)
+            images += row
+            titles += row_t
+    if not images:
+        return None
+    return V.contact_sheet(images, titles, ncols=ncols, cell=2.0,
+                           suptitle="query with its defect (green); positive: hit yellow, missed green, false red; negative: painted red")
+
+
+def prompt_previews(res: dict[str, Any], max_classes: int = 6):
+    """The learned prompts (image | label | snapped mask) of every compared model."""
+    from seggpt_lib import viz as V
+
+    images, titles = [], []
+    for nt, ev in res["evals"].items():
+        for cls in sorted(ev["prompts"])[:max_classes]:
+            p = ev["prompts"][cls]
+            images.append(p.preview())
+            loss0, loss1 = p.info.get("initial_loss"), p.final_loss
+            titles.append(f"{nt}: {cls}" + (f"\nloss {loss0:.3f} -> {loss1:.3f}" if loss0 is not None and loss1 is not None
+                                            else ""))
+    if not images:
+        return None
+    return V.contact_sheet(images, titles, ncols=3, cell=2.6, suptitle="learned prompts: image | label | snapped mask")
+
+
+def headline_rows(table) -> list[dict[str, Any]]:
+    """The comparison's rows as plain dicts for a summary (recipe, prompt, steps, the rates)."""
+    keep = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
+            "PES"]
+    out = []
+    for r in table.to_dict("records"):
+        out.append({k: (None if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k)) for k in keep})
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the held-out-class protocol
+# ------------------------------------------------------------------------------------------
+def _copy_root(out: Path, entries: Sequence[tuple[Path, str]]) -> Path:
+    """A dataset root at ``out`` holding ``entries`` ((source root, image file)), files copied,
+    ``classes.csv`` rows taken from the sources'."""
+    from data_prep.common import copy_file, read_classes_csv, write_classes_csv
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows, manifests = [], {}
+    for src, f in entries:
+        if src not in manifests:
+            manifests[src] = {r["file"]: r for r in (read_classes_csv(src) or [])}
+        copy_file(src / "images" / f, out / "images" / f)
+        copy_file(src / "labels" / f"{Path(f).stem}.png", out / "labels" / f"{Path(f).stem}.png")
+        rows.append(manifests[src].get(f) or {"file": f})
+    write_classes_csv(out, rows)
+    return out
+
+
+def make_holdout_eval(split_root: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
+                      support_share: float = 0.5) -> dict[str, Any]:
+    """The evaluation folder of the held-out-class protocol from a split made with held-out
+    classes (``split.json``'s ``holdout_classes``): ``out/train`` = the training split plus a
+    seeded ``support_share`` of each held-out class's images (the prompts and the prompt-tuning
+    data of classes the model never saw), ``out/test`` = the rest of the held-out classes'
+    images (the queries) and the defect-free test images. Returns ``root``, ``holdout_classes``,
+    ``support`` and ``queries`` (files per class)."""
+    from data_prep.common import read_classes_csv
+
+    sr, out = Path(split_root), Path(out)
+    meta = json.loads((sr / "split.json").read_text())
+    held = list(meta.get("holdout_classes") or [])
+    if not held:
+        raise ValueError(f"{sr}: no held-out classes in split.json")
+    test_rows = read_classes_csv(sr / "test") or []
+    by_cls: dict[str, list[str]] = {}
+    for r in test_rows:
+        by_cls.setdefault(r["class"], []).append(r["file"])
+    if out.exists():
+        shutil.rmtree(out)
+    support, queries = {}, {}
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    for c in held:
+        files = sorted(by_cls.get(c, []))
+        if len(files) < 3:
+            raise ValueError(f"held-out class {c!r} has {len(files)} image(s); at least 3 are needed "
+                             "(two support images for a positive prompt, one query)")
+        order = rng.permutation(len(files))
+        n_sup = min(len(files) - 1, max(2, int(round(len(files) * support_share))))
+        support[c] = sorted(files[i] for i in order[:n_sup])
+        queries[c] = sorted(files[i] for i in order[n_sup:])
+    train_files = [r["file"] for r in (read_classes_csv(sr / "train") or [])]
+    _copy_root(out / "train", [(sr / "train", f) for f in train_files]
+               + [(sr / "test", f) for c in held for f in support[c]])
+    _copy_root(out / "test", [(sr / "test", f) for c in held for f in queries[c]]
+               + [(sr / "test", f) for f in sorted(by_cls.get(FREE, []))])
+    return {"root": str(out), "holdout_classes": held, "support": support, "queries": queries}
+
+
+# ------------------------------------------------------------------------------------------
+# the magnetic-tile study (seggpt study)
+# ------------------------------------------------------------------------------------------
+def default_data() -> Path:
+    """``$SEGGPT_SHARED_DATASETS/magnetic_tile``, else ``../shared/datasets/magnetic_tile`` beside the repo."""
+    base = Path(os.environ.get("SEGGPT_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+    return base / "magnetic_tile"
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Platform, CPU model and count, GPU name, python / torch versions."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu = {"name": torch.cuda.get_device_name(0), "memory_gib": round(p.total_memory / 2**30, 1),
+               "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+# the quick CPU configuration (--quick; the test suite runs it): a handful of images per class,
+# a 235 k-parameter model (32x32 per image) trained a few steps, a few prompt-tuning steps
+QUICK: dict[str, Any] = {
+    "limit_per_class": 6, "preset": "vit_micro",
+    "model": {"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
+              "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32},
+    "steps": 3, "minutes": None, "eval_every": 3, "val_pairs": 4, "tune_steps": 2, "max_queries": 3, "top_k": 2,
+    "train": {"batch_size": 4, "warmup_steps": 1},
+}
+# the default (a lent GPU: benchmarks/gpu_study.sh): vit_tiny (224 px per image), a wall-clock
+# budget per trained model, prompt tuning 60 steps per class
+FULL: dict[str, Any] = {
+    "limit_per_class": None, "preset": "vit_tiny", "model": {}, "steps": 100000, "minutes": 0.35, "eval_every": 100,
+    "val_pairs": 32, "tune_steps": 60, "max_queries": None, "top_k": 3,
+    "train": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 50, "num_workers": 6},
+}
+
+
+def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "results/magnetic_tile", *,
+              quick: bool = False, device: str = "cpu", protocols: Sequence[str] = ("seen", "holdout"),
+              holdout_classes: Sequence[str] | None = None, holdout_n: int = 2, seed: int = 0,
+              work_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The magnetic-tile study: convert, split (seen classes: 70/30 by class with a 10 % val
+    carved from the 70; held-out classes: ``holdout_classes`` or ``holdout_n`` seeded ones never
+    in training), :func:`compare_recipes` per protocol. Writes ``out/tables/study_<protocol>*.{csv,md}``,
+    ``out/figures/study_<protocol>.png`` and ``out/summary.json`` (rows, settings, timings, machine).
+    ``overrides`` change keys of :data:`QUICK` / :data:`FULL` (``train`` merged)."""
+    from data_prep.magnetic_tile import convert_magnetic_tile
+    from data_prep.split import split_dataset
+    from seggpt_lib import pipeline as P
+    from seggpt_lib import viz as V
+
+    t_all = time.perf_counter()
+    cfg = json.loads(json.dumps(QUICK if quick else FULL))
+    for k, v in (overrides or {}).items():
+        if k == "train" and isinstance(v, dict):
+            cfg["train"].update(v)
+        elif k not in cfg:
+            raise ValueError(f"unknown study setting {k!r}; settings: {', '.join(sorted(cfg))}")
+        else:
+            cfg[k] = v
+    for p in protocols:
+        if p not in ("seen", "holdout"):
+            raise ValueError(f"protocol must be 'seen' or 'holdout', got {p!r}")
+    src = Path(data) if data else default_data()
+    if not src.is_dir():
+        raise FileNotFoundError(f"magnetic-tile dataset not found: {src} (give --data)")
+    out = Path(out)
+    if any((out / m).exists() for m in (".git", "pyproject.toml")):
+        raise ValueError(f"{out} looks like a source tree; pick a results folder")
+    dirs = P.result_dirs(out)
+    work = Path(work_dir) if work_dir else dirs["work"]
+    work.mkdir(parents=True, exist_ok=True)
+    dev = P._device(device)
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    root = work / "source"
+    if root.exists():
+        shutil.rmtree(root)
+    convert_magnetic_tile(src, root, limit_per_class=cfg["limit_per_class"], overwrite=True, show_progress=False)
+    times["convert_s"] = time.perf_counter() - t0
+    recipe = {**P.DEFAULTS["train"], **cfg["train"]}
+    results: dict[str, Any] = {}
+    for proto in protocols:
+        t0 = time.perf_counter()
+        split_dir = work / f"split_{proto}"
+        if split_dir.exists():
+            shutil.rmtree(split_dir)
+        if proto == "seen":
+            split_dataset(root, split_dir, seed=seed, val=0.1, test=0.3, overwrite=True, show_progress=False)
+            eval_root, held = split_dir, []
+        else:
+            split_dataset(root, split_dir, seed=seed, val=0.1, test=0.3,
+                          holdout_classes=list(holdout_classes) if holdout_classes else None,
+                          holdout_n=None if holdout_classes else int(holdout_n), overwrite=True, show_progress=False)
+            ho = make_holdout_eval(split_dir, work / "eval_holdout", seed=seed)
+            eval_root, held = Path(ho["root"]), ho["holdout_classes"]
+        log(f"[{proto}] split in {time.perf_counter() - t0:.1f} s" + (f"; held-out classes {held}" if held else ""))
+        name = f"study_{proto}"
+        title = ("Magnetic tile, seen classes (70/30 split by class)" if proto == "seen" else
+                 f"Magnetic tile, held-out classes {', '.join(held)} (never in training)")
+        res = compare_recipes(
+            split_dir, cfg["preset"], cfg["model"], cfg["minutes"], dev, seed, recipe=recipe, steps=int(cfg["steps"]),
+            eval_root=eval_root, work_dir=work / f"compare_{proto}", eval_every=int(cfg["eval_every"]),
+            val_pairs=int(cfg["val_pairs"]), top_k=int(cfg["top_k"]), max_queries=cfg["max_queries"],
+            tune_steps=int(cfg["tune_steps"]), results_dir=out, table_name=name, title=title,
+            log=lambda m, p=proto: log(f"[{p}] {m}"))
+        times[f"{proto}_s"] = res["seconds"]
+        tab = res["table"]
+        fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
+                          ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
+        P.save_figure(fig, out, name, show=False)
+        results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
+                          "training": json.loads(res["training"].to_json(orient="records")),
+                          "counts": P.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
+    times["total_s"] = time.perf_counter() - t_all
+    summary = {
+        "study": "magnetic_tile", "quick": bool(quick), "data": str(src), "device": dev, "seed": seed,
+        "settings": cfg, "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
+        "git_commit": P.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / "summary.json").write_text(json.dumps(P._jsonable(summary), indent=2) + "\n")
+    log(f"study done in {times['total_s']:.1f} s: {out / 'summary.json'}")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="magnetic-tile source folder (MT_<Class>/Imgs); default "
+                                                     "../shared/datasets/magnetic_tile beside the repository")
+    parser.add_argument("--out", default="results/magnetic_tile", help="results folder (default results/magnetic_tile)")
+    parser.add_argument("--work", default=None, help="intermediate data and runs (default OUT/work)")
+    parser.add_argument("--quick", action="store_true", help="a sub-minute CPU check: 6 images per class, tiny model, 3 steps")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--protocols", default="seen,holdout", help="comma-separated: seen, holdout (default both)")
+    parser.add_argument("--holdout-classes", default=None, help="comma-separated defect classes never trained on")
+    parser.add_argument("--holdout-n", type=int, default=2, help="else this many, drawn with --seed (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a study setting (preset, model, steps, minutes, eval_every, val_pairs, "
+                             "tune_steps, max_queries, top_k, limit_per_class, train.<TrainConfig key>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seggpt_lib.pipeline import parse_set
+
+    try:
+        ov: dict[str, Any] = {}
+        for k, v in parse_set(args.set).items():
+            if k.startswith("train."):
+                ov.setdefault("train", {})[k[len("train."):]] = v
+            else:
+                ov[k] = v
+        run_study(args.data, args.out, quick=args.quick, device=args.device,
+                  protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+                  holdout_classes=[c.strip() for c in args.holdout_classes.split(",")] if args.holdout_classes else None,
+                  holdout_n=args.holdout_n, seed=args.seed, work_dir=args.work, overrides=ov,
+                  log=lambda m: print(m, flush=True))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

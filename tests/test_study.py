@@ -1,0 +1,232 @@
+"""Beyond the original (seggpt_lib.study, notebook 06) and the magnetic-tile study.
+
+Everything runs on a tiny synthetic set (3 defect classes, 64 px) with the 235 k-parameter
+smoke model trained a couple of steps; the magnetic-tile study runs its ``--quick``
+configuration where the dataset is at hand (``tests/conftest.py: shared_dataset``)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from seggpt_lib import pipeline as P
+from seggpt_lib import study as S
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(P.SMOKE["model"])
+TINY_RECIPE = {"batch_size": 4, "warmup_steps": 1}
+RATES = ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A split tiny synthetic set: 3 defect classes x 6 images + 3 defect-free, 64 px."""
+    from data_prep.split import split_dataset
+    from data_prep.synthetic import generate_synthetic
+
+    base = tmp_path_factory.mktemp("study")
+    root = generate_synthetic(base / "syn", seed=0, per_class=6, size=64, classes=("pit", "stain", "scratch"),
+                              n_free=3, show_progress=False)
+    return split_dataset(root, base / "split", seed=0, val=0.2, test=0.3, show_progress=False)
+
+
+def _unit(values) -> None:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    assert vals, "no values"
+    assert all(0.0 <= v <= 1.0 for v in vals), vals
+
+
+def test_compare_recipes_table(tiny, tmp_path):
+    res = S.compare_recipes(tiny, "vit_micro", TINY_MODEL, None, "cpu", 0, recipe=TINY_RECIPE, steps=2, eval_every=2,
+                            val_pairs=4, top_k=2, max_queries=3, tune_steps=2, work_dir=tmp_path / "work",
+                            results_dir=tmp_path / "res", table_name="cmp", log=lambda m: None)
+    t = res["table"]
+    assert list(t.columns[:4]) == ["recipe", "negative_target", "prompt", "steps"]
+    assert {*RATES, "negative_mIoU", "n_positive", "n_negative", "n_free"} <= set(t.columns)
+    assert len(t) == 2 * 3 + 1  # two recipes x (top-1, top-2 ensemble, learned) + paint nothing
+    assert list(t["negative_target"][:6]) == ["query_mask"] * 3 + ["empty"] * 3
+    assert list(t["method"][:3]) == ["top1", "topk", "learned"] and t["method"].iloc[-1] == "paint_nothing"
+    assert t["prompt"].iloc[1] == "image prompts, top-2 ensemble" and t["prompt"].iloc[2] == "learned prompt (2 steps)"
+    for c in RATES + ["negative_mIoU"]:
+        _unit(t[c])
+    for c in RATES:
+        assert t[c].notna().all(), c
+    base = t.iloc[-1]
+    assert base["catch_rate"] == 0.0 and base["yield_rate"] == 1.0 and base["PES"] == 0.5
+    assert (t["n_positive"] == t["n_positive"].iloc[0]).all()  # the same queries in every row
+    assert 1 <= t["n_positive"].iloc[0] <= 3 and 1 <= t["n_negative"].iloc[0] <= 3
+    assert (np.isclose(t["PES"], 0.5 * t["catch_rate"] + 0.5 * t["yield_rate"])).all()
+    assert (t["steps"][:6] == 2).all()  # the same budget: 2 steps each
+    tr = res["training"]
+    assert list(tr["negative_target"]) == ["query_mask", "empty"] and not tr["reused"].any()
+    for name in ("cmp", "cmp_per_image", "cmp_training"):
+        assert (tmp_path / "res" / "tables" / f"{name}.csv").is_file()
+        assert (tmp_path / "res" / "tables" / f"{name}.md").is_file()
+    per = pd.read_csv(tmp_path / "res" / "tables" / "cmp_per_image.csv")
+    assert set(per["method"]) == {"top1", "topk", "learned"} and set(per["kind"]) == {"positive", "negative", "free"}
+    assert per[per["method"] == "learned"]["prompts"].str.startswith("learned:").all()
+    # each class's learned prompt was written for seggpt infer --learned-prompt
+    assert len(list((tmp_path / "work" / "prompts_empty").glob("*.safetensors"))) >= 1
+    rows = S.headline_rows(t)
+    assert len(rows) == 7 and set(rows[0]) >= {"recipe", "prompt", "PES"}
+    json.dumps(rows, allow_nan=False)
+    # figures from the result
+    assert S.example_panels(res, n=1) is not None and S.prompt_previews(res) is not None
+
+    # an already trained model stands in for a recipe (notebook 02's)
+    again = S.compare_recipes(tiny, "vit_micro", TINY_MODEL, None, "cpu", 0, recipe=TINY_RECIPE,
+                              reuse={"empty": res["models"]["empty"]["weights"]}, negative_targets=("empty",),
+                              methods=("top1",), max_queries=3, work_dir=tmp_path / "work2", log=lambda m: None)
+    assert len(again["table"]) == 2 and bool(again["training"]["reused"].iloc[0])
+    top1 = t[(t["negative_target"] == "empty") & (t["method"] == "top1")].iloc[0]
+    assert math.isclose(again["table"]["mIoU"].iloc[0], top1["mIoU"])  # the same model, the same pairs
+
+
+def test_negative_pairs_under_empty_target_are_all_background(tiny):
+    from seggpt_lib.data import DefectIndex, PairDataset
+    from seggpt_lib.model import preset_config
+
+    cfg = preset_config("vit_micro", **TINY_MODEL)
+    index = DefectIndex.scan(tiny / "train")
+    h = cfg.image_size[0]
+    with_defect = {"empty": 0, "query_mask": 0}
+    for target in ("empty", "query_mask"):
+        for train in (True, False):
+            ds = PairDataset(index, cfg=cfg, train=train, negative_target=target, negative_share=1.0, length=12, seed=0)
+            for i in range(len(ds)):
+                item = ds[i]
+                assert item["kind"] == "negative" and item["prompt_class"] != item["query_class"]
+                q_half = item["labels"][h:]
+                if target == "empty":
+                    assert not q_half.any()  # class-aware: a negative pair asks for nothing
+                else:
+                    assert (q_half == item["query_label"]).all()  # the original: the query's own defect
+                with_defect[target] += int(item["query_label"].any())  # though the query has a defect of its own
+    assert with_defect["empty"] > 0 and with_defect["query_mask"] > 0
+
+
+def test_holdout_eval_folder(tiny, tmp_path):
+    from data_prep.split import split_dataset
+    from seggpt_lib.data import DefectIndex
+
+    split = split_dataset(tiny.parent / "syn", tmp_path / "split", seed=0, val=0.2, test=0.3,
+                          holdout_classes=["stain"], show_progress=False)
+    ev = S.make_holdout_eval(split, tmp_path / "eval", seed=0)
+    assert ev["holdout_classes"] == ["stain"]
+    train, test = DefectIndex.scan(Path(ev["root"]) / "train"), DefectIndex.scan(Path(ev["root"]) / "test")
+    assert "stain" not in DefectIndex.scan(split / "train").class_names  # never trained on
+    assert set(test.class_names) == {"stain", "free"}
+    assert not set(train.files) & set(test.files)
+    assert sorted(ev["support"]["stain"] + ev["queries"]["stain"]) == sorted(
+        f for f in DefectIndex.scan(split / "test").files if f.startswith("stain"))
+    assert len(ev["support"]["stain"]) >= 2 and len(ev["queries"]["stain"]) >= 1
+    assert set(ev["support"]["stain"]) <= set(train.files)
+    with pytest.raises(ValueError, match="no held-out classes"):
+        S.make_holdout_eval(tiny, tmp_path / "eval2")
+
+
+def _tiny_results(tiny: Path, results: Path) -> None:
+    """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
+    P.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
+    run_dir = P.training_run_dir(results)
+    cfg = P.training_config(tiny, run_dir, preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
+                            train={**TINY_RECIPE, "negative_target": "empty"}, log=lambda m: None)
+    res = P.run_training(cfg, run_dir, log=lambda m: None)
+    P.write_fragment(results, "02_training", {
+        "weights": str(P.trained_weights(run_dir)), "preset": cfg.preset, "model": cfg.model,
+        "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": True,
+        "steps_done": res["steps_done"], "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"]})
+
+
+def test_06_notebook_with_papermill(tiny, tmp_path):
+    pytest.importorskip("papermill")
+    results = tmp_path / "results"
+    _tiny_results(tiny, results)
+    cfg = P.load_config(None, {"results_dir": str(results), "model": TINY_MODEL, "steps": 2, "train_minutes": None,
+                               "train": TINY_RECIPE, "eval_every": 2, "val_pairs": 4, "beyond_tune_steps": 2,
+                               "beyond_max_queries": 3, "beyond_top_k": 2, "n_panels": 1})
+    params = P.notebook_parameters("06_beyond", cfg)
+    out = P.execute_notebook("06_beyond", results / "work" / "06_beyond.ipynb", params)
+    assert out.is_file()
+    t = pd.read_csv(results / "tables" / "06_beyond.csv")
+    assert len(t) == 7 and t["recipe"].iloc[-1] == "baseline"
+    for c in RATES:
+        _unit(t[c])
+    for f in ("06_beyond", "06_examples", "06_learned_prompts"):
+        assert (results / "figures" / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
+    frag = P.read_fragment(results, "06_beyond")
+    assert len(frag["rows"]) == 7 and frag["budget_minutes"] is None and frag["top_k"] == 2
+    trained = {r["negative_target"]: r for r in frag["training"]}
+    assert trained["empty"]["reused"] and not trained["query_mask"]["reused"]  # 02's model, the other trained here
+    assert trained["query_mask"]["steps"] == 2 == trained["empty"]["steps"]
+    # the pipeline merges 06's rows into summary.json and index.html
+    s = P.build_summary(results, cfg)
+    assert len(s["beyond"]["rows"]) == 7 and s["beyond"]["tune_steps"] == 2
+    json.dumps(s, allow_nan=False)
+    page = P.write_index_html(results, s).read_text()
+    assert "Beyond the original" in page and "class-aware negatives" in page and "learned prompt" in page
+
+
+def test_06_notebook_sources_in_sync():
+    jupytext = pytest.importorskip("jupytext")
+    a, b = jupytext.read(REPO / "notebooks" / "06_beyond.py"), jupytext.read(REPO / "notebooks" / "06_beyond.ipynb")
+    cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
+    assert cells(a) == cells(b), "run `jupytext --sync notebooks/06_beyond.py`"
+    raw = json.loads((REPO / "notebooks" / "06_beyond.ipynb").read_text())
+    assert not any(c.get("outputs") for c in raw["cells"] if c["cell_type"] == "code")
+    assert "06_beyond" in P.NOTEBOOKS and P.NOTEBOOKS.index("06_beyond") == 4  # stage 5/5 of seggpt reproduce
+
+
+def test_budget_defaults():
+    cfg = P.load_config(REPO / "configs" / "pipeline.json")
+    assert cfg["beyond_minutes"] is None and cfg["train_minutes"] == 4.5  # 06 trains as long as 02
+    assert cfg["beyond_tune_steps"] >= 1 and cfg["beyond_max_queries"]
+    with pytest.raises(P.PipelineError, match="beyond_minutes"):
+        P.load_config(None, {"beyond_minutes": "long"})
+    mt = P.load_config(REPO / "configs" / "magnetic_tile.json")
+    assert mt["data"].startswith("magnetic_tile:") and mt["results_dir"].startswith("results/magnetic_tile")
+
+
+def test_study_command_registered(capsys):
+    from seggpt_lib import cli
+
+    assert cli.COMMANDS["study"][0] == "seggpt_lib.study"
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--help"])
+    assert "--quick" in capsys.readouterr().out
+    assert cli.main(["study", "--data", "/nonexistent/magnetic_tile", "--quick", "--out", "unused"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_quick_magnetic_tile_study(tmp_path):
+    from conftest import shared_dataset
+
+    src = shared_dataset("magnetic_tile")
+    if src is None:
+        pytest.skip("the magnetic-tile dataset is not in ../shared/datasets")
+    t0 = time.perf_counter()
+    s = S.run_study(src, tmp_path / "mt", quick=True, device="cpu", log=lambda m: None)
+    wall = time.perf_counter() - t0
+    assert set(s["protocols"]) == {"seen", "holdout"}
+    held = s["protocols"]["holdout"]["holdout_classes"]
+    assert len(held) == 2 and "free" not in held
+    for proto, p in s["protocols"].items():
+        rows = p["rows"]
+        assert len(rows) == 7 and rows[-1]["prompt"] == "paint nothing"
+        for r in rows:
+            _unit([r[c] for c in ("mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES")])
+        assert (tmp_path / "mt" / "tables" / f"study_{proto}.md").is_file()
+        assert (tmp_path / "mt" / "figures" / f"study_{proto}.png").is_file()
+    counts = {r["class"]: r for r in s["protocols"]["holdout"]["counts"]}
+    for c in held:
+        assert counts[c]["test"] >= 1  # queries of classes never seen in training
+    saved = json.loads((tmp_path / "mt" / "summary.json").read_text())
+    m = saved["machine"]
+    assert m["torch"] and m["platform"] and "cpu" in m and saved["quick"] is True
+    print(f"quick magnetic-tile study: {wall:.1f} s")
