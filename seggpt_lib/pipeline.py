@@ -115,7 +115,7 @@ PUBLISHED_PER_IMAGE: list[tuple[str, float, float, float]] = [
 DEFAULTS: dict[str, Any] = {
     # data (01)
     "data": "synthetic",  # synthetic | <folder> | magnetic_tile:<path> | coco:<path> | folder:<path>
-    "synthetic": {"per_class": 40, "size": 128, "n_free": None, "seed": 0},
+    "synthetic": {"per_class": 40, "size": 256, "n_free": None, "seed": 0},
     "limit_per_class": None,  # magnetic_tile: first N photos of each class
     "split_seed": 0,
     "val": 0.15,
@@ -132,7 +132,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "normalize": "imagenet",  # imagenet (the official weights') | dataset (the training split's own mean/std)
     "train": {  # any seggpt_lib.train.TrainConfig keys: the recipe
-        "lr": 1e-3, "batch_size": 16, "fg_weight": 10.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+        "lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
         "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
     },
     "eval_every": 50,  # validation (and a checkpoint) every N steps
