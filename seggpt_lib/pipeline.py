@@ -153,7 +153,7 @@ DEFAULTS: dict[str, Any] = {
     "yield_response": 0.000239,
     # beyond the original (06): the other negatives recipe, trained with the same budget, and prompt tuning
     "beyond_minutes": None,  # training budget of 06's model; None: train_minutes (the same as 02's)
-    "beyond_tune_steps": 40,  # prompt-tuning steps per class
+    "beyond_tune_steps": 30,  # prompt-tuning steps per class
     "beyond_max_queries": 18,  # queries per kind (positive, negative, defect-free) in 06
     "beyond_top_k": 3,  # prompts of 06's ensemble row
     "beyond_split": 1,  # 06 scores every row at this split
