@@ -374,6 +374,8 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
                      "method": "paint_nothing", **baseline})
     table = pd.DataFrame(rows)
     table = table[[c for c in TABLE_COLUMNS if c in table.columns] + ["method"]]
+    table["steps"] = pd.Series([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                                for v in table["steps"]], dtype=object)  # 123, or empty for the baseline
     per_image_df = pd.concat(per_image, ignore_index=True) if per_image else pd.DataFrame()
     training = pd.DataFrame([{"recipe": m.get("label") or RECIPES[nt], "negative_target": nt, "steps": m.get("steps"),
                               "minutes": m.get("minutes"), "best_val_mIoU": m.get("best_val_miou"),
