@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The magnetic-tile study on a lent GPU (one H100/H200), one command, about 2-3 minutes:
+# The magnetic-tile study on a lent GPU (one H100/H200), one command, sized for under 3 minutes (not yet
+# measured on a GPU: training is 4 x 0.35 min by the wall clock, tuning and scoring the rest):
 #   seggpt study --device cuda: vit_tiny (224 px per image) from scratch; for each protocol (seen classes,
 #   2 held-out classes) the original's negatives and class-aware negatives are trained 0.35 min each (the
 #   same budget), then scored with one image prompt, a top-3 ensemble and a learned prompt (60 tuning
