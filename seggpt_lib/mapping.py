@@ -31,7 +31,6 @@ import csv
 import hashlib
 import json
 import random
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,14 +61,10 @@ __all__ = [
 # --------------------------------------------------------------------------- dataset
 
 def class_from_name(file_name: str) -> str:
-    """Class from a file name: the stem without a trailing ``_<digits>``.
+    """Class from a file name: the stem without a trailing ``_<digits>`` (see :func:`seggpt_lib.data.class_from_filename`)."""
+    from seggpt_lib.data import class_from_filename
 
-    ``mouse_bite_000518.jpg`` -> ``mouse_bite``; a stem without such a suffix is
-    its own class.
-    """
-    stem = Path(file_name).stem
-    m = re.match(r"^(.+?)_\d+$", stem)
-    return m.group(1) if m else stem
+    return class_from_filename(file_name)
 
 
 def image_dir(root: str | Path) -> Path:
