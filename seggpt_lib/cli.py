@@ -25,6 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def parse_triple(text: str, kind: type = float) -> tuple:
+    """An ``R,G,B``-style command-line value: three comma-separated numbers."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seggpt",

@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from seggpt_lib.cli import parse_triple as _triple
+
 OUTPUT_DIRS = ("color", "label", "concat")
 OUTPUT_FILES = ("per_image.csv", "summary.json", "results.txt")
 KIND_CHOICES = ("auto", "positive", "negative", "free")
@@ -68,16 +70,6 @@ class InferInputError(ValueError):
 # ------------------------------------------------------------------------------------------
 # arguments
 # ------------------------------------------------------------------------------------------
-def _triple(text: str, kind=float) -> tuple:
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
-    try:
-        return tuple(kind(p) for p in parts)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from seggpt_lib.inference import PRECISIONS, TILE_PAIRINGS
 

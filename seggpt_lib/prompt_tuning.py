@@ -778,16 +778,9 @@ def tune_prompt(
 # CLI: seggpt tune-prompt
 # ------------------------------------------------------------------------------------------
 def _parse_triple(kind=float):
-    def parse(text: str) -> tuple:
-        parts = [p for p in text.replace(" ", "").split(",") if p]
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
-        try:
-            return tuple(kind(p) for p in parts)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+    from seggpt_lib.cli import parse_triple
 
-    return parse
+    return lambda text: parse_triple(text, kind)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
