@@ -239,8 +239,12 @@ def forward_grouped(
     bool_masked_pos: torch.Tensor,
     group_index: torch.Tensor | None = None,
     seg_type: torch.Tensor | None = None,
+    query_only: bool = False,
 ) -> torch.Tensor:
     """Decoded prediction ``(N, 3, 2H, W)`` (normalised space) with a per-group feature ensemble.
+
+    ``query_only``: decode only the query (bottom) half, ``(N, 3, H, W)``; the same pixels as
+    the bottom half of the full decoding, at about half the decoder's cost.
 
     ``group_index`` ``(N,)``: samples sharing an index are prompts of one query and are
     ensembled together (the model's ``merge_between_batch=0`` within each group); ``None``
@@ -252,9 +256,10 @@ def forward_grouped(
     bool_masked_pos = bool_masked_pos.flatten(1).to(torch.bool)
     if seg_type is None:
         seg_type = torch.zeros(n, dtype=torch.long, device=imgs.device)
+    first_row = model.cfg.grid[0] // 2 if query_only else 0
     if group_index is None:
         feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, -1)
-        return model.forward_decoder(feats)
+        return model.forward_decoder(feats, first_row)
     group_index = group_index.to(device=imgs.device, dtype=torch.long)
     if group_index.shape != (n,):
         raise ValueError(f"group_index must have shape ({n},), got {tuple(group_index.shape)}")
@@ -263,7 +268,7 @@ def forward_grouped(
     n_groups = int(group_index.max()) + 1 if n else 0
     with _group_ensemble_hooks(model, group_index, n_groups):
         feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, -1)
-    return model.forward_decoder(feats)
+    return model.forward_decoder(feats, first_row)
 
 
 # ------------------------------------------------------------------------------------------
@@ -516,10 +521,10 @@ class SegGPTPredictor:
         mask = query_half_mask(self.model.cfg.grid, batch_size=n, device=self.device)
         seg_type = torch.full((n,), self.seg_type, dtype=torch.long, device=self.device)
         with self._autocast():
-            out = forward_grouped(self.model, imgs, tgts, mask, group_index, seg_type)
+            out = forward_grouped(self.model, imgs, tgts, mask, group_index, seg_type, query_only=True)
         self.stats["forward_passes"] += 1
         self.stats["pairs"] += n
-        return out[:, :, out.shape[2] // 2 :].float()
+        return out.float()
 
     def _forward_groups(self, tiles: torch.Tensor, groups: Sequence[_Group], ensemble: bool) -> list[torch.Tensor]:
         """Every group's output ``(3, H, W)`` (normalised): the mean of its pairs' query halves.

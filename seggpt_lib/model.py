@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seggpt_lib.attention import rel_pos_attention
+from seggpt_lib.masking import query_half_mask
 
 
 @dataclass
@@ -316,14 +317,51 @@ class SegGPT(nn.Module):
                 feats.append(self.norm(x))
         return feats
 
-    def forward_decoder(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        x = self.decoder_embed(torch.cat(feats, dim=-1))  # (N, Hp, Wp, p*p*dec)
+    def forward_decoder(self, feats: list[torch.Tensor], first_row: int = 0) -> torch.Tensor:
+        """Decode features ``(N, Hp, Wp, D)`` to the painted labels ``(N, 3, (Hp - first_row)*p, Wp*p)``.
+
+        ``first_row > 0`` decodes only patch rows ``first_row..Hp-1`` (``Hp // 2``: the query
+        half, all that inference needs) and gives exactly those rows of the full decoding: one
+        extra patch row above is decoded as context for the 3x3 convolution, then dropped.
+        """
+        hp_all = feats[0].shape[1]
+        if not 0 <= first_row < hp_all:
+            raise ValueError(f"first_row must lie in [0, {hp_all}), got {first_row}")
+        start = max(first_row - 1, 0)
+        x = self.decoder_embed(torch.cat([f[:, start:] for f in feats], dim=-1))  # (N, rows, Wp, p*p*dec)
         p, dec = self.patch_size, self.cfg.decoder_embed_dim
         n, hp, wp, _ = x.shape
         # (N, dec, H, W) in channels-last memory: the copy moves whole (p, dec) rows and the
         # convolutions and LayerNorm2d run without layout conversions (about 2x faster on CPU).
         x = x.reshape(n, hp, wp, p, p, dec).permute(0, 1, 3, 2, 4, 5).reshape(n, hp * p, wp * p, dec)
-        return self.decoder_pred(x.permute(0, 3, 1, 2))
+        out = self.decoder_pred(x.permute(0, 3, 1, 2))
+        return out[:, :, (first_row - start) * p :] if first_row > start else out
+
+    @torch.no_grad()
+    def predict_query(
+        self,
+        imgs: torch.Tensor,
+        tgts: torch.Tensor,
+        seg_type: torch.Tensor | None = None,
+        merge_between_batch: int = -1,
+    ) -> torch.Tensor:
+        """Inference: the painted query half ``(N, 3, H, W)`` (normalised space).
+
+        The query half of the labels is hidden and only the query rows are decoded, so this
+        costs less than :meth:`forward` and equals the bottom half of its prediction.
+        """
+        n = imgs.shape[0]
+        hp, wp = self.cfg.grid
+        if imgs.shape[-2:] != tuple(self.cfg.img_size) or tgts.shape != imgs.shape:
+            raise ValueError(
+                f"expected imgs and tgts of shape (N, 3, {self.cfg.img_size[0]}, {self.cfg.img_size[1]}), "
+                f"got {tuple(imgs.shape)} and {tuple(tgts.shape)}"
+            )
+        hidden = query_half_mask((hp, wp), n, device=imgs.device)
+        if seg_type is None:
+            seg_type = torch.zeros(n, dtype=torch.long, device=imgs.device)
+        feats = self.forward_encoder(imgs, tgts, hidden, seg_type, merge_between_batch)
+        return self.forward_decoder(feats, first_row=hp // 2)
 
     def forward_loss(
         self, pred: torch.Tensor, tgts: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor

@@ -413,10 +413,7 @@ def prompt_predict(model: SegGPT, prompt: LearnedPrompt, queries: torch.Tensor) 
     dev = next(model.parameters()).device
     q = queries.to(dev, torch.float32)
     imgs, tgts = _stack(prompt.image.detach().to(dev), prompt.label.detach().to(dev), q, torch.zeros_like(q))
-    mask = query_half_mask(model.cfg.grid, imgs.shape[0], device=dev)
-    _, pred, _ = model(imgs, tgts, mask)
-    out = model.unpatchify(pred)
-    return out[:, :, out.shape[2] // 2 :]
+    return model.predict_query(imgs, tgts)
 
 
 # ------------------------------------------------------------------------------------------

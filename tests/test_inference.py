@@ -154,6 +154,9 @@ def test_grouped_ensemble_groups_are_independent(model):
             sel = (gid == g).nonzero().flatten()
             ref = model.unpatchify(model(imgs[sel], tgts[sel], mask[sel], merge_between_batch=0)[1])
             torch.testing.assert_close(got[sel], ref, atol=1e-5, rtol=1e-5)
+        # decoding only the query half (what the predictor runs) gives the same query pixels
+        query_only = forward_grouped(model, imgs, tgts, mask, gid, query_only=True)
+        torch.testing.assert_close(query_only, got[:, :, h // 2 :], atol=1e-6, rtol=1e-6)
 
 
 def test_predict_batch_equals_single_predictions(model, images):

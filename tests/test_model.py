@@ -211,3 +211,31 @@ def test_activation_checkpointing_same_gradients():
     assert loss.item() == pytest.approx(loss2.item(), rel=1e-6)
     for a, p in zip(g1, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", [-1, 0])
+def test_predict_query_equals_bottom_half_of_full_decoding(merge):
+    """Query-half decoding (what inference runs) gives exactly the bottom half of the full one."""
+    model = build_seggpt("vit_tiny", depth=5, out_indices=(3, 4), embed_dim=64, num_heads=2, drop_path_rate=0.0).eval()
+    _randomise(model, std=0.2)
+    prompt, query, pmask = _pair_inputs(model.cfg, 3, seed=5)
+    imgs, tgts = torch.cat([prompt, query], 2), torch.cat([pmask, pmask], 2)
+    h = model.cfg.image_size[0]
+    with torch.no_grad():
+        full = model.unpatchify(model(imgs, tgts, query_half_mask(model.cfg.grid, 3), merge_between_batch=merge)[1])
+        half = model.predict_query(imgs, tgts, merge_between_batch=merge)
+    assert half.shape == (3, 3, h, model.cfg.image_size[1])
+    # the first query pixel row depends on the prompt half through the 3x3 conv: it must match too
+    assert (half - full[:, :, h:]).abs().max().item() <= 1e-6 * max(1.0, full.abs().max().item())
+    # and the decoder's top-row context really matters (decoding without it differs)
+    with torch.no_grad():
+        feats = model.forward_encoder(imgs, tgts, query_half_mask(model.cfg.grid, 3), torch.zeros(3, dtype=torch.long), merge)
+        no_context = model.forward_decoder([f[:, model.cfg.grid[0] // 2 :] for f in feats])
+    assert (no_context[:, :, 0] - full[:, :, h]).abs().max().item() > 1e-4
+
+
+def test_forward_decoder_rejects_bad_first_row():
+    model = build_seggpt("vit_micro").eval()
+    feats = [torch.zeros(1, *model.cfg.grid, model.cfg.embed_dim) for _ in model.cfg.out_indices]
+    with pytest.raises(ValueError, match="first_row"):
+        model.forward_decoder(feats, first_row=model.cfg.grid[0])
