@@ -21,6 +21,12 @@ The score between query position ``(hq, wq)`` and key position ``(hk, wk)`` is
 ``"matmul_folded"``
     The same folded ``q'``/``k'``, but scores from one explicit GEMM, softmax, ``@ v`` (no
     padded ``v``; one ``L x L`` tensor instead of the reference's two).
+``"flex"`` (opt-in, never chosen by ``"auto"``)
+    FlexAttention with a ``score_mod`` that adds ``rel_h[q, key row] + rel_w[q, key column]``
+    to each score inside a compiled kernel: no ``L x L`` tensor and no widened head dim. The
+    kernel is compiled with :func:`torch.compile` on first use per shape (seconds on a GPU,
+    about 10 s on a CPU; needs a C++ compiler on CPU). PyTorch has no FlexAttention backward on
+    CPU: a CPU call that needs gradients runs ``"auto"``'s choice instead (with a warning).
 
 Which one runs (first match wins):
 
@@ -34,18 +40,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 ATTENTION_IMPLS = ("math", "sdpa_bias", "sdpa_folded", "matmul_folded")
+OPTIONAL_IMPLS = ("flex",)  # valid names that "auto" never picks (compiled on first use)
 _ENV_VAR = "SEGGPT_ATTN"
 
 
 def _check_name(name: str) -> str:
-    if name not in ("auto",) + ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention impl {name!r}; choose from {('auto',) + ATTENTION_IMPLS}")
+    valid = ("auto",) + ATTENTION_IMPLS + OPTIONAL_IMPLS
+    if name not in valid:
+        raise ValueError(f"unknown attention impl {name!r}; choose from {valid}")
     return name
 
 
@@ -125,7 +134,16 @@ def auto_impl(device: torch.device | str, dtype: torch.dtype, grad: bool = False
 def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype, grad: bool = False) -> str:
     """The implementation a call with ``impl`` runs, after forcing and ``"auto"``."""
     name = _FORCED or _check_name(impl)
+    if name == "flex" and grad and torch.device(device).type == "cpu":
+        _warn_once("FlexAttention has no backward on CPU in PyTorch: attention calls that need "
+                   f"gradients run {auto_impl(device, dtype, grad)!r} instead")
+        name = "auto"
     return auto_impl(device, dtype, grad) if name == "auto" else name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,11 +325,50 @@ def attention_matmul_folded(
     return (qf @ kf.transpose(-2, -1)).softmax(dim=-1) @ v
 
 
+_FLEX_COMPILED: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_kernel() -> Callable[..., torch.Tensor]:
+    """``flex_attention``, compiled once (shapes are static: one graph per attention shape)."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():  # inside a compiled model: the model's graph takes it
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention: the bias terms ``(B, n, L, Hp)`` / ``(B, n, L, Wp)`` are gathered per score
+    inside the kernel (``score_mod``), at the model's head dim."""
+    b, n, length, _ = q.shape
+    hp, wp = grid
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, grid)
+    rel_h = rel_h.reshape(b, n, length, hp)
+    rel_w = rel_w.reshape(b, n, length, wp)
+
+    def score_mod(score, bi, hi, qi, ki):  # noqa: ANN001, ANN202
+        return score + rel_h[bi, hi, qi, ki // wp] + rel_w[bi, hi, qi, ki % wp]
+
+    return _flex_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod, scale=scale)
+
+
 _IMPLS = {
     "math": attention_math,
     "sdpa_bias": attention_sdpa_bias,
     "sdpa_folded": attention_sdpa_folded,
     "matmul_folded": attention_matmul_folded,
+    "flex": attention_flex,
 }
 
 
@@ -328,7 +385,7 @@ def rel_pos_attention(
     """Attention with decomposed relative positions over ``grid``: ``(B, n, L, d)``.
 
     ``q, k, v``: ``(B, n_heads, L = Hp * Wp, head_dim)``; ``impl`` in ``("auto",) +
-    ATTENTION_IMPLS``, overridden by :func:`set_attention_impl` / ``SEGGPT_ATTN``.
+    ATTENTION_IMPLS + OPTIONAL_IMPLS``, overridden by :func:`set_attention_impl` / ``SEGGPT_ATTN``.
     """
     _check_shapes(q, k, v, grid)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))

@@ -380,33 +380,6 @@ def _with_backend(fn: Callable[..., torch.Tensor], backend: str) -> Callable[...
     return run
 
 
-_FLEX: Any = None
-
-
-def attention_flex(q, k, v, rel_pos_h, rel_pos_w, grid, scale):  # noqa: ANN001, ANN201
-    """Experimental (benchmark only): FlexAttention adding the bias in a ``score_mod``.
-
-    The bias terms stay ``(B, n, L, Hp)`` / ``(B, n, L, Wp)`` and are gathered per score
-    inside the kernel, at the model's head dim. Needs ``torch.compile`` (done on first use).
-    """
-    global _FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from seggpt_lib.attention import rel_pos_terms
-
-    if _FLEX is None:
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    b, n, length, _ = q.shape
-    hp, wp = grid
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, grid)
-    rel_h, rel_w = rel_h.reshape(b, n, length, hp), rel_w.reshape(b, n, length, wp)
-
-    def score_mod(score, bi, hi, qi, ki):  # noqa: ANN001, ANN202
-        return score + rel_h[bi, hi, qi, ki // wp] + rel_w[bi, hi, qi, ki % wp]
-
-    return _FLEX(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod, scale=scale)
-
-
 def bench_attention(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -447,7 +420,7 @@ def bench_attention(
     if variants if variants is not None else dev.type == "cuda":
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             fns[f"sdpa_folded[{backend.split('_')[0].lower()}]"] = _with_backend(_IMPLS["sdpa_folded"], backend)
-        fns["flex (experimental)"] = attention_flex
+        fns["flex"] = _IMPLS["flex"]
 
     def timed(fn: Callable[[], Any]) -> tuple[float, int | None, float]:
         _sync(dev)
@@ -504,14 +477,15 @@ def attention_parity(
     fp32_tol: float = 1e-4,
     bf16_tol: float = 0.05,
 ) -> dict[str, Any]:
-    """Every implementation against a float64 reference on ``device``, forward and backward.
+    """Every implementation against a float64 reference on ``device``, forward and backward
+    (``"flex"`` too on CUDA: PyTorch has no FlexAttention backward on CPU).
 
     For each ``(batch, heads, grid, head_dim)``: the output and the gradients of q, k, v (one
     strided qkv tensor, as in the model), ``rel_pos_h`` and ``rel_pos_w``. fp32 passes within
     ``fp32_tol * max(1, max|ref|)``, bf16 within ``bf16_tol * max|ref|``. The same check as
     ``tests/test_attention.py``, without pytest, for a lent GPU.
     """
-    from seggpt_lib.attention import ATTENTION_IMPLS, _IMPLS
+    from seggpt_lib.attention import ATTENTION_IMPLS, OPTIONAL_IMPLS, _IMPLS
 
     dev = torch.device(device)
     rows = []
@@ -533,8 +507,15 @@ def attention_parity(
 
         exact = run("math", torch.float64)
         for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, bf16_tol)):
-            for impl in ATTENTION_IMPLS:
-                got = run(impl, dtype)
+            for impl in ATTENTION_IMPLS + (OPTIONAL_IMPLS if dev.type == "cuda" else ()):
+                try:
+                    got = run(impl, dtype)
+                except Exception as exc:  # noqa: BLE001  (flex: no compiler, kernel refusing the shape)
+                    ok = False
+                    rows.append({"shape": [b, n, list(grid), d], "dtype": str(dtype).replace("torch.", ""),
+                                 "impl": impl, "max_rel_err": {}, "pass": False,
+                                 "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+                    continue
                 errs = {}
                 passed = True
                 for name, a, e in zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"), _split_qkv(got), _split_qkv(exact)):
@@ -561,7 +542,7 @@ def format_parity(res: dict[str, Any]) -> str:
              f"{res['fp32_tol']:g} x max(1, max|ref|), bf16 tol {res['bf16_tol']:g}): {'PASS' if res['ok'] else 'FAIL'}"]
     for r in res["rows"]:
         b, n, grid, d = r["shape"]
-        errs = " ".join(f"{k} {v:.1e}" for k, v in r["max_rel_err"].items())
+        errs = " ".join(f"{k} {v:.1e}" for k, v in r["max_rel_err"].items()) or r.get("error", "")
         lines.append(f"  B{b} h{n} grid {grid[0]}x{grid[1]} d{d} {r['dtype']:8s} {r['impl']:13s} "
                      f"{'ok  ' if r['pass'] else 'FAIL'} {errs}")
     return "\n".join(lines)

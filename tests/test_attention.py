@@ -316,3 +316,56 @@ def test_model_bf16_autocast_cpu():
             _, got, _ = model(imgs, tgts)
     assert torch.isfinite(got).all()
     assert (got.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------
+# FlexAttention (opt-in; compiled on first use; forward only on CPU)
+# ------------------------------------------------------------------------------------------
+def _needs_compiler():
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("FlexAttention on CPU is compiled by inductor: no C++ compiler here")
+
+
+def test_flex_forward_matches_reference_cpu():
+    _needs_compiler()
+    grid, d = (7, 5), 16  # L = 35: not a multiple of any block size
+    qkv, rh, rw = _inputs(2, 2, grid, d)
+    q, k, v = qkv.unbind(0)
+    with torch.no_grad():
+        got = A._IMPLS["flex"](q, k, v, rh, rw, grid, d**-0.5)
+        ref = A._IMPLS["math"](q, k, v, rh, rw, grid, d**-0.5)
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # the bias is really applied (without it the result differs)
+    with torch.no_grad():
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    assert (plain - ref).abs().max().item() > 1e-2
+
+
+def test_flex_is_opt_in_and_falls_back_for_cpu_gradients():
+    assert "flex" not in ATTENTION_IMPLS and "flex" in A.OPTIONAL_IMPLS
+    for dev in ("cpu", "cuda"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for grad in (False, True):
+                assert auto_impl(dev, dtype, grad) != "flex"
+    assert resolve_impl("flex", "cpu", torch.float32, grad=False) == "flex"
+    assert resolve_impl("flex", "cuda", torch.bfloat16, grad=True) == "flex"
+    with pytest.warns(UserWarning, match="no backward on CPU"):
+        A._warn_once.cache_clear()
+        assert resolve_impl("flex", "cpu", torch.float32, grad=True) == auto_impl("cpu", torch.float32, grad=True)
+
+
+def test_model_inference_with_flex_matches_reference():
+    _needs_compiler()
+    model = _micro().eval()
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(4)
+    imgs = torch.randn(2, 3, *cfg.img_size, generator=g)
+    tgts = torch.randn(2, 3, *cfg.img_size, generator=g)
+    with torch.no_grad():
+        with attention_impl("math"):
+            ref = model.predict_query(imgs, tgts)
+        with attention_impl("flex"):
+            got = model.predict_query(imgs, tgts)
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
