@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# What a lent GPU machine (one H100/H200, 16 cores) runs, in about 2-3 minutes (stages 0-5 took
-# ~2 min on an H200; the machine's start came on top: ~10 min once, budget for it):
+# What a lent GPU machine (one H100/H200, 16 cores) runs, in about 6 minutes (estimated: stages 0-4
+# plus fp32 took ~2 min on an H200 before stages 5-7 were added; the machine's start comes on top):
 #   0. environment: python with torch + transformers (else .venv + requirements), torch/GPU info
 #   1. attention parity on the GPU vs float64 (fp32, bf16; forward and backward), no pytest needed
 #   2. tests/test_attention.py on the GPU (when pytest and hypothesis are there)
 #   3. the attention implementations alone at the ViT-L shape (bf16)
 #   4. the model benchmark, ViT-L, bf16 autocast: ours vs transformers eager (--json)
-#   5. the same in fp32 (fewer iterations)
-#   5b. bf16 with FlexAttention (--set attn_impl=flex: the bias added inside a compiled kernel at
-#      head dim 64, no widened head dim; only the attention is compiled, seconds)
-#   6. ours under torch.compile (bf16; only with GPU_CHECK_COMPILE=1: compiling the ViT-L
-#      inference and training graphs took more than 150 s on an H200 machine; hard limit
-#      GPU_CHECK_COMPILE_LIMIT, default 300 s; the inference figures are logged before training)
-#   7. PLACEHOLDER: a 100-step training smoke run (only when seggpt_lib/train.py exists)
+#   5. the same with FlexAttention (--set attn_impl=flex: the bias added inside a compiled kernel
+#      at head dim 64, no widened head dim; only the attention is compiled, seconds)
+#   6. ours under torch.compile by blocks (regional: seconds), with each attention path; the
+#      whole-model compile only with GPU_CHECK_COMPILE_FULL=1 (more than 150 s on ViT-L)
+#   7. a 100-step training smoke run on synthetic data (seggpt train, ViT-L, bf16)
+#   8. the model benchmark in fp32 (GPU_CHECK_FP32=0 skips it)
 # Every stage prints its name and wall time. Outputs go under $OUT (default ./gpu_check_out): one
 # log per stage in $OUT/logs/, packed at the end into $OUT/gpu_check_logs.tar.gz (the logs folder
 # is then removed, unless GPU_CHECK_PACK=0: a lent machine returns at most 8 files), and
@@ -92,31 +91,58 @@ stage "attention implementations, ViT-L shape, bf16" attention_bench.txt \
 # --- 4-5. the model benchmark -------------------------------------------------------------------
 stage "model benchmark ViT-L bf16 (ours vs transformers eager)" bench_vit_large_bf16.txt \
   "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 --json ${XARGS[@]+"${XARGS[@]}"}
-stage "model benchmark ViT-L fp32" bench_vit_large_fp32.txt \
-  "$PY" benchmarks/bench_model.py --device "$DEV" --precision fp32 --iters 3 --warmup 1 --no-ckpt-extra --json \
-  ${XARGS[@]+"${XARGS[@]}"}
 
 stage "model benchmark ViT-L bf16, flex attention" bench_vit_large_bf16_flex.txt \
   "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 --set attn_impl=flex --no-ckpt-extra --json \
   ${XARGS[@]+"${XARGS[@]}"}
 
 # --- 6. torch.compile ---------------------------------------------------------------------------
-if [ "${GPU_CHECK_COMPILE:-0}" = "1" ]; then
-  stage "model benchmark ViT-L bf16, ours compiled (limit ${GPU_CHECK_COMPILE_LIMIT:-300} s)" bench_vit_large_bf16_compile.txt \
-    timeout "${GPU_CHECK_COMPILE_LIMIT:-300}" "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 --compile \
-    --iters 5 --warmup 2 --no-ckpt-extra --json ${XARGS[@]+"${XARGS[@]}"}
+# Regional compilation (--compile blocks: one transformer block compiled, the graph reused by all
+# 24; seconds) with each attention path; the whole-model compile (minutes on ViT-L) only with
+# GPU_CHECK_COMPILE_FULL=1. Each under a hard limit of GPU_CHECK_COMPILE_LIMIT s (default 240).
+if [ "${GPU_CHECK_COMPILE:-1}" = "1" ]; then
+  for impl in auto flex; do
+    stage "model benchmark ViT-L bf16, ours compiled by blocks, attention $impl" "bench_vit_large_bf16_compile_$impl.txt" \
+      timeout "${GPU_CHECK_COMPILE_LIMIT:-240}" "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 \
+      --compile blocks --set "attn_impl=$impl" --iters 5 --warmup 2 --no-ckpt-extra --json ${XARGS[@]+"${XARGS[@]}"}
+  done
+fi
+if [ "${GPU_CHECK_COMPILE_FULL:-0}" = "1" ]; then
+  stage "model benchmark ViT-L bf16, ours compiled whole" bench_vit_large_bf16_compile_full.txt \
+    timeout "${GPU_CHECK_COMPILE_LIMIT:-240}" "$PY" benchmarks/bench_model.py --device "$DEV" --precision bf16 \
+    --compile full --iters 5 --warmup 2 --no-ckpt-extra --json ${XARGS[@]+"${XARGS[@]}"}
 fi
 
-# --- 7. PLACEHOLDER: 100-step training smoke run ------------------------------------------------
-# PLACEHOLDER (to be filled in by the owner of seggpt_lib/train.py): a 100-step smoke run such as
-#   python -m seggpt_lib train --config <smoke config> --set max_steps=100 ...
-# Until then: check that the command loads here, and run GPU_CHECK_TRAIN_ARGS when it is set.
-if [ -f seggpt_lib/train.py ]; then
-  stage "training command loads (placeholder)" train_help.txt "$PY" -m seggpt_lib train --help
-  if [ -n "${GPU_CHECK_TRAIN_ARGS:-}" ]; then
-    # shellcheck disable=SC2086  # word splitting of the argument string is intended
-    stage "training smoke run (placeholder)" train_smoke.txt "$PY" -m seggpt_lib train $GPU_CHECK_TRAIN_ARGS
-  fi
+# --- 7. a 100-step training smoke run on synthetic data ------------------------------------------
+# ViT-L from scratch (GPU_CHECK_TRAIN_PRESET) at 896x448, bf16, fused AdamW, batch 4, on a small
+# synthetic set (10 images per class): the whole training command end to end (data loading,
+# steps, evaluation, atomic checkpoints); its metrics.csv lands in the logs.
+SMOKE="${TMPDIR:-/tmp}/gpu_check_smoke"
+rm -rf "$SMOKE"
+mkdir -p "$SMOKE"
+stage "synthetic data for the training smoke run" smoke_data.txt bash -c \
+  "\"$PY\" -m seggpt_lib prepare synthetic --out \"$SMOKE/raw\" --per-class 10 --size 256 && \
+   \"$PY\" -m seggpt_lib prepare split --src \"$SMOKE/raw\" --out \"$SMOKE/data\""
+"$PY" - "$SMOKE" "${GPU_CHECK_TRAIN_PRESET:-vit_large}" "$DEV" <<'EOF' || true
+import json, sys
+smoke, preset, device = sys.argv[1:4]
+json.dump({"preset": preset, "device": device, "max_steps": 100, "data_count": 400, "batch_size": 4,
+           "num_workers": 4, "train_dataset_dir": f"{smoke}/data/train", "val_dataset_dir": f"{smoke}/data/val",
+           "log_dir": f"{smoke}/runs", "eval_per_epoch": 1, "val_pairs": 16, "warmup_steps": 10, "lr": 1e-4,
+           "fg_weight": 10.0, "query_mask_share": 0.5, "defect_color": [255, 255, 255], "negative_target": "empty"},
+          open(f"{smoke}/train.json", "w"), indent=1)
+EOF
+stage "training smoke run: 100 steps (${GPU_CHECK_TRAIN_PRESET:-vit_large})" train_smoke.txt \
+  timeout "${GPU_CHECK_TRAIN_LIMIT:-240}" "$PY" -m seggpt_lib train --no-progress --config "$SMOKE/train.json" \
+  ${GPU_CHECK_TRAIN_ARGS:-}
+find "$SMOKE/runs" -name metrics.csv -exec cp {} "$LOGS/train_smoke_metrics.csv" \; 2>/dev/null || true
+rm -rf "$SMOKE"
+
+# --- 8. fp32 (auto: the reference attention on CUDA fp32), last: the least informative ---------
+if [ "${GPU_CHECK_FP32:-1}" = "1" ]; then
+  stage "model benchmark ViT-L fp32" bench_vit_large_fp32.txt \
+    "$PY" benchmarks/bench_model.py --device "$DEV" --precision fp32 --iters 3 --warmup 1 --no-ckpt-extra --json \
+    ${XARGS[@]+"${XARGS[@]}"}
 fi
 
 # --- summary -------------------------------------------------------------------------------------
@@ -127,7 +153,8 @@ SUMMARY="$OUT/summary.txt"
   [ -s "$LOGS/attention_parity.txt" ] && head -n 1 "$LOGS/attention_parity.txt"
   [ -s "$LOGS/pytest_attention.txt" ] && tail -n 1 "$LOGS/pytest_attention.txt"
   [ -s "$LOGS/attention_bench.txt" ] && grep -v '^{' "$LOGS/attention_bench.txt" | grep -v '^W[0-9]'
-  for f in bench_vit_large_bf16 bench_vit_large_fp32 bench_vit_large_bf16_flex bench_vit_large_bf16_compile; do
+  for f in bench_vit_large_bf16 bench_vit_large_bf16_flex bench_vit_large_bf16_compile_auto \
+           bench_vit_large_bf16_compile_flex bench_vit_large_bf16_compile_full bench_vit_large_fp32; do
     [ -s "$LOGS/$f.txt" ] || continue
     echo
     echo "--- $f"

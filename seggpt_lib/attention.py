@@ -340,6 +340,14 @@ def _flex_kernel() -> Callable[..., torch.Tensor]:
     return _FLEX_COMPILED
 
 
+@torch.compiler.disable
+def _flex_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable[..., torch.Tensor],
+                        scale: float) -> torch.Tensor:
+    """The flex kernel as its own compiled graph, called from a compiled model on CPU: inductor's
+    CPU flex template cannot read bias terms computed inside the same graph."""
+    return _flex_kernel()(q, k, v, score_mod=score_mod, scale=scale)
+
+
 def attention_flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,7 +368,10 @@ def attention_flex(
     def score_mod(score, bi, hi, qi, ki):  # noqa: ANN001, ANN202
         return score + rel_h[bi, hi, qi, ki // wp] + rel_w[bi, hi, qi, ki % wp]
 
-    return _flex_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod, scale=scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.compiler.is_compiling() and q.device.type == "cpu":
+        return _flex_outside_graph(q, k, v, score_mod, scale)
+    return _flex_kernel()(q, k, v, score_mod=score_mod, scale=scale)
 
 
 _IMPLS = {

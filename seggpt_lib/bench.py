@@ -181,7 +181,7 @@ def run_benchmark(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     precision: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     act_ckpt: bool = False,
     iters: int = 5,
     warmup: int = 2,
@@ -221,8 +221,13 @@ def run_benchmark(
     say(f"built {preset} {overrides or ''} on {dev} in {time.perf_counter() - t_build:.1f} s "
         f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M parameters each)")
     amp = lambda: _autocast(dev, precision)  # noqa: E731
-    ours_fwd = torch.compile(ours) if compile else ours
-    ours_query = torch.compile(ours.predict_query) if compile else ours.predict_query
+    if compile not in (False, True, "blocks", "full"):
+        raise ValueError(f"compile must be False, 'blocks' or 'full', got {compile!r}")
+    full_compile = compile is True or compile == "full"
+    if compile == "blocks":
+        ours.compile_blocks()  # regional: each block compiled in place, one graph reused
+    ours_fwd = torch.compile(ours) if full_compile else ours
+    ours_query = torch.compile(ours.predict_query) if full_compile else ours.predict_query
 
     # -- inference ------------------------------------------------------------------------
     bi = batch_infer
@@ -579,7 +584,7 @@ def format_table(res: dict[str, Any]) -> str:
     head = (f"SegGPT benchmark: {c['preset']} {c['overrides'] or ''} grid {c['grid'][0]}x{c['grid'][1]}, "
             f"{res['device']} ({res['device_name']}), {res['precision']}, attention "
             f"{res['attn_impl_infer']}/{res['attn_impl_train']} (inference/training)"
-            f"{', compiled' if res['compile'] else ''}{', act-ckpt' if res['act_ckpt'] else ''}; "
+            f"{', compiled (' + str(res['compile']) + ')' if res['compile'] else ''}{', act-ckpt' if res['act_ckpt'] else ''}; "
             f"torch {res['torch']}, transformers {res['transformers']}")
     rows = [("job", "ours", "transformers", "ours/theirs")]
     for kind, label in (("infer", f"inference b{res['batch_infer']}"), ("train", f"train step b{res['batch_train']}")):
@@ -629,7 +634,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="config override, JSON value (e.g. depth=4 out_indices=[3]); repeatable")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="autocast precision for both models (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile ours")
+    parser.add_argument("--compile", nargs="?", const="blocks", default=False, choices=("blocks", "full"),
+                        help="torch.compile ours: 'blocks' (the default when given alone: each transformer block, "
+                             "one graph reused, seconds to compile) or 'full' (the whole model, minutes on ViT-L)")
     parser.add_argument("--act-ckpt", action="store_true", help="activation checkpointing for ours in the training step")
     parser.add_argument("--no-ckpt-extra", action="store_true",
                         help="skip the extra act-ckpt training measurement of ours (done by default on cuda)")

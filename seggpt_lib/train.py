@@ -82,7 +82,7 @@ class TrainConfig:
     val_pairs: int = 64
     log_interval: int = 10
     device: str = "auto"
-    compile: bool = False
+    compile: bool | str = False  # false | "blocks" (each block compiled, seconds) | "full"/true (whole model)
     run_id: str | None = None
 
     @classmethod
@@ -119,6 +119,8 @@ class TrainConfig:
                 raise ValueError(f"{source}: {k} must be >= 1, got {getattr(self, k)}")
         if not self.train_dataset_dir:
             raise ValueError(f"{source}: train_dataset_dir is required")
+        if self.compile not in (False, True, "blocks", "full"):
+            raise ValueError(f"{source}: compile must be false, \"blocks\", \"full\" or true, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,7 +348,10 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        if cfg.compile == "blocks":
+            self.model.compile_blocks()  # in place: DDP and checkpoints see the same module
+        full = cfg.compile is True or cfg.compile == "full"
+        self.forward_model = torch.compile(self.ddp_model) if full else self.ddp_model
 
         self.step = 0
         self.best_miou = -1.0

@@ -130,6 +130,10 @@ def test_bad_config_key_lists_valid_keys(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="c.json"):
         TrainConfig.from_json(p)
+    with pytest.raises(ValueError, match="compile must be"):
+        TrainConfig.from_dict({"compile": "region", "train_dataset_dir": "x"})
+    for ok in (False, True, "blocks", "full"):
+        assert TrainConfig.from_dict({"compile": ok, "train_dataset_dir": "x"}).compile == ok
 
 
 def test_unreadable_init_weights_names_the_file(synth, tmp_path):
