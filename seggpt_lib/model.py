@@ -385,8 +385,10 @@ class SegGPT(nn.Module):
         ``valid`` is a per-pixel weight ``(N, 3, H, W)``: 1 everywhere is the official loss;
         larger weights on defect pixels counter the collapse to all-background.
         """
-        m = mask[:, :, None].to(pred.dtype).expand(-1, -1, self.patch_size**2 * 3)
-        m = self.unpatchify(m) * valid
+        p = self.patch_size
+        n, _, h, w = pred.shape  # any number of patch rows (see ``first_row`` in forward)
+        m = mask.reshape(n, h // p, w // p).to(pred.dtype)
+        m = m.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).unsqueeze(1) * valid
         loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction="none", beta=self.cfg.loss_beta)
         return (loss * m).sum() / m.sum().clamp_min(1e-12)
 
@@ -398,11 +400,15 @@ class SegGPT(nn.Module):
         valid: torch.Tensor | None = None,
         seg_type: torch.Tensor | None = None,
         merge_between_batch: int = -1,
+        first_row: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(loss, pred patches (N, L, p*p*3), bool_masked_pos (N, L))``.
 
         ``merge_between_batch >= 0`` turns on the feature ensemble from that block on: the
-        batch is then several prompts for one query.
+        batch is then several prompts for one query. ``first_row > 0`` decodes and scores only
+        patch rows ``first_row..Hp-1`` (``Hp // 2``: the query half, for losses that weight the
+        prompt half by 0): the loss covers the hidden patches of those rows and the returned
+        patches are those rows' (``(N, (Hp - first_row) * Wp, p*p*3)``).
         """
         n = imgs.shape[0]
         hp, wp = self.cfg.grid
@@ -420,8 +426,14 @@ class SegGPT(nn.Module):
         if seg_type is None:
             seg_type = torch.zeros(n, dtype=torch.long, device=imgs.device)
         feats = self.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, merge_between_batch)
-        pred = self.forward_decoder(feats)
-        loss = self.forward_loss(pred, tgts, bool_masked_pos, valid)
+        pred = self.forward_decoder(feats, first_row)
+        if first_row:
+            rows = slice(first_row * self.patch_size, None)
+            tgts, valid = tgts[:, :, rows], valid[:, :, rows]
+            scored = bool_masked_pos.reshape(n, hp, wp)[:, first_row:].flatten(1)
+        else:
+            scored = bool_masked_pos
+        loss = self.forward_loss(pred, tgts, scored, valid)
         return loss, self.patchify(pred), bool_masked_pos
 
 

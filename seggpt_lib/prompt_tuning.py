@@ -524,7 +524,7 @@ def _eval_loss(model: SegGPT, p_img: torch.Tensor, p_lbl: torch.Tensor, data: _I
             valid = _valid(tgts, q_lbl, h, fg_weight)
             mask = query_half_mask(model.cfg.grid, len(rows), device=device)
             with _autocast(precision, device):
-                loss = model(imgs, tgts, mask, valid)[0]
+                loss = model(imgs, tgts, mask, valid, first_row=model.cfg.grid[0] // 2)[0]
             total += float(loss) * len(rows)
             n += len(rows)
     return total / max(n, 1)
@@ -733,7 +733,8 @@ def tune_prompt(
                 hidden = _hidden(grid, batch_size, mask, prompt_mask_ratio, gen, dev)
                 valid = _valid(tgts.detach(), q_lbl, h, fg_weight)
                 with _autocast(precision, dev):
-                    loss = model(imgs, tgts, hidden, valid)[0]
+                    # valid is 0 on the prompt half: decoding only the query half gives the same loss
+                    loss = model(imgs, tgts, hidden, valid, first_row=grid[0] // 2)[0]
                 loss_value = loss.detach().item()
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; lower the lr")

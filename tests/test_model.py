@@ -282,3 +282,27 @@ def test_compile_blocks_matches_eager_inference_and_training():
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-5)
     for a, b in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_first_row_scores_only_those_rows():
+    """Decoding from the query half gives the full loss when the prompt half weighs nothing."""
+    model = build_seggpt("vit_micro").eval()
+    _randomise(model, std=0.1)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(6)
+    imgs, tgts = torch.randn(2, 3, *cfg.img_size, generator=g), torch.randn(2, 3, *cfg.img_size, generator=g)
+    mask = random_patch_mask(cfg.grid, 0.6, 2, generator=g)
+    valid = torch.rand(2, 3, *cfg.img_size, generator=g) + 0.5
+    h, hp = cfg.img_size[0] // 2, cfg.grid[0] // 2
+    with torch.no_grad():
+        full_loss, full_pred, _ = model(imgs, tgts, mask, valid)
+        valid0 = valid.clone()
+        valid0[:, :, :h] = 0
+        want = model(imgs, tgts, mask, valid0)[0]
+        got, pred, returned_mask = model(imgs, tgts, mask, valid0, first_row=hp)
+    assert torch.equal(returned_mask, mask.flatten(1))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert abs(got.item() - full_loss.item()) > 1e-4  # the prompt half did count in the full loss
+    n_query = (cfg.grid[0] - hp) * cfg.grid[1]
+    assert pred.shape == (2, n_query, full_pred.shape[-1])
+    torch.testing.assert_close(pred, full_pred[:, -n_query:], atol=1e-6, rtol=1e-6)
