@@ -21,3 +21,12 @@ def shared_dataset(name: str) -> Path | None:
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def needs_compiler() -> None:
+    """Skip where torch.compile cannot build CPU kernels (inductor needs a C++ compiler)."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")

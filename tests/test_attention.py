@@ -321,15 +321,7 @@ def test_model_bf16_autocast_cpu():
 # ------------------------------------------------------------------------------------------
 # FlexAttention (opt-in; compiled on first use; forward only on CPU)
 # ------------------------------------------------------------------------------------------
-def _needs_compiler():
-    import shutil
-
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        pytest.skip("FlexAttention on CPU is compiled by inductor: no C++ compiler here")
-
-
-def test_flex_forward_matches_reference_cpu():
-    _needs_compiler()
+def test_flex_forward_matches_reference_cpu(needs_compiler):
     grid, d = (7, 5), 16  # L = 35: not a multiple of any block size
     qkv, rh, rw = _inputs(2, 2, grid, d)
     q, k, v = qkv.unbind(0)
@@ -356,8 +348,7 @@ def test_flex_is_opt_in_and_falls_back_for_cpu_gradients():
         assert resolve_impl("flex", "cpu", torch.float32, grad=True) == auto_impl("cpu", torch.float32, grad=True)
 
 
-def test_model_inference_with_flex_matches_reference():
-    _needs_compiler()
+def test_model_inference_with_flex_matches_reference(needs_compiler):
     model = _micro().eval()
     cfg = model.cfg
     g = torch.Generator().manual_seed(4)

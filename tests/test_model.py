@@ -241,17 +241,9 @@ def test_forward_decoder_rejects_bad_first_row():
         model.forward_decoder(feats, first_row=model.cfg.grid[0])
 
 
-def _needs_compiler():
-    import shutil
-
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        pytest.skip("torch.compile on CPU needs a C++ compiler")
-
-
 @pytest.mark.timeout(300)
-def test_compile_blocks_matches_eager_inference_and_training():
+def test_compile_blocks_matches_eager_inference_and_training(needs_compiler):
     """Regional compilation: same outputs, same gradients, same parameter names."""
-    _needs_compiler()
     from seggpt_lib.attention import attention_impl
 
     torch.manual_seed(0)
