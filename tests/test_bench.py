@@ -37,6 +37,10 @@ def test_cpu_benchmark_json(capsys):
     for key in ("inference_speedup", "train_speedup", "ours_infer_samples_per_s", "theirs_train_samples_per_s"):
         assert math.isfinite(res[key]) and res[key] > 0, key
     assert res["inference_speedup"] == pytest.approx(res["ours_infer_samples_per_s"] / res["theirs_infer_samples_per_s"])
+    # the whole-pair decoding (transformers' way) is measured and reported beside the predictor's path
+    assert res["inference_speedup_full_decode"] == pytest.approx(
+        res["ours_full_infer_samples_per_s"] / res["theirs_infer_samples_per_s"])
+    assert any("whole pair decoded" in line for line in lines)
     # the two networks are the same network
     assert res["max_abs_diff"] < 1e-4
     # training costs about three forwards; FLOPs are counted on the HF network, batch 1
@@ -81,3 +85,15 @@ def test_table_formats_none_memory():
         res[f"{kind}_memory_ratio"] = None
     text = bench.format_table(res)
     assert "n/a" in text and "1.00x" in text
+
+
+def test_compile_argument():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).compile is False
+    assert parser.parse_args(["--compile"]).compile == "blocks"
+    assert parser.parse_args(["--compile", "full"]).compile == "full"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "everything"])
+    with pytest.raises(ValueError, match="compile must be"):
+        bench.run_benchmark("cpu", preset="vit_micro", compile="everything", log=None)
