@@ -21,6 +21,11 @@ The score between query position ``(hq, wq)`` and key position ``(hk, wk)`` is
 ``"matmul_folded"``
     The same folded ``q'``/``k'``, but scores from one explicit GEMM, softmax, ``@ v`` (no
     padded ``v``; one ``L x L`` tensor instead of the reference's two).
+``"sdpa_folded_v"`` (opt-in, never chosen by ``"auto"``)
+    ``"sdpa_folded"`` without padding ``v``: SDPA kernels that accept a value head dim other
+    than the query's (the memory-efficient one; cuDNN in recent versions) skip the ``P·V`` work
+    on 88 zero columns (ViT-L). Where no fused kernel accepts it, SDPA falls back to its math
+    path (the CPU always does): correct, but slow.
 ``"flex"`` (opt-in, never chosen by ``"auto"``)
     FlexAttention with a ``score_mod`` that adds ``rel_h[q, key row] + rel_w[q, key column]``
     to each score inside a compiled kernel: no ``L x L`` tensor and no widened head dim. The
@@ -47,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_IMPLS = ("math", "sdpa_bias", "sdpa_folded", "matmul_folded")
-OPTIONAL_IMPLS = ("flex",)  # valid names that "auto" never picks (compiled on first use)
+OPTIONAL_IMPLS = ("sdpa_folded_v", "flex")  # valid names that "auto" never picks (not measured faster yet)
 _ENV_VAR = "SEGGPT_ATTN"
 
 
@@ -307,6 +312,20 @@ def attention_sdpa_folded(
     return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :d]
 
 
+def attention_sdpa_folded_v(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Mask-free SDPA on the folded ``(q', k')`` with ``v`` at its own head dim (no padding)."""
+    qf, kf = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, grid, scale)
+    return F.scaled_dot_product_attention(qf, kf, v, scale=1.0)
+
+
 def attention_matmul_folded(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -378,6 +397,7 @@ _IMPLS = {
     "math": attention_math,
     "sdpa_bias": attention_sdpa_bias,
     "sdpa_folded": attention_sdpa_folded,
+    "sdpa_folded_v": attention_sdpa_folded_v,
     "matmul_folded": attention_matmul_folded,
     "flex": attention_flex,
 }

@@ -425,6 +425,9 @@ def bench_attention(
     if variants if variants is not None else dev.type == "cuda":
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             fns[f"sdpa_folded[{backend.split('_')[0].lower()}]"] = _with_backend(_IMPLS["sdpa_folded"], backend)
+        for backend in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):  # v unpadded: flash needs equal head dims
+            fns[f"sdpa_folded_v[{backend.split('_')[0].lower()}]"] = _with_backend(_IMPLS["sdpa_folded_v"], backend)
+        fns["sdpa_folded_v"] = _IMPLS["sdpa_folded_v"]
         fns["flex"] = _IMPLS["flex"]
 
     def timed(fn: Callable[[], Any]) -> tuple[float, int | None, float]:

@@ -26,7 +26,7 @@ from seggpt_lib.attention import (
 )
 from seggpt_lib.masking import random_patch_mask
 
-FAST = [i for i in ATTENTION_IMPLS if i != "math"]
+FAST = [i for i in ATTENTION_IMPLS if i != "math"] + ["sdpa_folded_v"]  # flex: forward only on CPU (below)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
