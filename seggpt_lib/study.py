@@ -626,6 +626,9 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     work = Path(work_dir) if work_dir else dirs["work"]
     work.mkdir(parents=True, exist_ok=True)
     dev = P._device(device)
+    if str(dev).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
+        # loader processes compete with the training threads for the cores on a CPU run
+        cfg["train"]["num_workers"] = min(cfg["train"]["num_workers"], max(0, (os.cpu_count() or 1) - 2))
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
