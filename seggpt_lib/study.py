@@ -549,6 +549,16 @@ def default_data() -> Path:
     return base / "magnetic_tile"
 
 
+def _portable_path(path: Path) -> str:
+    """``path`` relative to the repository where it lies beside or in it (summaries are committed:
+    no machine's absolute paths in them), else as given."""
+    try:
+        return os.path.relpath(Path(path).resolve(), REPO_ROOT) if Path(path).resolve().is_relative_to(
+            REPO_ROOT.parent) else str(path)
+    except ValueError:  # another drive
+        return str(path)
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """Platform, CPU model and count, GPU name, python / torch versions."""
     import torch
@@ -673,7 +683,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
                           "counts": P.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
     times["total_s"] = time.perf_counter() - t_all
     summary = {
-        "study": "magnetic_tile", "quick": bool(quick), "data": str(src), "device": dev, "seed": seed,
+        "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(src), "device": dev, "seed": seed,
         "settings": cfg, "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
         "git_commit": P.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
