@@ -638,7 +638,8 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     dev = P._device(device)
     if str(dev).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
         # loader processes compete with the training threads for the cores on a CPU run
-        cfg["train"]["num_workers"] = min(cfg["train"]["num_workers"], max(0, (os.cpu_count() or 1) - 2))
+        workers = cfg["train"].get("num_workers", P.DEFAULTS["train"].get("num_workers", 0))
+        cfg["train"]["num_workers"] = min(int(workers), max(0, (os.cpu_count() or 1) - 2))
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
