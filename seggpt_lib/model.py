@@ -351,6 +351,13 @@ class SegGPT(nn.Module):
         out = self.decoder_pred(x.permute(0, 3, 1, 2))
         return out[:, :, (first_row - start) * p :] if first_row > start else out
 
+    def _check_pair(self, imgs: torch.Tensor, tgts: torch.Tensor) -> None:
+        if imgs.shape[-2:] != tuple(self.cfg.img_size) or tgts.shape != imgs.shape:
+            raise ValueError(
+                f"expected imgs and tgts of shape (N, 3, {self.cfg.img_size[0]}, {self.cfg.img_size[1]}), "
+                f"got {tuple(imgs.shape)} and {tuple(tgts.shape)}"
+            )
+
     @torch.no_grad()
     def predict_query(
         self,
@@ -366,11 +373,7 @@ class SegGPT(nn.Module):
         """
         n = imgs.shape[0]
         hp, wp = self.cfg.grid
-        if imgs.shape[-2:] != tuple(self.cfg.img_size) or tgts.shape != imgs.shape:
-            raise ValueError(
-                f"expected imgs and tgts of shape (N, 3, {self.cfg.img_size[0]}, {self.cfg.img_size[1]}), "
-                f"got {tuple(imgs.shape)} and {tuple(tgts.shape)}"
-            )
+        self._check_pair(imgs, tgts)
         hidden = query_half_mask((hp, wp), n, device=imgs.device)
         if seg_type is None:
             seg_type = torch.zeros(n, dtype=torch.long, device=imgs.device)
@@ -412,11 +415,7 @@ class SegGPT(nn.Module):
         """
         n = imgs.shape[0]
         hp, wp = self.cfg.grid
-        if imgs.shape[-2:] != tuple(self.cfg.img_size) or tgts.shape != imgs.shape:
-            raise ValueError(
-                f"expected imgs and tgts of shape (N, 3, {self.cfg.img_size[0]}, {self.cfg.img_size[1]}), "
-                f"got {tuple(imgs.shape)} and {tuple(tgts.shape)}"
-            )
+        self._check_pair(imgs, tgts)
         if bool_masked_pos is None:
             bool_masked_pos = torch.zeros(n, hp * wp, dtype=torch.bool, device=imgs.device)
         else:
