@@ -84,26 +84,11 @@ def show(fig, dpi: int = 110) -> None:
 # images
 # ------------------------------------------------------------------------------------------
 def to_rgb_uint8(image: Any) -> np.ndarray:
-    """Any image (numpy HxW / HxWx3 / HxWx4, float 0..1 or 0..255, torch CHW) as HxWx3 uint8."""
-    if hasattr(image, "detach"):
-        t = image.detach().cpu().float()
-        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
-            t = t.permute(1, 2, 0)
-        image = t.numpy()
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    a = a[:, :, :3]
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        if a.size and np.nanmax(a) <= 1.0:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
-    return np.ascontiguousarray(a)
+    """Any image (numpy HxW / HxWx3 / HxWx4, float 0..1 or 0..255, torch CHW, PIL, a path) as
+    HxWx3 uint8: :func:`seggpt_lib.inference.load_rgb`."""
+    from seggpt_lib.inference import load_rgb
+
+    return load_rgb(image)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
