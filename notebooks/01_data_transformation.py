@@ -49,8 +49,8 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
 work = P.result_dirs(R)["work"]

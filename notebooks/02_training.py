@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 02 · Training
 #
-# Fine-tunes SegGPT on the training split of notebook 01 with `seggpt_lib.train`
+# Fine-tunes SegGPT on the training split of notebook 01 with `seggpt_lib.engine.trainer`
 # (AdamW, cosine annealing with warm restarts after a linear warm-up, 75 % of the label-pair
 # patches hidden, or the whole query half for a `query_mask_share` of the samples as at
 # inference, defect pixels weighted `fg_weight` in the smooth-L1 loss, negative pairs asking
@@ -54,9 +54,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
-from seggpt_lib.checkpoint import build_from_checkpoint, save_weights
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
+from seggpt_lib.model.checkpoint import build_from_checkpoint, save_weights
 
 R = Path(results_dir)
 data = P.read_fragment(R, "01_data_transformation")

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
 split_root = Path(P.read_fragment(R, "01_data_transformation")["split_root"])

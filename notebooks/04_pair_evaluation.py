@@ -55,9 +55,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
-from seggpt_lib.metrics import summary_markdown
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
+from seggpt_lib.eval.metrics import summary_markdown
 
 R = Path(results_dir)
 split_root = Path(P.read_fragment(R, "01_data_transformation")["split_root"])

@@ -21,7 +21,7 @@
 # and the metrics update live. Green: ground truth missed; red: painted where there is no
 # defect; yellow: hit.
 #
-# The callbacks live in `seggpt_lib.viz.Explorer`, so the same thing works from plain Python:
+# The callbacks live in `seggpt_lib.experiments.viz.Explorer`, so the same thing works from plain Python:
 # `Explorer(...).update(query=..., prompts=[...], top_k=..., split=...)` returns the metrics
 # and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`).
 
@@ -43,8 +43,8 @@ from pathlib import Path
 
 from IPython.display import display
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
 split_root = Path(split_dir or P.read_fragment(R, "01_data_transformation")["split_root"])

@@ -69,9 +69,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import study as S
-from seggpt_lib import viz as V
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import study as S
+from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
 data = P.read_fragment(R, "01_data_transformation")

@@ -1,6 +1,6 @@
 """SegGPT for few-shot industrial defect segmentation: model, data, training, inference, metrics."""
-from seggpt_lib.checkpoint import CheckpointError, build_from_checkpoint, load_weights, save_weights
-from seggpt_lib.model import PRESETS, SegGPT, SegGPTConfig, build_seggpt, preset_config
+from seggpt_lib.model.checkpoint import CheckpointError, build_from_checkpoint, load_weights, save_weights
+from seggpt_lib.model.seggpt import PRESETS, SegGPT, SegGPTConfig, build_seggpt, preset_config
 
 __version__ = "0.1.0"
 __all__ = [

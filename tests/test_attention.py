@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seggpt_lib import attention as A
+from seggpt_lib.model import attention as A
 from seggpt_lib import build_seggpt
-from seggpt_lib.attention import (
+from seggpt_lib.model.attention import (
     ATTENTION_IMPLS,
     attention_impl,
     auto_impl,
@@ -24,7 +24,7 @@ from seggpt_lib.attention import (
     resolve_impl,
     set_attention_impl,
 )
-from seggpt_lib.masking import random_patch_mask
+from seggpt_lib.utils.masking import random_patch_mask
 
 FAST = [i for i in ATTENTION_IMPLS if i != "math"] + ["sdpa_folded_v"]  # flex: forward only on CPU (below)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from seggpt_lib import bench
+from seggpt_lib.cli import bench
+from seggpt_lib.experiments import bench as bench_lib
 
 pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def test_cpu_benchmark_json(capsys):
 
 
 def bench_impls():
-    from seggpt_lib.attention import ATTENTION_IMPLS
+    from seggpt_lib.model.attention import ATTENTION_IMPLS
 
     return ATTENTION_IMPLS
 
@@ -65,7 +66,7 @@ def test_attention_only_json(capsys):
 
 
 def test_models_share_weights():
-    ours, theirs = bench.build_models("vit_micro", {"depth": 3, "out_indices": [2]}, torch.device("cpu"))
+    ours, theirs = bench_lib.build_models("vit_micro", {"depth": 3, "out_indices": [2]}, torch.device("cpu"))
     sd = theirs.state_dict()
     assert torch.equal(sd["model.encoder.layers.0.attention.rel_pos_h"], ours.blocks[0].attn.rel_pos_h)
     assert ours.blocks[0].attn.rel_pos_h.abs().sum() > 0  # the bias is exercised
@@ -83,7 +84,7 @@ def test_table_formats_none_memory():
             res[f"{who}_{kind}_tflops"] = 0.1
             res[f"{who}_{kind}_peak_gib"] = None
         res[f"{kind}_memory_ratio"] = None
-    text = bench.format_table(res)
+    text = bench_lib.format_table(res)
     assert "n/a" in text and "1.00x" in text
 
 
@@ -96,4 +97,4 @@ def test_compile_argument():
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "everything"])
     with pytest.raises(ValueError, match="compile must be"):
-        bench.run_benchmark("cpu", preset="vit_micro", compile="everything", log=None)
+        bench_lib.run_benchmark("cpu", preset="vit_micro", compile="everything", log=None)

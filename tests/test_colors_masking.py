@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seggpt_lib.colors import (
+from seggpt_lib.utils.colors import (
     cmap_to_lbl,
     denormalize,
     label_to_color,
@@ -13,7 +13,7 @@ from seggpt_lib.colors import (
     random_palette,
     snap_to_palette,
 )
-from seggpt_lib.masking import patch_mask_to_pixels, query_half_mask, random_patch_mask, seam_mask
+from seggpt_lib.utils.masking import patch_mask_to_pixels, query_half_mask, random_patch_mask, seam_mask
 
 
 @given(n=st.integers(2, 6), seed=st.integers(0, 2**31 - 1))

@@ -1,4 +1,4 @@
-"""Tests for seggpt_lib.data: index, cache, pair sampling, colouring, masks, augmentation."""
+"""Tests for seggpt_lib.data.dataset: index, cache, pair sampling, colouring, masks, augmentation."""
 from __future__ import annotations
 
 import csv
@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seggpt_lib import data as D
-from seggpt_lib.colors import denormalize
-from seggpt_lib.masking import query_half_mask
+from seggpt_lib.data import dataset as D
+from seggpt_lib.utils.colors import denormalize
+from seggpt_lib.utils.masking import query_half_mask
 
 IMG = (32, 32)  # model per-image size in most tests
 PATCH = 8
@@ -530,7 +530,7 @@ def test_compute_stats(tmp_path):
 
 
 def test_batch_runs_through_seggpt(index):
-    from seggpt_lib.model import build_seggpt
+    from seggpt_lib.model.seggpt import build_seggpt
 
     model = build_seggpt("vit_micro", depth=3, out_indices=(2,), merge_index=1, embed_dim=32, num_heads=2)
     ds = D.PairDataset(index, model.cfg, train=True, fg_weight=2.0, length=2)

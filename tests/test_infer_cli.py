@@ -10,7 +10,7 @@ from PIL import Image
 
 from seggpt_lib import build_seggpt, save_weights
 from seggpt_lib.cli import main
-from seggpt_lib.infer_cli import pair_kind
+from seggpt_lib.cli.infer import pair_kind
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +172,8 @@ def test_pair_kind_rules():
 def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
     """``--learned-prompt``: every query is predicted from the learned prompt (seggpt tune-prompt);
     the mapping may list the queries only and the prompt folders are not needed."""
-    from seggpt_lib.checkpoint import build_from_checkpoint
-    from seggpt_lib.prompt_tuning import save_learned_prompt, tune_prompt
+    from seggpt_lib.model.checkpoint import build_from_checkpoint
+    from seggpt_lib.engine.prompt_tuning import save_learned_prompt, tune_prompt
 
     root, data, mapping = workdir
     model = build_from_checkpoint(root / "w.safetensors")
@@ -193,8 +193,8 @@ def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
     assert s["settings"]["defect_color"] == list(prompt.defect_color) and s["n_pairs"] == 3
     assert (out / "label" / "open_000000.png").is_file()
     # the same predictions from Python: load_learned_prompt + to_prompt_pairs
-    from seggpt_lib.inference import SegGPTPredictor
-    from seggpt_lib.prompt_tuning import load_learned_prompt, predictor_kwargs, to_prompt_pairs
+    from seggpt_lib.predict.predictor import SegGPTPredictor
+    from seggpt_lib.engine.prompt_tuning import load_learned_prompt, predictor_kwargs, to_prompt_pairs
 
     pred = SegGPTPredictor(model, **predictor_kwargs(prompt))
     p = load_learned_prompt(lp, model=pred.model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seggpt_lib import build_seggpt
-from seggpt_lib.inference import (
+from seggpt_lib.predict.predictor import (
     PromptMaskError,
     PromptPairs,
     SegGPTPredictor,
@@ -13,7 +13,7 @@ from seggpt_lib.inference import (
     forward_grouped,
     plan_windows,
 )
-from seggpt_lib.masking import query_half_mask
+from seggpt_lib.utils.masking import query_half_mask
 
 
 @pytest.fixture(scope="module")

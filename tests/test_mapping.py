@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from seggpt_lib import cli
-from seggpt_lib import mapping as MP
+from seggpt_lib.eval import mapping as MP
 
 
 def _write(root, stem, value, ext="png", label=True, pattern=None):

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from seggpt_lib import metrics as M
-from seggpt_lib.metrics import PairResult
+from seggpt_lib.eval import metrics as M
+from seggpt_lib.eval.metrics import PairResult
 
 # The original project's published per-image figures: (positive IoU, negative response rate).
 PUBLISHED = {

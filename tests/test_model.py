@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from seggpt_lib import PRESETS, build_seggpt, preset_config
-from seggpt_lib.checkpoint import hf_config_kwargs, official_to_hf
-from seggpt_lib.masking import query_half_mask, random_patch_mask
+from seggpt_lib.model.checkpoint import hf_config_kwargs, official_to_hf
+from seggpt_lib.utils.masking import query_half_mask, random_patch_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +136,7 @@ def _reference_ensemble_forward(model, imgs, tgts, mask, start: int):
     y = model.patch_embed(tgts)
     m = mask.reshape(n, hp, wp, 1).float()
     y = y * (1 - m) + model.mask_token * m
-    from seggpt_lib.model import resize_abs_pos
+    from seggpt_lib.model.seggpt import resize_abs_pos
 
     pos = resize_abs_pos(model.pos_embed, (hp, wp))
     x = x + model.segment_token_x + pos + model.type_token_cls
@@ -244,7 +244,7 @@ def test_forward_decoder_rejects_bad_first_row():
 @pytest.mark.timeout(300)
 def test_compile_blocks_matches_eager_inference_and_training(needs_compiler):
     """Regional compilation: same outputs, same gradients, same parameter names."""
-    from seggpt_lib.attention import attention_impl
+    from seggpt_lib.model.attention import attention_impl
 
     torch.manual_seed(0)
     eager = build_seggpt("vit_micro", depth=3, out_indices=(2,))

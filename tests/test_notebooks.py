@@ -18,7 +18,7 @@ import jupytext  # noqa: E402
 import pandas as pd  # noqa: E402
 import papermill as pm  # noqa: E402
 
-from seggpt_lib import pipeline as P  # noqa: E402
+from seggpt_lib.experiments import pipeline as P  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -211,7 +211,7 @@ def test_05_explorer_notebook_runs(results, tmp_path):
 def test_explorer_callbacks_from_python(results):
     from matplotlib.figure import Figure
 
-    from seggpt_lib.viz import Explorer
+    from seggpt_lib.experiments.viz import Explorer
 
     em = P.load_eval_model(results, device="cpu")
     split_root = Path(P.read_fragment(results, "01_data_transformation")["split_root"])

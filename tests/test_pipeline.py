@@ -1,4 +1,4 @@
-"""``seggpt reproduce`` and the helpers of seggpt_lib.pipeline / seggpt_lib.viz: config handling,
+"""``seggpt reproduce`` and the helpers of seggpt_lib.experiments.pipeline / seggpt_lib.experiments.viz: config handling,
 tables, fragments, summary and index, a failing stage's message, the end-to-end tiny run, and
 the HTML pages in headless Chromium (skipped where no browser is on PATH)."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import viz as V
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import viz as V
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_tables_and_fragments(tmp_path):
 
 
 def _fake_fragments(results: Path) -> None:
-    from seggpt_lib.metrics import PairResult, evaluate
+    from seggpt_lib.eval.metrics import PairResult, evaluate
 
     gt = np.zeros((10, 10), bool)
     gt[2:5, 2:5] = True
@@ -219,7 +219,7 @@ def test_failing_stage_names_notebook_and_partial_copy(tmp_path):
 def test_cli_registration_and_errors(capsys, tmp_path):
     from seggpt_lib import cli
 
-    assert cli.COMMANDS["reproduce"][0] == "seggpt_lib.pipeline"
+    assert cli.COMMANDS["reproduce"][0] == "seggpt_lib.cli.reproduce"
     assert cli.main(["reproduce", "--config", str(REPO / "configs" / "pipeline.json"), "--set", "steps=7",
                      "--set", "device=cuda", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -267,7 +267,7 @@ def test_viz_helpers():
 def test_model_panel_rows(tmp_path):
     from data_prep.synthetic import generate_synthetic
     from seggpt_lib import build_seggpt
-    from seggpt_lib.data import DefectIndex, PairDataset
+    from seggpt_lib.data.dataset import DefectIndex, PairDataset
 
     root = generate_synthetic(tmp_path / "syn", per_class=2, size=32, classes=["pit", "stain"], n_free=0)
     model = build_seggpt("vit_micro", **P.SMOKE["model"])

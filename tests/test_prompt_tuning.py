@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from seggpt_lib import build_seggpt
-from seggpt_lib.checkpoint import save_weights
-from seggpt_lib.data import DefectIndex, read_label, read_rgb
-from seggpt_lib.prompt_tuning import (
+from seggpt_lib.model.checkpoint import save_weights
+from seggpt_lib.data.dataset import DefectIndex, read_label, read_rgb
+from seggpt_lib.engine.prompt_tuning import (
     LearnedPrompt,
     LearnedPromptError,
     load_learned_prompt,
@@ -60,8 +60,8 @@ def _real_prompt(synth: Path, model, cls: str = "pit") -> LearnedPrompt:
 
 
 def _queries(synth: Path, n: int = 3) -> torch.Tensor:
-    from seggpt_lib.colors import normalize
-    from seggpt_lib.prompt_tuning import _Images
+    from seggpt_lib.utils.colors import normalize
+    from seggpt_lib.engine.prompt_tuning import _Images
 
     index = DefectIndex.scan(synth, verify=False)
     data = _Images(index, range(n), (32, 32))
@@ -186,8 +186,8 @@ def test_cli_end_to_end(synth, tmp_path, capsys):
 
 
 def test_learned_prompt_plugs_into_predictor(synth):
-    inference = pytest.importorskip("seggpt_lib.inference")
-    from seggpt_lib.prompt_tuning import to_prompt_pairs
+    inference = pytest.importorskip("seggpt_lib.predict.predictor")
+    from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
 
     model = _model()
     index = DefectIndex.scan(synth, verify=False)

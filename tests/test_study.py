@@ -1,4 +1,4 @@
-"""Beyond the original (seggpt_lib.study, notebook 06) and the magnetic-tile study.
+"""Beyond the original (seggpt_lib.experiments.study, notebook 06) and the magnetic-tile study.
 
 Everything runs on a tiny synthetic set (3 defect classes, 64 px) with the 235 k-parameter
 smoke model trained a couple of steps; the magnetic-tile study runs its ``--quick``
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib import pipeline as P
-from seggpt_lib import study as S
+from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import study as S
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(P.SMOKE["model"])
@@ -88,8 +88,8 @@ def test_compare_recipes_table(tiny, tmp_path):
 
 
 def test_negative_pairs_under_empty_target_are_all_background(tiny):
-    from seggpt_lib.data import DefectIndex, PairDataset
-    from seggpt_lib.model import preset_config
+    from seggpt_lib.data.dataset import DefectIndex, PairDataset
+    from seggpt_lib.model.seggpt import preset_config
 
     cfg = preset_config("vit_micro", **TINY_MODEL)
     index = DefectIndex.scan(tiny / "train")
@@ -112,7 +112,7 @@ def test_negative_pairs_under_empty_target_are_all_background(tiny):
 
 def test_holdout_eval_folder(tiny, tmp_path):
     from data_prep.split import split_dataset
-    from seggpt_lib.data import DefectIndex
+    from seggpt_lib.data.dataset import DefectIndex
 
     split = split_dataset(tiny.parent / "syn", tmp_path / "split", seed=0, val=0.2, test=0.3,
                           holdout_classes=["stain"], show_progress=False)
@@ -195,7 +195,7 @@ def test_budget_defaults():
 def test_study_command_registered(capsys):
     from seggpt_lib import cli
 
-    assert cli.COMMANDS["study"][0] == "seggpt_lib.study"
+    assert cli.COMMANDS["study"][0] == "seggpt_lib.cli.study"
     with pytest.raises(SystemExit):
         cli.main(["study", "--help"])
     assert "--quick" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seggpt_lib import build_seggpt, load_weights
-from seggpt_lib.train import TrainConfig, lr_at, resume, train
+from seggpt_lib.engine.trainer import TrainConfig, lr_at, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
 # a 32x32-per-image SegGPT: fast enough for many steps on 2 cores
@@ -156,8 +156,8 @@ def test_refuses_to_overwrite_an_existing_run(synth, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(synth, tmp_path, monkeypatch):
-    from seggpt_lib.model import SegGPT
-    from seggpt_lib.train import NonFiniteLoss
+    from seggpt_lib.model.seggpt import SegGPT
+    from seggpt_lib.engine.trainer import NonFiniteLoss
 
     first = train(_cfg(synth, tmp_path, run_id="nan", max_steps=2), progress=False)
     good = _weights(first.run_dir)

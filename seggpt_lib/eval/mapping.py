@@ -61,8 +61,8 @@ __all__ = [
 # --------------------------------------------------------------------------- dataset
 
 def class_from_name(file_name: str) -> str:
-    """Class from a file name: the stem without a trailing ``_<digits>`` (see :func:`seggpt_lib.data.class_from_filename`)."""
-    from seggpt_lib.data import class_from_filename
+    """Class from a file name: the stem without a trailing ``_<digits>`` (see :func:`seggpt_lib.data.dataset.class_from_filename`)."""
+    from seggpt_lib.data.dataset import class_from_filename
 
     return class_from_filename(file_name)
 
@@ -278,33 +278,3 @@ def load_mapping(path: str | Path) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queries", required=True, metavar="DIR",
-                        help="query dataset root (images/, labels/, classes.csv)")
-    parser.add_argument("--prompts", metavar="DIR",
-                        help="prompt dataset root (default: the query root)")
-    parser.add_argument("--kind", required=True, choices=KINDS, help="which mapping to build")
-    parser.add_argument("--k", type=int, default=1, help="prompts per query (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--same-class", action="store_true",
-                        help="retrieval only: restrict candidates to the query's class")
-    parser.add_argument("--out", metavar="FILE.json",
-                        help="output JSON (default: print to stdout)")
-
-
-def run(args: argparse.Namespace) -> int:
-    prompts = args.prompts or args.queries
-    try:
-        mapping = build_mapping(args.queries, prompts, args.kind, k=args.k, seed=args.seed,
-                                same_class=args.same_class)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out and args.out != "-":
-        save_mapping(mapping, args.out)
-        print(f"wrote {len(mapping)} {args.kind} pairs (k={args.k}, seed={args.seed}) to {args.out}",
-              file=sys.stderr)
-    else:
-        sys.stdout.write(json.dumps(mapping, indent=2, sort_keys=True) + "\n")
-    return 0

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from seggpt_lib.model import PRESETS, build_seggpt
+from seggpt_lib.model.seggpt import PRESETS, build_seggpt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     print("\ncheckpoints: official .pth ({'model': ...}), bare state dicts, HuggingFace folders/files, "
           "this project's .safetensors and run checkpoints (always read with weights_only=True)")
     if args.weights:
-        from seggpt_lib.checkpoint import read_state_dict
+        from seggpt_lib.model.checkpoint import read_state_dict
 
         sd, cfg = read_state_dict(args.weights)
         print(f"\n{args.weights}: {len(sd)} tensors, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M parameters")

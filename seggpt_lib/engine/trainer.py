@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from seggpt_lib.checkpoint import load_weights, save_weights
-from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
-from seggpt_lib.model import SegGPT, build_seggpt
+from seggpt_lib.model.checkpoint import load_weights, save_weights
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
+from seggpt_lib.model.seggpt import SegGPT, build_seggpt
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TrainConfig:
     fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
-    augment: dict[str, Any] | None = None  # seggpt_lib.data.AugmentConfig fields; None = defaults
+    augment: dict[str, Any] | None = None  # seggpt_lib.data.dataset.AugmentConfig fields; None = defaults
     val_pairs: int = 64
     log_interval: int = 10
     device: str = "auto"
@@ -307,7 +307,7 @@ def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> tor
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False) -> None:
-        from seggpt_lib import data as D
+        from seggpt_lib.data import dataset as D
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -435,7 +435,7 @@ class Trainer:
         """The original's row: input | masked label | label | raw prediction | snapped prediction."""
         if self.writer is None:
             return
-        from seggpt_lib.masking import patch_mask_to_pixels
+        from seggpt_lib.utils.masking import patch_mask_to_pixels
 
         mean, std = self.cfg.image_mean, self.cfg.image_std
         i = 0
@@ -453,8 +453,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation with the query half hidden: loss, mIoU (pairs with a defect to find), fg share."""
-        from seggpt_lib import data as D
-        from seggpt_lib.metrics import iou
+        from seggpt_lib.data import dataset as D
+        from seggpt_lib.eval.metrics import iou
 
         if self.val_ds is None:
             return {}
@@ -494,7 +494,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> DataLoader:
-        from seggpt_lib import data as D
+        from seggpt_lib.data import dataset as D
 
         self.train_ds.set_epoch(epoch)
         sampler = self.train_ds.make_sampler(rank=self.info.rank, world_size=self.info.world_size, start=start, drop_last=True)
@@ -505,7 +505,7 @@ class Trainer:
         )
 
     def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
-        from seggpt_lib import data as D
+        from seggpt_lib.data import dataset as D
 
         cfg = self.cfg
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
@@ -646,36 +646,3 @@ def resume(run_dir: str | os.PathLike[str], stop_at_step: int | None = None, pro
 # ------------------------------------------------------------------------------------------
 # CLI: seggpt train --config FILE [--set key=value ...] [--resume RUN_DIR]
 # ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="training config JSON (keys: see TrainConfig)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    parser.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        overrides = parse_set(args.set)
-        if args.resume:
-            result = resume(args.resume, args.stop_at_step, not args.no_progress, overrides)
-        else:
-            if not args.config:
-                print("error: give --config FILE (or --resume RUN_DIR)", file=sys.stderr)
-                return 2
-            d = json.loads(Path(args.config).read_text()) if Path(args.config).is_file() else None
-            if d is None:
-                raise FileNotFoundError(f"training config not found: {args.config}")
-            d.update(overrides)
-            cfg = TrainConfig.from_dict(d, source=args.config)
-            result = train(cfg, stop_at_step=args.stop_at_step, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run: {result.run_dir}  steps: {result.step}  best val mIoU: {result.best_miou:.4f}")
-    return 0

@@ -1,6 +1,6 @@
 """The `seggpt` console command.
 
-Each subcommand lives in the module that does the work; that module exposes
+Each subcommand is one thin module in this package (arguments -> config -> library call) exposing
 ``add_arguments(parser)`` and ``run(args) -> int``. Register a new subcommand by
 adding one line to ``COMMANDS`` below (name -> (module, one-line help)).
 Modules are imported only when their subcommand is used, so ``seggpt --help`` is fast.
@@ -13,15 +13,15 @@ import sys
 from typing import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("seggpt_lib.train", "fine-tune SegGPT on defect pairs (single process, or DDP under torchrun)"),
-    "info": ("seggpt_lib.info", "show presets, parameter counts and the checkpoint formats understood"),
+    "train": ("seggpt_lib.cli.train", "fine-tune SegGPT on defect pairs (single process, or DDP under torchrun)"),
+    "info": ("seggpt_lib.cli.info", "show presets, parameter counts and the checkpoint formats understood"),
     "prepare": ("data_prep.cli", "build datasets: synthetic, coco, magnetic-tile, split, stats"),
-    "make-mapping": ("seggpt_lib.mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
-    "bench": ("seggpt_lib.bench", "benchmark this SegGPT against transformers' SegGptForImageSegmentation"),
-    "infer": ("seggpt_lib.infer_cli", "prompted inference over a mapping JSON: masks, overlays, per-image metrics, summary"),
-    "tune-prompt": ("seggpt_lib.prompt_tuning", "learn a prompt image+mask for one defect class with SegGPT frozen"),
-    "reproduce": ("seggpt_lib.pipeline", "run the notebook pipeline (01-04, 06) with papermill and regenerate results/"),
-    "study": ("seggpt_lib.study", "magnetic-tile study: original vs class-aware negatives, image vs learned prompts, seen and held-out classes"),
+    "make-mapping": ("seggpt_lib.cli.make_mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
+    "bench": ("seggpt_lib.cli.bench", "benchmark this SegGPT against transformers' SegGptForImageSegmentation"),
+    "infer": ("seggpt_lib.cli.infer", "prompted inference over a mapping JSON: masks, overlays, per-image metrics, summary"),
+    "tune-prompt": ("seggpt_lib.cli.tune_prompt", "learn a prompt image+mask for one defect class with SegGPT frozen"),
+    "reproduce": ("seggpt_lib.cli.reproduce", "run the notebook pipeline (01-04, 06) with papermill and regenerate results/"),
+    "study": ("seggpt_lib.cli.study", "magnetic-tile study: original vs class-aware negatives, image vs learned prompts, seen and held-out classes"),
 }
 
 

@@ -9,7 +9,7 @@
    yield, PES, beside the trivial baselines and the original project's published figures;
 5. ``06_beyond``: beyond the original: its negatives recipe against class-aware negatives (the
    same training budget), each with an image prompt, a top-k ensemble and a learned prompt
-   (prompt tuning, the model frozen) (:mod:`seggpt_lib.study`);
+   (prompt tuning, the model frozen) (:mod:`seggpt_lib.experiments.study`);
 
 with papermill, in order, with one set of parameters, then renders every executed notebook to
 ``RESULTS/reports/<name>.html`` and writes ``RESULTS/summary.json`` (every headline figure and
@@ -26,7 +26,7 @@ that checkpoint (official ``.pth``, HuggingFace, our ``.safetensors``) and ``ste
 training (evaluation only; the architecture is read from the checkpoint unless ``preset`` is
 given explicitly).
 
-Everything a notebook does is a call into this module, :mod:`seggpt_lib.viz`, or the library,
+Everything a notebook does is a call into this module, :mod:`seggpt_lib.experiments.viz`, or the library,
 so the notebooks hold no logic of their own and the tests can call the same functions.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ __all__ = [
     "write_table",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS: tuple[str, ...] = ("01_data_transformation", "02_training", "03_split_ablation", "04_pair_evaluation",
                               "06_beyond")
@@ -131,7 +131,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",  # training: bf16 on CUDA, fp32 on CPU; inference likewise
     "seed": 0,
     "normalize": "imagenet",  # imagenet (the official weights') | dataset (the training split's own mean/std)
-    "train": {  # any seggpt_lib.train.TrainConfig keys: the recipe
+    "train": {  # any seggpt_lib.engine.trainer.TrainConfig keys: the recipe
         "lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
         "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
     },
@@ -362,7 +362,7 @@ def write_table(df, results_dir: str | os.PathLike, name: str, title: str | None
 
 def save_figure(fig, results_dir: str | os.PathLike, name: str, dpi: int = 110, show: bool = True) -> Path:
     """Write ``figures/<name>.png``; in a notebook also display it (the same PNG)."""
-    from seggpt_lib import viz
+    from seggpt_lib.experiments import viz
 
     dirs = result_dirs(results_dir)
     path = dirs["figures"] / f"{name}.png"
@@ -529,7 +529,7 @@ def split_roots(split_root: str | os.PathLike) -> dict[str, Path]:
 
 
 def _scan(root: Path):
-    from seggpt_lib.data import DefectIndex
+    from seggpt_lib.data.dataset import DefectIndex
 
     return DefectIndex.scan(root, verify=False)
 
@@ -583,7 +583,7 @@ def has_positive_pairs(root: str | os.PathLike) -> bool:
 def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", model: dict | None = None,
                     weights: str = "", seed: int = 0, train: dict[str, Any] | None = None, n: int = 4):
     """A few training samples as the trainer builds them (for the pair-colouring figure)."""
-    from seggpt_lib.data import PairDataset
+    from seggpt_lib.data.dataset import PairDataset
 
     mcfg = model_config(preset, model, weights)
     t = {**DEFAULTS["train"], **(train or {})}
@@ -599,7 +599,7 @@ def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", mo
 # 02: model and training
 # ------------------------------------------------------------------------------------------
 def _match_preset(cfg) -> tuple[str, dict[str, Any]]:
-    from seggpt_lib.model import PRESETS, preset_config
+    from seggpt_lib.model.seggpt import PRESETS, preset_config
 
     mine = cfg.to_dict()
 
@@ -620,8 +620,8 @@ def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict |
         return preset, model
     if not weights:
         raise PipelineError("preset 'auto' needs weights to read the architecture from; give a preset (e.g. vit_micro)")
-    from seggpt_lib.checkpoint import read_state_dict
-    from seggpt_lib.model import PRESETS, preset_config
+    from seggpt_lib.model.checkpoint import read_state_dict
+    from seggpt_lib.model.seggpt import PRESETS, preset_config
 
     sd, cfg = read_state_dict(weights)
     if cfg is not None:
@@ -637,8 +637,8 @@ def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict |
 
 
 def model_config(preset: str = "vit_micro", model: dict | None = None, weights: str = ""):
-    """The :class:`~seggpt_lib.model.SegGPTConfig` of a preset (``auto``: from ``weights``)."""
-    from seggpt_lib.model import preset_config
+    """The :class:`~seggpt_lib.model.seggpt.SegGPTConfig` of a preset (``auto``: from ``weights``)."""
+    from seggpt_lib.model.seggpt import preset_config
 
     name, ov = resolve_preset(weights, preset, model)
     return preset_config(name, **ov)
@@ -657,14 +657,14 @@ def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, *
                     device: str = "cpu", precision: str = "auto", seed: int = 0, normalize: str = "imagenet",
                     mean_std: tuple[Sequence[float], Sequence[float]] | None = None, train: dict[str, Any] | None = None,
                     eval_every: int = 50, val_pairs: int = 64, log: Callable[[str], None] = print):
-    """The :class:`~seggpt_lib.train.TrainConfig` of a pipeline run.
+    """The :class:`~seggpt_lib.engine.trainer.TrainConfig` of a pipeline run.
 
     ``train`` is the recipe (any TrainConfig keys); the pipeline sets the data folders, the model,
     the device, ``max_steps = steps``, ``max_minutes = train_minutes``, and sizes an epoch to
     ``eval_every`` steps so that validation (and the ``last``/``best`` checkpoints) come every
     ``eval_every`` steps. Without a class holding two defect images in ``val`` there is no
     validation (said in the log)."""
-    from seggpt_lib.train import TrainConfig
+    from seggpt_lib.engine.trainer import TrainConfig
 
     roots = split_roots(split_root)
     if "train" not in roots:
@@ -681,7 +681,7 @@ def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, *
         log("no validation: the val split has no class with two defect images")
     if normalize == "dataset":
         if mean_std is None:
-            from seggpt_lib.data import compute_stats
+            from seggpt_lib.data.dataset import compute_stats
 
             mean_std = compute_stats(roots["train"], size=256)
         d["image_mean"], d["image_std"] = [float(v) for v in mean_std[0]], [float(v) for v in mean_std[1]]
@@ -700,7 +700,7 @@ def initial_model(cfg):
     """The model exactly as the trainer initialises it (same seed, same weights)."""
     import torch
 
-    from seggpt_lib.train import build_model
+    from seggpt_lib.engine.trainer import build_model
 
     torch.manual_seed(cfg.seed)
     return build_model(cfg)
@@ -708,7 +708,7 @@ def initial_model(cfg):
 
 def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
     """Fixed evaluation pairs (query half hidden) for the five-panel rows: val, else test."""
-    from seggpt_lib.data import PairDataset
+    from seggpt_lib.data.dataset import PairDataset
 
     roots = split_roots(split_root)
     root = next((roots[s] for s in ("val", "test") if s in roots and has_positive_pairs(roots[s])), roots["train"])
@@ -720,7 +720,7 @@ def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
 def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (a fresh run in ``run_dir``, an older one there is removed); returns the run's
     ``run_dir``, ``steps_done``, ``best_val_miou``, ``wall_s``."""
-    from seggpt_lib.train import train
+    from seggpt_lib.engine.trainer import train
 
     run_dir = Path(run_dir)
     if run_dir.exists():
@@ -781,9 +781,9 @@ def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: s
     """The model to evaluate: ``weights`` (official, HF or ours), or, when empty, what notebook
     02 produced (its fragment: weights, architecture, normalisation, the fixed defect colour
     it was trained with). The prompt masks are painted in ``defect_color`` (default white)."""
-    from seggpt_lib.checkpoint import build_from_checkpoint
-    from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD
-    from seggpt_lib.inference import SegGPTPredictor
+    from seggpt_lib.model.checkpoint import build_from_checkpoint
+    from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+    from seggpt_lib.predict.predictor import SegGPTPredictor
 
     if not weights:
         frag = read_fragment(results_dir, "02_training")
@@ -848,8 +848,8 @@ def prompt_mapping(split_root: str | os.PathLike, kind: str, k: int = 1, seed: i
                    max_queries: int | None = None) -> dict[str, list[str]]:
     """``{test query: [k train prompts]}`` of ``kind`` (positive, negative, free); empty when the
     test split has no such query or too few prompts (a ``ValueError`` from
-    :func:`seggpt_lib.mapping.build_mapping` is re-raised for positive mappings)."""
-    from seggpt_lib.mapping import build_mapping
+    :func:`seggpt_lib.eval.mapping.build_mapping` is re-raised for positive mappings)."""
+    from seggpt_lib.eval.mapping import build_mapping
 
     q_root, p_root = eval_roots(split_root)
     try:
@@ -867,10 +867,10 @@ def predict_mapping(em: EvalModel, split_root: str | os.PathLike, mapping: dict[
                     split: int = 1, top_k: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
                     keep: bool = False, log: Callable[[str], None] | None = None):
     """Predict every query of ``mapping`` from its first ``top_k`` prompts; returns a list of
-    :class:`seggpt_lib.metrics.PairResult` (extra columns ``split``, ``top_k``, ``seconds``) and,
-    with ``keep``, the :class:`~seggpt_lib.inference.Prediction` of each query (raw kept)."""
-    from seggpt_lib.data import read_label, read_rgb
-    from seggpt_lib.metrics import PairResult
+    :class:`seggpt_lib.eval.metrics.PairResult` (extra columns ``split``, ``top_k``, ``seconds``) and,
+    with ``keep``, the :class:`~seggpt_lib.predict.predictor.Prediction` of each query (raw kept)."""
+    from seggpt_lib.data.dataset import read_label, read_rgb
+    from seggpt_lib.eval.metrics import PairResult
 
     q_root, p_root = eval_roots(split_root)
     q_idx, p_idx = _scan(q_root), _scan(p_root)
@@ -925,7 +925,7 @@ def split_ablation(em: EvalModel, split_root: str | os.PathLike, splits: Sequenc
     (every scored pair), ``mapping`` and ``work_size``."""
     import pandas as pd
 
-    from seggpt_lib.metrics import evaluate
+    from seggpt_lib.eval.metrics import evaluate
 
     k_max = max(top_k, extra_top_k or 0)
     try:
@@ -967,10 +967,10 @@ def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, split: int = 2
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Positive prompts, negative prompts and defect-free queries of the test split at ``split``.
 
-    Returns ``table`` (every pair, :func:`seggpt_lib.metrics.evaluate`'s columns), ``summary``
+    Returns ``table`` (every pair, :func:`seggpt_lib.eval.metrics.evaluate`'s columns), ``summary``
     (its summary, with the paint-nothing / paint-everything baselines), ``mappings``,
     ``work_size``."""
-    from seggpt_lib.metrics import evaluate
+    from seggpt_lib.eval.metrics import evaluate
 
     q_root, _ = eval_roots(split_root)
     ws = work_size_of(work_size, q_root, em)
@@ -1032,12 +1032,12 @@ def comparison_table(summary: dict[str, Any], split_miou: dict[int, float] | Non
 def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: dict[str, list[str]], n: int = 3,
                  worst: bool = False, split: int = 1, top_k: int = 1, work_size: int | str = "auto",
                  tile_pairing: str = "aligned", kind: str = "positive", by: str = "iou") -> list[tuple[list[np.ndarray], str]]:
-    """Five-panel rows (see :func:`seggpt_lib.viz.prediction_panel_row`) of the ``n`` best (or,
+    """Five-panel rows (see :func:`seggpt_lib.experiments.viz.prediction_panel_row`) of the ``n`` best (or,
     with ``worst``, lowest) pairs of ``kind`` in ``table`` by column ``by`` (``iou``, or
     ``response_rate`` where highest is "best" = strongest response), re-predicted with the raw
     output kept. Titles give class, query, prompt, IoU and response rate."""
-    from seggpt_lib import viz
-    from seggpt_lib.data import read_label, read_rgb
+    from seggpt_lib.experiments import viz
+    from seggpt_lib.data.dataset import read_label, read_rgb
 
     t = table[table["kind"] == kind] if "kind" in table else table
     t = t.dropna(subset=[by])
@@ -1561,53 +1561,3 @@ def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: 
 # ------------------------------------------------------------------------------------------
 # CLI: seggpt reproduce
 # ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="pipeline config JSON (default: configs/pipeline.json if present)")
-    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable; JSON values; train.lr=1e-4 for nested keys)")
-    parser.add_argument("--stages", default=None,
-                        help="comma-separated stages to run (numbers or names; default: 1,2,3,4,6; 5 is the "
-                             "interactive explorer); a partial run keeps the other stages' results")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a one-minute check of the whole pipeline: tiny synthetic set, tiny model, 3 steps "
-                             "(applied after --config, before --set)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-
-def _resolve_stages(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    names = list(NOTEBOOK_PARAMETERS)
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part.isdigit() and 1 <= int(part) <= len(names):
-            out.append(names[int(part) - 1])
-        elif part in names:
-            out.append(part)
-        else:
-            raise PipelineError(f"unknown stage {part!r}; stages: 1-{len(names)} or {', '.join(names)}")
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        path = args.config
-        if path is None and (Path("configs") / "pipeline.json").is_file():
-            path = Path("configs") / "pipeline.json"
-        cfg = load_config(path, args.set, smoke=args.smoke)
-        if args.print_config:
-            print(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, indent=2))
-            return 0
-        stages = _resolve_stages(args.stages)
-
-        def log(msg: str) -> None:
-            print(msg, flush=True)
-
-        reproduce(cfg, stages=stages, log=log)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -2,7 +2,7 @@
 
 * mask overlays (:func:`overlay`, :func:`overlay_pred_gt`), label colouring;
 * the original's five-panel row ``[input | masked label | label | raw prediction | prediction
-  snapped to the palette]``, either from a model run on :class:`seggpt_lib.data.PairDataset`
+  snapped to the palette]``, either from a model run on :class:`seggpt_lib.data.dataset.PairDataset`
   samples (:func:`model_panel_rows`) or from a predictor's output on a full-resolution query
   (:func:`prediction_panel_row`), drawn by :func:`five_panel_figure`;
 * training curves from a run's ``metrics.csv`` (:func:`training_curves`), per-class bar charts
@@ -85,8 +85,8 @@ def show(fig, dpi: int = 110) -> None:
 # ------------------------------------------------------------------------------------------
 def to_rgb_uint8(image: Any) -> np.ndarray:
     """Any image (numpy HxW / HxWx3 / HxWx4, float 0..1 or 0..255, torch CHW, PIL, a path) as
-    HxWx3 uint8: :func:`seggpt_lib.inference.load_rgb`."""
-    from seggpt_lib.inference import load_rgb
+    HxWx3 uint8: :func:`seggpt_lib.predict.predictor.load_rgb`."""
+    from seggpt_lib.predict.predictor import load_rgb
 
     return load_rgb(image)
 
@@ -144,7 +144,7 @@ def stack_pair(top: np.ndarray, bottom: np.ndarray, size: tuple[int, int] | None
 # five-panel rows
 # ------------------------------------------------------------------------------------------
 def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu") -> list[tuple[list[np.ndarray], str]]:
-    """The original's image row for evaluation samples of a :class:`~seggpt_lib.data.PairDataset`
+    """The original's image row for evaluation samples of a :class:`~seggpt_lib.data.dataset.PairDataset`
     (``train=False``: the query half of the label pair is hidden), run through ``model``.
 
     Returns ``[(five images (2H, W, 3) uint8, title), ...]``: input pair, label pair with the
@@ -153,10 +153,10 @@ def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu"
     """
     import torch
 
-    from seggpt_lib import data as D
-    from seggpt_lib.colors import cmap_to_lbl, denormalize
-    from seggpt_lib.masking import patch_mask_to_pixels
-    from seggpt_lib.metrics import iou
+    from seggpt_lib.data import dataset as D
+    from seggpt_lib.utils.colors import cmap_to_lbl, denormalize
+    from seggpt_lib.utils.masking import patch_mask_to_pixels
+    from seggpt_lib.eval.metrics import iou
 
     if not len(indices):
         return []
@@ -197,7 +197,7 @@ def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu"
 def prediction_panel_row(query: Any, gt: Any | None, prompt: Any, prompt_mask: Any, prediction: Any,
                          size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """The five-panel row for a full-resolution prediction of a
-    :class:`~seggpt_lib.inference.SegGPTPredictor` (``prediction`` has ``mask``, ``color`` and
+    :class:`~seggpt_lib.predict.predictor.SegGPTPredictor` (``prediction`` has ``mask``, ``color`` and
     ``raw``; ``raw`` may be None, then the snapped colours are shown).
 
     Each panel stacks the (first) prompt on top of the query, both at ``size`` (default: the
@@ -283,7 +283,7 @@ def dataset_samples(root: str | Path, per_class: int = 2, max_classes: int | Non
                     seed: int = 0):
     """Contact sheet of a dataset ROOT: per class ``per_class`` images, each plain and with its
     mask overlaid in red. Returns the figure."""
-    from seggpt_lib.data import DefectIndex, read_label, read_rgb
+    from seggpt_lib.data.dataset import DefectIndex, read_label, read_rgb
 
     index = DefectIndex.scan(root, verify=False)
     rng = np.random.default_rng(seed)
@@ -306,8 +306,8 @@ def pair_samples_figure(dataset, indices: Sequence[int]):
     """Training samples as the model sees them: image pair (prompt on top), coloured label pair
     (one random defect colour per sample, black background), the random patch mask (white =
     hidden, to be predicted) and the label pair as given to the model (hidden patches black)."""
-    from seggpt_lib.colors import denormalize
-    from seggpt_lib.masking import patch_mask_to_pixels
+    from seggpt_lib.utils.colors import denormalize
+    from seggpt_lib.utils.masking import patch_mask_to_pixels
 
     cfg_grid = dataset.grid
     p = dataset.patch_size
@@ -445,7 +445,7 @@ class Explorer:
 
     def __init__(self, predictor, query_root: str | Path, prompt_root: str | Path, work_size: int | None = None,
                  tile_pairing: str = "all", catch_iou: float = 0.3, yield_response: float = 0.000239) -> None:
-        from seggpt_lib.data import DefectIndex
+        from seggpt_lib.data.dataset import DefectIndex
 
         self.predictor = predictor
         self.query_index = DefectIndex.scan(query_root, verify=False)
@@ -482,7 +482,7 @@ class Explorer:
 
     # -- data -----------------------------------------------------------------------------
     def _load(self, which: str, file: str) -> tuple[np.ndarray, np.ndarray]:
-        from seggpt_lib.data import read_label, read_rgb
+        from seggpt_lib.data.dataset import read_label, read_rgb
 
         key = (which, file)
         if key not in self._cache:
@@ -501,8 +501,8 @@ class Explorer:
         metrics (``kind``, ``iou``, ``catch``, ``response_rate``, ``yield``, ``pred_pixels``,
         ``gt_pixels``, ``n_pairs``, ``seconds``, ``prompts`` used) and ``figure`` (query with the
         prediction overlaid, prediction vs ground truth, and the first prompt with its mask)."""
-        from seggpt_lib.metrics import iou as iou_fn
-        from seggpt_lib.metrics import is_catch, is_yield, response_rate
+        from seggpt_lib.eval.metrics import iou as iou_fn
+        from seggpt_lib.eval.metrics import is_catch, is_yield, response_rate
 
         query = query or self.queries[0]
         prompts = list(prompts) if prompts else self.default_prompts(query, max(1, int(top_k)))

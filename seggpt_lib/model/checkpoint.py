@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from seggpt_lib.attention import resize_rel_pos
-from seggpt_lib.model import SegGPT, SegGPTConfig
+from seggpt_lib.model.attention import resize_rel_pos
+from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -239,7 +239,7 @@ def adapt_state_dict(sd: StateDict, model: SegGPT) -> StateDict:
         if src.ndim == 3 and src.shape[-1] == target["pos_embed"].shape[-1]:
             n = target["pos_embed"].shape[1] - 1
             side = int(n**0.5)
-            from seggpt_lib.model import resize_abs_pos
+            from seggpt_lib.model.seggpt import resize_abs_pos
 
             grid = resize_abs_pos(src, (side, side)).reshape(1, n, -1)
             out["pos_embed"] = torch.cat([src[:, :1], grid], dim=1)
@@ -283,7 +283,7 @@ def load_weights(model: SegGPT, path: str | os.PathLike[str], strict: bool = Tru
 
 def build_from_checkpoint(path: str | os.PathLike[str], preset: str | None = None, **overrides: Any) -> SegGPT:
     """Build the model a checkpoint describes (its own config, else ``preset``) and load it."""
-    from seggpt_lib.model import preset_config
+    from seggpt_lib.model.seggpt import preset_config
 
     sd, cfg = read_state_dict(path)
     if preset is not None:

@@ -10,7 +10,7 @@ tensors are trained, both in the model's normalised space at the model's per-ima
 This is SegGPT §3.3 ("in-context tuning"), the step the original project left undone. Each step
 takes a batch of the class's labelled images as queries (at model size, randomly flipped),
 stacks ``[learned image ; query image]`` and ``[learned label ; query label coloured black /
-defect colour]``, hides the query half of the label pair (:func:`~seggpt_lib.masking.query_half_mask`;
+defect colour]``, hides the query half of the label pair (:func:`~seggpt_lib.utils.masking.query_half_mask`;
 with ``mask="query+random"`` also a random share of the prompt-half patches, a dropout on the
 learned label) and minimises the model's own masked smooth-L1 loss on the query half
 (``valid`` is 0 on the prompt half, 1 on the query, ``fg_weight`` on its defect pixels).
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize, normalize
-from seggpt_lib.masking import query_half_mask
-from seggpt_lib.model import SegGPT
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize, normalize
+from seggpt_lib.utils.masking import query_half_mask
+from seggpt_lib.model.seggpt import SegGPT
 
 __all__ = [
     "DEFAULT_DEFECT_COLOR",
@@ -70,7 +70,7 @@ __all__ = [
 
 FORMAT = "seggpt-learned-prompt"
 FORMAT_VERSION = "1"
-# white on black: the default of seggpt_lib.inference.SegGPTPredictor, so the learned prompt
+# white on black: the default of seggpt_lib.predict.predictor.SegGPTPredictor, so the learned prompt
 # paints queries in the colour the predictor snaps to
 DEFAULT_DEFECT_COLOR: tuple[int, int, int] = (255, 255, 255)
 INITS = ("real", "random")
@@ -293,7 +293,7 @@ def save_learned_prompt(prompt: LearnedPrompt, path: str | os.PathLike[str]) -> 
     atomic (a crash never leaves a half file)."""
     from safetensors.torch import save_file
 
-    from seggpt_lib.checkpoint import atomic_write
+    from seggpt_lib.model.checkpoint import atomic_write
 
     tensors = {"image": prompt.image.detach().to("cpu", torch.float32).contiguous(),
                "label": prompt.label.detach().to("cpu", torch.float32).contiguous()}
@@ -377,10 +377,10 @@ def predictor_kwargs(prompt: LearnedPrompt) -> dict[str, Any]:
 
 
 def to_prompt_pairs(prompt: LearnedPrompt, predictor: Any | None = None):
-    """A :class:`seggpt_lib.inference.PromptPairs` of one pair for ``predictor.predict(...,
+    """A :class:`seggpt_lib.predict.predictor.PromptPairs` of one pair for ``predictor.predict(...,
     prompt_pairs=...)``. With ``predictor``, checks that it takes the prompt's size and uses
     its normalisation and defect colour (else :class:`LearnedPromptError`)."""
-    from seggpt_lib.inference import PromptPairs
+    from seggpt_lib.predict.predictor import PromptPairs
 
     if predictor is not None:
         prompt.check_fits(predictor.model)
@@ -423,7 +423,7 @@ class _Images:
     """uint8 images ``(N, 3, H, W)`` and binary labels ``(N, H, W)`` at model size (CPU)."""
 
     def __init__(self, index, rows: Sequence[int], size: tuple[int, int]) -> None:
-        from seggpt_lib.data import ImageCache
+        from seggpt_lib.data.dataset import ImageCache
 
         rows = [int(r) for r in rows]
         self.files = [index.files[r] for r in rows]
@@ -440,7 +440,7 @@ class _Images:
 
 
 def _as_index(index_or_root):
-    from seggpt_lib.data import DefectIndex
+    from seggpt_lib.data.dataset import DefectIndex
 
     if isinstance(index_or_root, DefectIndex):
         return index_or_root
@@ -606,7 +606,7 @@ def tune_prompt(
 ) -> tuple[LearnedPrompt, list[dict[str, Any]]]:
     """Learn a prompt image + label for ``class_name`` with SegGPT frozen (see the module docstring).
 
-    ``index_or_root``: a :class:`~seggpt_lib.data.DefectIndex` or a dataset folder. Queries are
+    ``index_or_root``: a :class:`~seggpt_lib.data.dataset.DefectIndex` or a dataset folder. Queries are
     the class's images with a defect; with ``negative_share > 0`` that share of each batch are
     other images (other classes, defect-free) whose target is all background, so the prompt
     also learns to paint nothing on them (class-aware prompts, fewer overkills).
@@ -775,106 +775,3 @@ def tune_prompt(
 # ------------------------------------------------------------------------------------------
 # CLI: seggpt tune-prompt
 # ------------------------------------------------------------------------------------------
-def _parse_triple(kind=float):
-    from seggpt_lib.cli import parse_triple
-
-    return lambda text: parse_triple(text, kind)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Writes FILE.safetensors (the prompt image and label, with the model config, palette, "
-                     "normalisation and losses in its metadata). Use it in Python with "
-                     "seggpt_lib.prompt_tuning.load_learned_prompt / to_prompt_pairs.")
-    g = parser.add_argument_group("model")
-    g.add_argument("--weights", required=True, metavar="PATH", help="SegGPT checkpoint (kept frozen)")
-    g.add_argument("--preset", help="architecture preset when the checkpoint does not record it (e.g. vit_large)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="autocast precision (default: bf16 on CUDA, else fp32)")
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", required=True, metavar="DIR", help="dataset root (images/, labels/, classes.csv)")
-    g.add_argument("--class", dest="class_name", required=True, metavar="NAME", help="the defect class to learn a prompt for")
-    g.add_argument("--negative-share", type=float, default=0.0, metavar="F",
-                   help="share of each batch drawn from other classes / defect-free images, target empty (default 0)")
-    g.add_argument("--mean", type=_parse_triple(), default=IMAGENET_MEAN, metavar="R,G,B", help="normalisation mean (default ImageNet)")
-    g.add_argument("--std", type=_parse_triple(), default=IMAGENET_STD, metavar="R,G,B", help="normalisation std (default ImageNet)")
-    g.add_argument("--defect-color", type=_parse_triple(int), default=DEFAULT_DEFECT_COLOR, metavar="R,G,B",
-                   help="defect colour of the prompt label (default 255,255,255, the predictor's)")
-    g = parser.add_argument_group("tuning")
-    g.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate, cosine to 0 (default 0.1)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the prompt (default 0)")
-    g.add_argument("--batch-size", type=int, default=4, help="queries per step (default 4)")
-    g.add_argument("--init", default="real", choices=INITS, help="start from a real image+mask of the class, or noise")
-    g.add_argument("--init-file", metavar="FILE", help="the image to start from with --init real (default: drawn with --seed)")
-    g.add_argument("--mask", default="query", choices=MASKS,
-                   help="hide the query half, or also random prompt-label patches (default query)")
-    g.add_argument("--prompt-mask-ratio", type=float, default=0.25, help="with --mask query+random: share of prompt patches hidden")
-    g.add_argument("--fg-weight", type=float, default=1.0, help="loss weight of the queries' defect pixels (default 1)")
-    g.add_argument("--no-flip", action="store_true", help="no random flips of the queries")
-    g.add_argument("--no-clamp", action="store_true", help="let the prompt leave the range of real pixels")
-    g.add_argument("--seed", type=int, default=0)
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the learned prompt")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    g.add_argument("--history", metavar="CSV", help="write the per-step loss / lr / seconds here")
-    g.add_argument("--preview", metavar="PNG", help="write image | label | snapped mask of the learned prompt here")
-    g.add_argument("--no-eval", action="store_true", help="skip measuring the loss over all images before and after")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.checkpoint import CheckpointError, build_from_checkpoint
-    from seggpt_lib.data import DatasetError
-
-    out = Path(args.out)
-    try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        if out.suffix != ".safetensors":
-            raise ValueError(f"--out must end in .safetensors, got {out}")
-        data = Path(args.data)
-        if not data.is_dir():
-            raise FileNotFoundError(f"--data not found: {data}")
-        device = _resolve_device(args.device)
-        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        model = build_from_checkpoint(args.weights, preset=args.preset)
-        prompt, history = tune_prompt(
-            model, data, args.class_name, steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
-            seed=args.seed, device=device, mask=args.mask, progress=not args.no_progress, fg_weight=args.fg_weight,
-            prompt_mask_ratio=args.prompt_mask_ratio, flip=not args.no_flip, negative_share=args.negative_share,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clamp=not args.no_clamp,
-            precision=precision, defect_color=args.defect_color, mean=args.mean, std=args.std,
-            init_file=args.init_file, evaluate=not args.no_eval,
-        )
-        prompt.info["weights"] = Path(args.weights).name
-        save_learned_prompt(prompt, out)
-        if args.history:
-            import csv
-
-            from seggpt_lib.checkpoint import atomic_write
-
-            def write(tmp: str) -> None:
-                with open(tmp, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
-                    w.writeheader()
-                    w.writerows(history)
-
-            atomic_write(args.history, write)
-        if args.preview:
-            from PIL import Image
-
-            from seggpt_lib.checkpoint import atomic_write
-
-            arr = prompt.preview()
-            atomic_write(args.preview, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    init_loss = prompt.info.get("initial_loss")
-    loss_txt = (f"loss {init_loss:.4f} -> {prompt.final_loss:.4f} over {prompt.info['n_images']} images"
-                if init_loss is not None else f"last batch loss {prompt.final_loss:.4f}")
-    print(f"learned prompt for {args.class_name!r}: {loss_txt}; {args.steps} steps, "
-          f"{prompt.info['seconds_per_step']:.3f} s/step; wrote {out}")
-    return 0

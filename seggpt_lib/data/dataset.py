@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from seggpt_lib.colors import fixed_palette, IMAGENET_MEAN, IMAGENET_STD, label_to_color, normalize, random_palette
-from seggpt_lib.masking import query_half_mask, random_patch_mask
+from seggpt_lib.utils.colors import fixed_palette, IMAGENET_MEAN, IMAGENET_STD, label_to_color, normalize, random_palette
+from seggpt_lib.utils.masking import query_half_mask, random_patch_mask
 
 __all__ = [
     "FREE_CLASS",
@@ -942,7 +942,7 @@ def _v2_classes() -> dict[str, type]:
     return _V2_CLASSES
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: ``seggpt_lib.data.ChannelGain`` etc. (and pickling them)
+def __getattr__(name: str) -> Any:  # PEP 562: ``seggpt_lib.data.dataset.ChannelGain`` etc. (and pickling them)
     if name in ("ChannelGain", "Resize", "RandomResizedCrop"):
         return _v2_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

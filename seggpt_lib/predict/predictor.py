@@ -14,7 +14,7 @@ at the query's original resolution:
    (the original) pairs it with every tile of every prompt, ``"aligned"`` with the tile at the
    same place in each prompt. A pair is the prompt tile stacked on top of the query tile; its
    label pair is the prompt mask on top of itself; the query half of the label pair is hidden
-   (:func:`seggpt_lib.masking.query_half_mask`).
+   (:func:`seggpt_lib.utils.masking.query_half_mask`).
 4. The pairs of one window form a *group*. With ``ensemble=True`` the group runs with the
    feature ensemble (the model's ``merge_between_batch=0`` semantics) restricted to the group
    (:func:`forward_grouped`), so many windows (of many queries) share one forward pass; with
@@ -22,7 +22,7 @@ at the query's original resolution:
    Either way the group's output is the mean of its members' query halves.
 5. Window outputs are de-normalised, resized to their place on the canvas, pasted, the canvas
    is resized (bilinear) to the original resolution: that is the *raw* output (float 0..255).
-   Each pixel is snapped to the nearest palette colour (:func:`seggpt_lib.colors.cmap_to_lbl`):
+   Each pixel is snapped to the nearest palette colour (:func:`seggpt_lib.utils.colors.cmap_to_lbl`):
    that is the *colour* output, and ``colour != background`` is the binary *mask*.
 
 Seam pass (``seam_pass=True``, ``split >= 2``): extra windows of one tile's size, centred on
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl
-from seggpt_lib.masking import query_half_mask
-from seggpt_lib.model import SegGPT
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl
+from seggpt_lib.utils.masking import query_half_mask
+from seggpt_lib.model.seggpt import SegGPT
 
 __all__ = [
     "DEFAULT_DEFECT_COLOR",
@@ -410,7 +410,7 @@ class SegGPTPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, preset: str | None = None, **kwargs: Any) -> "SegGPTPredictor":
         """Build the model a checkpoint describes (or ``preset``), load it, wrap it."""
-        from seggpt_lib.checkpoint import build_from_checkpoint
+        from seggpt_lib.model.checkpoint import build_from_checkpoint
 
         return cls(build_from_checkpoint(path, preset=preset), **kwargs)
 

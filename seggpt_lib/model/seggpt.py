@@ -7,7 +7,7 @@ patches become ``mask_token``. The two streams run as one batch through blocks
 normalised, concatenated and decoded to a 3-channel image (the painted label pair).
 
 ``state_dict()`` names and shapes are the official ones, so the official checkpoint loads
-with ``strict=True`` (see :mod:`seggpt_lib.checkpoint` for HF and other formats).
+with ``strict=True`` (see :mod:`seggpt_lib.model.checkpoint` for HF and other formats).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from seggpt_lib.attention import rel_pos_attention
-from seggpt_lib.masking import query_half_mask
+from seggpt_lib.model.attention import rel_pos_attention
+from seggpt_lib.utils.masking import query_half_mask
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SegGPTConfig:
     merge_index: int = 2
     layer_norm_eps: float = 1e-6
     loss_beta: float = 0.01  # smooth-L1 beta
-    attn_impl: str = "auto"  # see seggpt_lib.attention
+    attn_impl: str = "auto"  # see seggpt_lib.model.attention
     use_act_checkpoint: bool = False
 
     def __post_init__(self) -> None:

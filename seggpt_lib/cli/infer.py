@@ -19,7 +19,7 @@ replaces only the files listed here):
 * ``concat/<stem>.png``: input | ground truth (green) | prediction (red), side by side;
 * ``per_image.csv``: one row per mapping entry (file, class, kind, prompts, iou, catch,
   response_rate, yield, pixel counts, gt_missing, n_prompts, seconds);
-* ``summary.json``: :func:`seggpt_lib.metrics.evaluate`'s summary (``miou``, ``catch_rate``,
+* ``summary.json``: :func:`seggpt_lib.eval.metrics.evaluate`'s summary (``miou``, ``catch_rate``,
   ``yield_rate``, ``pes``, counts, thresholds, baselines) plus ``settings`` and ``timing``;
 * ``results.txt``: the original's text report, one line per image (IoU, response rate), then
   the means and rates.
@@ -71,7 +71,7 @@ class InferInputError(ValueError):
 # arguments
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from seggpt_lib.inference import PRECISIONS, TILE_PAIRINGS
+    from seggpt_lib.predict.predictor import PRECISIONS, TILE_PAIRINGS
 
     g = parser.add_argument_group("model")
     g.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (safetensors, official .pth, HF folder)")
@@ -172,8 +172,8 @@ def _header_size(path: Path) -> tuple[int, int]:
 def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: Path | None, gt_dir: Path):
     """Every missing file in one error; then every bad prompt mask / gt size in one error.
     Without ``p_dir`` (a learned prompt) only the queries and their ground truths are checked."""
-    from seggpt_lib.inference import PromptMaskError, check_prompt_mask, load_mask_file
-    from seggpt_lib.mapping import validate_mapping
+    from seggpt_lib.predict.predictor import PromptMaskError, check_prompt_mask, load_mask_file
+    from seggpt_lib.eval.mapping import validate_mapping
 
     problems = []
     if p_dir is None:
@@ -237,7 +237,7 @@ def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: P
 # ------------------------------------------------------------------------------------------
 def _class_lookup(*roots: Path):
     """file name -> class, from the manifests of ``roots`` (classes.csv or name prefix)."""
-    from seggpt_lib.mapping import class_from_name, read_manifest
+    from seggpt_lib.eval.mapping import class_from_name, read_manifest
 
     table: dict[str, str] = {}
     for root in roots:
@@ -360,7 +360,7 @@ def _progress(total: int, enabled: bool):
 def _read_gt(path: Path | None) -> np.ndarray | None:
     if path is None:
         return None
-    from seggpt_lib.inference import load_mask_file
+    from seggpt_lib.predict.predictor import load_mask_file
 
     return load_mask_file(path) != 0
 
@@ -369,10 +369,10 @@ def infer(args: argparse.Namespace) -> dict:
     """Do the work of ``seggpt infer``; returns the summary. Raises InferInputError on bad input."""
     import torch
 
-    from seggpt_lib.colors import IMAGENET_MEAN, IMAGENET_STD
-    from seggpt_lib.inference import SegGPTPredictor, load_rgb
-    from seggpt_lib.mapping import image_dir
-    from seggpt_lib.metrics import PairResult, evaluate, summary_markdown
+    from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+    from seggpt_lib.predict.predictor import SegGPTPredictor, load_rgb
+    from seggpt_lib.eval.mapping import image_dir
+    from seggpt_lib.eval.metrics import PairResult, evaluate, summary_markdown
 
     t_start = time.perf_counter()
     for name, v, lo in (("--split", args.split, 1), ("--max-batch", args.max_batch, 1), ("--work-size", args.work_size, 8)):
@@ -385,7 +385,7 @@ def infer(args: argparse.Namespace) -> dict:
 
     learned = None
     if args.learned_prompt:
-        from seggpt_lib.prompt_tuning import load_learned_prompt
+        from seggpt_lib.engine.prompt_tuning import load_learned_prompt
 
         try:
             learned = load_learned_prompt(args.learned_prompt)
@@ -411,7 +411,7 @@ def infer(args: argparse.Namespace) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     look = {"mean": args.mean, "std": args.std, "defect_color": args.defect_color}
     if learned is not None:  # the prompt's normalisation and colour unless given (then they must match)
-        from seggpt_lib.prompt_tuning import predictor_kwargs
+        from seggpt_lib.engine.prompt_tuning import predictor_kwargs
 
         pk = predictor_kwargs(learned)
         look = {k: v if v is not None else pk[k] for k, v in look.items()}
@@ -425,7 +425,7 @@ def infer(args: argparse.Namespace) -> dict:
         raise InferInputError(str(e)) from None
     learned_pairs = None
     if learned is not None:
-        from seggpt_lib.prompt_tuning import to_prompt_pairs
+        from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
 
         learned.check_fits(predictor.model, source=str(args.learned_prompt))
         learned_pairs = to_prompt_pairs(learned, predictor)
@@ -509,9 +509,9 @@ def infer(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.checkpoint import CheckpointError
-    from seggpt_lib.inference import PromptMaskError
-    from seggpt_lib.prompt_tuning import LearnedPromptError
+    from seggpt_lib.model.checkpoint import CheckpointError
+    from seggpt_lib.predict.predictor import PromptMaskError
+    from seggpt_lib.engine.prompt_tuning import LearnedPromptError
 
     try:
         infer(args)

@@ -8,7 +8,7 @@ prompts is poor (0.182 published). Two things it did not try:
 * **class-aware negatives** (``negative_target="empty"``): a negative pair asks for an empty
   query half, so the prompt's class matters;
 * **prompt tuning** (SegGPT §3.3, in-context tuning): SegGPT frozen, one prompt image + label
-  learned per class on the training split (:func:`seggpt_lib.prompt_tuning.tune_prompt`).
+  learned per class on the training split (:func:`seggpt_lib.engine.prompt_tuning.tune_prompt`).
 
 :func:`compare_recipes` trains the two recipes with the same wall-clock budget and otherwise the
 same recipe (an already trained model may stand in for one of them, e.g. notebook 02's), then
@@ -57,7 +57,7 @@ RECIPES: dict[str, str] = {
 }
 METHODS = ("top1", "topk", "learned")
 FREE = "free"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TABLE_COLUMNS = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
                  "PES", "negative_mIoU", "n_positive", "n_negative", "n_free", "s_per_query"]
@@ -80,7 +80,7 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
     ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
     ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
-    from seggpt_lib import pipeline as P
+    from seggpt_lib.experiments import pipeline as P
 
     if negative_target not in RECIPES:
         raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
@@ -103,12 +103,12 @@ def learned_prompts(em, prompt_root: str | os.PathLike, classes: Sequence[str], 
                     batch_size: int = 4, fg_weight: float = 1.0, negative_share: float = 0.25, seed: int = 0,
                     save_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """One learned prompt per class of ``classes``, tuned on the class's images in ``prompt_root``
-    with the model of ``em`` (a :class:`seggpt_lib.pipeline.EvalModel`) frozen, in the predictor's
+    with the model of ``em`` (a :class:`seggpt_lib.experiments.pipeline.EvalModel`) frozen, in the predictor's
     normalisation and defect colour. ``negative_share`` of each batch are images of other classes
     or defect-free ones with an empty target. Returns ``{class: LearnedPrompt}``; with
     ``save_dir`` each is also written as ``<class>.safetensors`` (for ``seggpt infer
     --learned-prompt``)."""
-    from seggpt_lib.prompt_tuning import save_learned_prompt, tune_prompt
+    from seggpt_lib.engine.prompt_tuning import save_learned_prompt, tune_prompt
 
     pred = em.predictor
     index = _scan(prompt_root)
@@ -138,7 +138,7 @@ _SCANS: dict[tuple[str, int, int], Any] = {}
 def _scan(root: str | os.PathLike):
     """``DefectIndex.scan(root)`` (labels decoded, images not verified), kept while the folder's
     image and label listings are unchanged (a study scans the same folders many times)."""
-    from seggpt_lib.data import DefectIndex
+    from seggpt_lib.data.dataset import DefectIndex
 
     root = Path(root)
     key = (str(root.resolve()), (root / "images").stat().st_mtime_ns if (root / "images").is_dir() else 0,
@@ -154,10 +154,10 @@ def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, pr
                      split: int, work_size: int, tile_pairing: str, method: str):
     """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
     class (positive) or of the first mapped prompt's class (negative, free)."""
-    from seggpt_lib import pipeline as P
-    from seggpt_lib.data import read_label, read_rgb
-    from seggpt_lib.metrics import PairResult
-    from seggpt_lib.prompt_tuning import to_prompt_pairs
+    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.data.dataset import read_label, read_rgb
+    from seggpt_lib.eval.metrics import PairResult
+    from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
 
     q_root, p_root = P.eval_roots(eval_root)
     q_idx, p_idx = _scan(q_root), _scan(p_root)
@@ -210,7 +210,7 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
                    tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
                    seed: int = 0, prompt_dir: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score one model (an :class:`~seggpt_lib.pipeline.EvalModel`) on ``eval_root`` (a folder
+    """Score one model (an :class:`~seggpt_lib.experiments.pipeline.EvalModel`) on ``eval_root`` (a folder
     with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data).
 
     The same positive, negative and defect-free query sets (at most ``max_queries`` each, spread
@@ -223,8 +223,8 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
     ``mappings``, ``work_size``."""
     import pandas as pd
 
-    from seggpt_lib import pipeline as P
-    from seggpt_lib.metrics import evaluate
+    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.eval.metrics import evaluate
 
     for m in methods:
         if m not in METHODS:
@@ -324,7 +324,7 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
     import pandas as pd
 
-    from seggpt_lib import pipeline as P
+    from seggpt_lib.experiments import pipeline as P
 
     t_all = time.perf_counter()
     recipe = {**P.DEFAULTS["train"], **(recipe or {})}
@@ -399,10 +399,10 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
     (spread over the mapping), the query with its ground truth (green), then the prediction
     (red) of every compared model with each of ``methods``. Returns the figure, or None when
     there is nothing to show."""
-    from seggpt_lib import pipeline as P
-    from seggpt_lib import viz as V
-    from seggpt_lib.data import read_label, read_rgb
-    from seggpt_lib.metrics import iou, response_rate
+    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import viz as V
+    from seggpt_lib.data.dataset import read_label, read_rgb
+    from seggpt_lib.eval.metrics import iou, response_rate
 
     eval_root = res["eval_root"]
     q_root, p_root = P.eval_roots(eval_root)
@@ -454,7 +454,7 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
 
 def prompt_previews(res: dict[str, Any], max_classes: int = 6):
     """The learned prompts (image | label | snapped mask) of every compared model."""
-    from seggpt_lib import viz as V
+    from seggpt_lib.experiments import viz as V
 
     images, titles = [], []
     for nt, ev in res["evals"].items():
@@ -611,8 +611,8 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     ``overrides`` change keys of :data:`QUICK` / :data:`FULL` (``train`` merged)."""
     from data_prep.magnetic_tile import convert_magnetic_tile
     from data_prep.split import split_dataset
-    from seggpt_lib import pipeline as P
-    from seggpt_lib import viz as V
+    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import viz as V
 
     t_all = time.perf_counter()
     cfg = json.loads(json.dumps(QUICK if quick else FULL))
@@ -691,40 +691,3 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     (out / "summary.json").write_text(json.dumps(P._jsonable(summary), indent=2) + "\n")
     log(f"study done in {times['total_s']:.1f} s: {out / 'summary.json'}")
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="magnetic-tile source folder (MT_<Class>/Imgs); default "
-                                                     "../shared/datasets/magnetic_tile beside the repository")
-    parser.add_argument("--out", default="results/magnetic_tile", help="results folder (default results/magnetic_tile)")
-    parser.add_argument("--work", default=None, help="intermediate data and runs (default OUT/work)")
-    parser.add_argument("--quick", action="store_true", help="a sub-minute CPU check: 6 images per class, tiny model, 3 steps")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--protocols", default="seen,holdout", help="comma-separated: seen, holdout (default both)")
-    parser.add_argument("--holdout-classes", default=None, help="comma-separated defect classes never trained on")
-    parser.add_argument("--holdout-n", type=int, default=2, help="else this many, drawn with --seed (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a study setting (preset, model, steps, minutes, eval_every, val_pairs, "
-                             "tune_steps, max_queries, top_k, limit_per_class, train.<TrainConfig key>)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.pipeline import parse_set
-
-    try:
-        ov: dict[str, Any] = {}
-        for k, v in parse_set(args.set).items():
-            if k.startswith("train."):
-                ov.setdefault("train", {})[k[len("train."):]] = v
-            else:
-                ov[k] = v
-        run_study(args.data, args.out, quick=args.quick, device=args.device,
-                  protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
-                  holdout_classes=[c.strip() for c in args.holdout_classes.split(",")] if args.holdout_classes else None,
-                  holdout_n=args.holdout_n, seed=args.seed, work_dir=args.work, overrides=ov,
-                  log=lambda m: print(m, flush=True))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

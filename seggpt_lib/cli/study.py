@@ -1,0 +1,44 @@
+"""`seggpt study`: command-line arguments -> library call."""
+from __future__ import annotations
+
+from typing import Any
+import argparse
+import sys
+from seggpt_lib.experiments.study import run_study
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="magnetic-tile source folder (MT_<Class>/Imgs); default "
+                                                     "../shared/datasets/magnetic_tile beside the repository")
+    parser.add_argument("--out", default="results/magnetic_tile", help="results folder (default results/magnetic_tile)")
+    parser.add_argument("--work", default=None, help="intermediate data and runs (default OUT/work)")
+    parser.add_argument("--quick", action="store_true", help="a sub-minute CPU check: 6 images per class, tiny model, 3 steps")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--protocols", default="seen,holdout", help="comma-separated: seen, holdout (default both)")
+    parser.add_argument("--holdout-classes", default=None, help="comma-separated defect classes never trained on")
+    parser.add_argument("--holdout-n", type=int, default=2, help="else this many, drawn with --seed (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a study setting (preset, model, steps, minutes, eval_every, val_pairs, "
+                             "tune_steps, max_queries, top_k, limit_per_class, train.<TrainConfig key>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seggpt_lib.experiments.pipeline import parse_set
+
+    try:
+        ov: dict[str, Any] = {}
+        for k, v in parse_set(args.set).items():
+            if k.startswith("train."):
+                ov.setdefault("train", {})[k[len("train."):]] = v
+            else:
+                ov[k] = v
+        run_study(args.data, args.out, quick=args.quick, device=args.device,
+                  protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+                  holdout_classes=[c.strip() for c in args.holdout_classes.split(",")] if args.holdout_classes else None,
+                  holdout_n=args.holdout_n, seed=args.seed, work_dir=args.work, overrides=ov,
+                  log=lambda m: print(m, flush=True))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

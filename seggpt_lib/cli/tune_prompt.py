@@ -1,0 +1,113 @@
+"""`seggpt tune-prompt`: command-line arguments -> library call."""
+from __future__ import annotations
+
+from pathlib import Path
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+import argparse
+import sys
+from seggpt_lib.engine.prompt_tuning import DEFAULT_DEFECT_COLOR, INITS, MASKS, _resolve_device, save_learned_prompt, tune_prompt
+
+
+def _parse_triple(kind=float):
+    from seggpt_lib.cli import parse_triple
+
+    return lambda text: parse_triple(text, kind)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Writes FILE.safetensors (the prompt image and label, with the model config, palette, "
+                     "normalisation and losses in its metadata). Use it in Python with "
+                     "seggpt_lib.engine.prompt_tuning.load_learned_prompt / to_prompt_pairs.")
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights", required=True, metavar="PATH", help="SegGPT checkpoint (kept frozen)")
+    g.add_argument("--preset", help="architecture preset when the checkpoint does not record it (e.g. vit_large)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="autocast precision (default: bf16 on CUDA, else fp32)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="DIR", help="dataset root (images/, labels/, classes.csv)")
+    g.add_argument("--class", dest="class_name", required=True, metavar="NAME", help="the defect class to learn a prompt for")
+    g.add_argument("--negative-share", type=float, default=0.0, metavar="F",
+                   help="share of each batch drawn from other classes / defect-free images, target empty (default 0)")
+    g.add_argument("--mean", type=_parse_triple(), default=IMAGENET_MEAN, metavar="R,G,B", help="normalisation mean (default ImageNet)")
+    g.add_argument("--std", type=_parse_triple(), default=IMAGENET_STD, metavar="R,G,B", help="normalisation std (default ImageNet)")
+    g.add_argument("--defect-color", type=_parse_triple(int), default=DEFAULT_DEFECT_COLOR, metavar="R,G,B",
+                   help="defect colour of the prompt label (default 255,255,255, the predictor's)")
+    g = parser.add_argument_group("tuning")
+    g.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate, cosine to 0 (default 0.1)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the prompt (default 0)")
+    g.add_argument("--batch-size", type=int, default=4, help="queries per step (default 4)")
+    g.add_argument("--init", default="real", choices=INITS, help="start from a real image+mask of the class, or noise")
+    g.add_argument("--init-file", metavar="FILE", help="the image to start from with --init real (default: drawn with --seed)")
+    g.add_argument("--mask", default="query", choices=MASKS,
+                   help="hide the query half, or also random prompt-label patches (default query)")
+    g.add_argument("--prompt-mask-ratio", type=float, default=0.25, help="with --mask query+random: share of prompt patches hidden")
+    g.add_argument("--fg-weight", type=float, default=1.0, help="loss weight of the queries' defect pixels (default 1)")
+    g.add_argument("--no-flip", action="store_true", help="no random flips of the queries")
+    g.add_argument("--no-clamp", action="store_true", help="let the prompt leave the range of real pixels")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the learned prompt")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--history", metavar="CSV", help="write the per-step loss / lr / seconds here")
+    g.add_argument("--preview", metavar="PNG", help="write image | label | snapped mask of the learned prompt here")
+    g.add_argument("--no-eval", action="store_true", help="skip measuring the loss over all images before and after")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seggpt_lib.model.checkpoint import CheckpointError, build_from_checkpoint
+    from seggpt_lib.data.dataset import DatasetError
+
+    out = Path(args.out)
+    try:
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors, got {out}")
+        data = Path(args.data)
+        if not data.is_dir():
+            raise FileNotFoundError(f"--data not found: {data}")
+        device = _resolve_device(args.device)
+        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        model = build_from_checkpoint(args.weights, preset=args.preset)
+        prompt, history = tune_prompt(
+            model, data, args.class_name, steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
+            seed=args.seed, device=device, mask=args.mask, progress=not args.no_progress, fg_weight=args.fg_weight,
+            prompt_mask_ratio=args.prompt_mask_ratio, flip=not args.no_flip, negative_share=args.negative_share,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clamp=not args.no_clamp,
+            precision=precision, defect_color=args.defect_color, mean=args.mean, std=args.std,
+            init_file=args.init_file, evaluate=not args.no_eval,
+        )
+        prompt.info["weights"] = Path(args.weights).name
+        save_learned_prompt(prompt, out)
+        if args.history:
+            import csv
+
+            from seggpt_lib.model.checkpoint import atomic_write
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+                    w.writeheader()
+                    w.writerows(history)
+
+            atomic_write(args.history, write)
+        if args.preview:
+            from PIL import Image
+
+            from seggpt_lib.model.checkpoint import atomic_write
+
+            arr = prompt.preview()
+            atomic_write(args.preview, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_loss = prompt.info.get("initial_loss")
+    loss_txt = (f"loss {init_loss:.4f} -> {prompt.final_loss:.4f} over {prompt.info['n_images']} images"
+                if init_loss is not None else f"last batch loss {prompt.final_loss:.4f}")
+    print(f"learned prompt for {args.class_name!r}: {loss_txt}; {args.steps} steps, "
+          f"{prompt.info['seconds_per_step']:.3f} s/step; wrote {out}")
+    return 0
