@@ -49,18 +49,18 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import results as R, dataset as DS
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-work = P.result_dirs(R)["work"]
+work = R.result_dirs(R)["work"]
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
 # ## Build or convert, then split
 
 # %%
-info = P.prepare_data(work, source=source, source_path=source_path, synthetic=synthetic,
+info = DS.prepare_data(work, source=source, source_path=source_path, synthetic=synthetic,
                       limit_per_class=limit_per_class, split_seed=split_seed, val=val, test=test,
                       rebuild=rebuild_data)
 split_root = Path(info["split_root"])
@@ -72,7 +72,7 @@ print(f"dataset: {info['root']}\nsplit:   {split_root}  ({info['seconds']:.1f} s
 # queries, only the queries of the defect-free yield.
 
 # %%
-counts = P.write_table(P.class_counts(split_root), R, "01_class_counts", title="Images per class and split")
+counts = R.write_table(DS.class_counts(split_root), R, "01_class_counts", title="Images per class and split")
 counts
 
 # %% [markdown]
@@ -82,7 +82,7 @@ counts
 # weights expect ImageNet's), image sizes and the mean share of defect pixels.
 
 # %%
-stats = P.write_table(P.image_stats(split_root), R, "01_image_stats", title="Image statistics per split")
+stats = R.write_table(DS.image_stats(split_root), R, "01_image_stats", title="Image statistics per split")
 stats
 
 # %% [markdown]
@@ -90,7 +90,7 @@ stats
 
 # %%
 fig = V.dataset_samples(split_root / "train", per_class=2, size=128, seed=seed)
-P.save_figure(fig, R, "01_samples");
+R.save_figure(fig, R, "01_samples");
 
 # %% [markdown]
 # ## Pair colouring: what a training sample looks like
@@ -103,14 +103,14 @@ P.save_figure(fig, R, "01_samples");
 # query half when `negative_target` is `empty`.
 
 # %%
-ds = P.display_dataset(split_root, preset=preset, model=model, weights=weights, seed=seed, train=train, n=4)
+ds = DS.display_dataset(split_root, preset=preset, model=model, weights=weights, seed=seed, train=train, n=4)
 print(f"model input: pair {2 * ds.image_size[0]}x{ds.image_size[1]}, patch {ds.patch_size}, grid {ds.grid}")
 fig = V.pair_samples_figure(ds, range(min(4, len(ds))))
-P.save_figure(fig, R, "01_pair_colouring");
+R.save_figure(fig, R, "01_pair_colouring");
 
 # %%
 train_row = stats[stats["split"] == "train"].iloc[0]
-P.write_fragment(R, "01_data_transformation", {
+R.write_fragment(R, "01_data_transformation", {
     **info,
     "classes": [c for c in counts["class"] if c != "all"],
     "images": {c: int(counts[c].iloc[-1]) for c in counts.columns if c not in ("class",)},

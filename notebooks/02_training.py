@@ -54,15 +54,15 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import config as CFG, results as R, training as TR, runner as RUN
 from seggpt_lib.experiments import viz as V
 from seggpt_lib.model.checkpoint import build_from_checkpoint, save_weights
 
 R = Path(results_dir)
-data = P.read_fragment(R, "01_data_transformation")
+data = R.read_fragment(R, "01_data_transformation")
 split_root = Path(data["split_root"])
-run_dir = P.training_run_dir(R)
-dev = P._device(device)
+run_dir = RUN.training_run_dir(R)
+dev = CFG.resolve_device_name(device)
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
@@ -70,7 +70,7 @@ pd.set_option("display.precision", 4)
 
 # %%
 mean_std = (data["mean"], data["std"]) if normalize == "dataset" else None
-cfg = P.training_config(split_root, run_dir, preset=preset, model=model, weights=weights, steps=steps,
+cfg = TR.training_config(split_root, run_dir, preset=preset, model=model, weights=weights, steps=steps,
                         train_minutes=train_minutes, device=dev, precision=precision, seed=seed,
                         normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
                         val_pairs=val_pairs)
@@ -81,20 +81,20 @@ display(Markdown("```json\n" + json.dumps(shown, indent=1) + "\n```"))
 # ## Before training: the initial weights
 
 # %%
-model0 = P.initial_model(cfg).to(dev)
+model0 = TR.initial_model(cfg).to(dev)
 n_params = sum(p.numel() for p in model0.parameters())
 print(f"{cfg.preset}: {n_params / 1e6:.2f} M parameters, pair {tuple(model0.cfg.img_size)}, patch {model0.cfg.patch_size}")
-panel_ds = P.panel_dataset(cfg, split_root, n_panels, model0.cfg)
+panel_ds = TR.panel_dataset(cfg, split_root, n_panels, model0.cfg)
 rows = V.model_panel_rows(model0, panel_ds, range(len(panel_ds)), device=dev)
-P.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_panels_start");
+R.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_panels_start");
 
 # %% [markdown]
 # ## Training
 
 # %%
 if steps > 0:
-    res = P.run_training(cfg, run_dir)
-    eval_weights = P.trained_weights(run_dir, checkpoint)
+    res = TR.run_training(cfg, run_dir)
+    eval_weights = TR.trained_weights(run_dir, checkpoint)
     trained = True
 else:
     res = {"run_dir": None, "steps_done": 0, "best_val_miou": float("nan"), "wall_s": 0.0}
@@ -109,9 +109,9 @@ else:
 # ## Curves (from `metrics.csv`)
 
 # %%
-metrics = P.read_metrics(run_dir) if trained else pd.DataFrame()
+metrics = TR.read_metrics(run_dir) if trained else pd.DataFrame()
 if len(metrics):
-    P.save_figure(V.training_curves(metrics, title=f"{cfg.preset}, {res['steps_done']} steps"), R, "02_curves")
+    R.save_figure(V.training_curves(metrics, title=f"{cfg.preset}, {res['steps_done']} steps"), R, "02_curves")
     display(metrics.tail(5))
 else:
     print("no training curves (no training)")
@@ -124,7 +124,7 @@ model1 = build_from_checkpoint(eval_weights, preset=cfg.preset, **cfg.model).to(
 rows = V.model_panel_rows(model1, panel_ds, range(len(panel_ds)), device=dev)
 title = (f"after {res['steps_done']} steps ({Path(eval_weights).parent.name} checkpoint)" if trained
          else f"evaluated weights: {Path(eval_weights).name}")
-P.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
+R.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
 
 # %%
 summary = pd.DataFrame([{
@@ -133,12 +133,12 @@ summary = pd.DataFrame([{
     "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else float("nan"),
     "lr": cfg.lr, "batch_size": cfg.batch_size, "init_weights": Path(weights).name if weights else "random",
 }])
-P.write_table(summary, R, "02_training", title="Training")
+R.write_table(summary, R, "02_training", title="Training")
 try:
     label = str(Path(eval_weights).resolve().relative_to(R.resolve()))
 except ValueError:
     label = str(eval_weights)
-P.write_fragment(R, "02_training", {
+R.write_fragment(R, "02_training", {
     "weights": str(Path(eval_weights).resolve()), "weights_label": label, "preset": cfg.preset, "model": cfg.model,
     "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": trained, "steps_done": res["steps_done"],
     "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"], "device": dev, "n_parameters": n_params,

@@ -49,12 +49,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import results as R, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-split_root = Path(P.read_fragment(R, "01_data_transformation")["split_root"])
-em = P.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
+split_root = Path(R.read_fragment(R, "01_data_transformation")["split_root"])
+em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 print("model:", em.describe())
 pd.set_option("display.precision", 4)
 
@@ -62,27 +62,27 @@ pd.set_option("display.precision", 4)
 # ## mIoU by split
 
 # %%
-abl = P.split_ablation(em, split_root, splits=splits, top_k=top_k, extra_top_k=extra_top_k, eval_split=eval_split,
+abl = EV.split_ablation(em, split_root, splits=splits, top_k=top_k, extra_top_k=extra_top_k, eval_split=eval_split,
                        work_size=work_size, tile_pairing=tile_pairing, catch_iou=catch_iou, seed=mapping_seed,
                        max_queries=max_queries)
 print(f"work size {abl['work_size']}, {abl['tile_pairing']} tile pairing, {len(abl['mapping'])} positive queries")
-P.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
+R.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
               note=f"catch: IoU >= {catch_iou}. original_mIoU: the original's published figure (11 VISION queries).")
 
 # %%
 t1 = abl["table"][abl["table"]["top_k"] == top_k]
 fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"split {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
                   title=f"mIoU and catch rate by split (top-{top_k})", rotate=0)
-P.save_figure(fig, R, "03_split_miou");
+R.save_figure(fig, R, "03_split_miou");
 
 # %% [markdown]
 # ## Per-class IoU
 
 # %%
-per_class = P.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
+per_class = R.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
 fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("split_")],
                   title="IoU per defect class", ylabel="mean IoU", hline=catch_iou, hline_label="catch threshold")
-P.save_figure(fig, R, "03_per_class_iou");
+R.save_figure(fig, R, "03_per_class_iou");
 per_class
 
 # %% [markdown]
@@ -90,7 +90,7 @@ per_class
 
 # %%
 cols = ["file", "class", "split", "top_k", "prompts", "iou", "catch", "pred_pixels", "gt_pixels", "seconds"]
-per_image = P.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
+per_image = R.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
 per_image.head(12)
 
 # %% [markdown]
@@ -102,12 +102,12 @@ per_image.head(12)
 best_split = int(t1.sort_values(["mIoU", "split"], ascending=[False, True])["split"].iloc[0])
 at_best = abl["per_image"][(abl["per_image"]["split"] == best_split) & (abl["per_image"]["top_k"] == top_k)]
 for worst, name in ((False, "best"), (True, "worst")):
-    rows = P.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, split=best_split,
+    rows = EV.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, split=best_split,
                           top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)
-    P.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
+    R.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
 
 # %%
-P.write_fragment(R, "03_split_ablation", {
+R.write_fragment(R, "03_split_ablation", {
     "table": abl["table"].to_dict("records"), "per_class": abl["per_class"].to_dict("records"),
     "top_k": top_k, "best_split": best_split, "work_size": abl["work_size"], "tile_pairing": tile_pairing,
     "queries": len(abl["mapping"]), "weights": em.weights, "device": em.device,

@@ -18,11 +18,11 @@ import jupytext  # noqa: E402
 import pandas as pd  # noqa: E402
 import papermill as pm  # noqa: E402
 
-from seggpt_lib.experiments import pipeline as P  # noqa: E402
+from seggpt_lib.experiments import config as CFG, results as R, evaluation as EV, runner as RUN# noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
-ALL = list(P.NOTEBOOKS) + [P.EXPLORER_NOTEBOOK]
+ALL = list(CFG.NOTEBOOKS) + [CFG.EXPLORER_NOTEBOOK]
 ALLOWED_IMPORTS = {"seggpt_lib", "data_prep", "pandas", "numpy", "matplotlib", "IPython", "ipywidgets",
                    "pathlib", "json", "math", "time"}
 
@@ -89,14 +89,14 @@ def test_parameters_cell(name):
     declared = pm.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))
     # papermill must parse every line (a quote or '=' in a comment hides the parameter)
     assert set(declared) == assigned, f"{name}: papermill sees {sorted(declared)}, the cell assigns {sorted(assigned)}"
-    missing = set(P.NOTEBOOK_PARAMETERS[name]) - set(declared)
+    missing = set(CFG.NOTEBOOK_PARAMETERS[name]) - set(declared)
     assert not missing, f"{name}: the pipeline passes {sorted(missing)}, which the notebook does not declare"
     # the notebook's own defaults are the pipeline's (it runs the same by hand)
     values = {t.id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body
               if isinstance(node, ast.Assign) for t in node.targets}
     for k, v in values.items():
-        if k in P.DEFAULTS and k not in ("results_dir", "train", "synthetic"):
-            assert v == P.DEFAULTS[k], f"{name}: default {k}={v!r} differs from the pipeline's {P.DEFAULTS[k]!r}"
+        if k in CFG.DEFAULTS and k not in ("results_dir", "train", "synthetic"):
+            assert v == CFG.DEFAULTS[k], f"{name}: default {k}={v!r} differs from the pipeline's {CFG.DEFAULTS[k]!r}"
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -126,16 +126,16 @@ def test_01_data_transformation(results):
     _unit(stats[["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "defect_fraction"]].to_numpy().ravel())
     for f in ("01_samples", "01_pair_colouring"):
         _png(results, f)
-    frag = P.read_fragment(results, "01_data_transformation")
+    frag = R.read_fragment(results, "01_data_transformation")
     assert Path(frag["split_root"], "train", "images").is_dir() and len(frag["mean"]) == 3
     assert (results / "work" / "01_data_transformation.ipynb").is_file()
 
 
 def test_02_training(results):
-    frag = P.read_fragment(results, "02_training")
+    frag = R.read_fragment(results, "02_training")
     assert frag["trained"] and frag["steps_done"] == 3
     assert Path(frag["weights"]).is_file()
-    metrics = pd.read_csv(P.training_run_dir(results) / "metrics.csv")
+    metrics = pd.read_csv(RUN.training_run_dir(results) / "metrics.csv")
     assert metrics["step"].max() == 3 and metrics["loss"].notna().all()
     _unit(metrics["val_miou"].dropna())  # the smoke split has validation pairs
     tab = _table(results, "02_training")
@@ -181,13 +181,13 @@ def test_04_pair_evaluation(results):
     assert len(_table(results, "04_original_per_image")) == 11
     for f in ("04_summary", "04_rates", "04_positive_worst", "04_negative_strongest"):
         _png(results, f)
-    frag = P.read_fragment(results, "04_pair_evaluation")
+    frag = R.read_fragment(results, "04_pair_evaluation")
     s = frag["summary"]
     assert s["n_positive"] == 9 and abs(s["pes"] - (0.5 * s["catch_rate"] + 0.5 * s["yield_rate"])) < 1e-12
 
 
 def test_reports_rendered(results):
-    for name in P.NOTEBOOKS:
+    for name in CFG.NOTEBOOKS:
         html = (results / "reports" / f"{name}.html").read_text(encoding="utf-8")
         assert "data:image/png;base64" in html  # figures embedded: the page stands alone
         assert "Traceback" not in html
@@ -197,8 +197,8 @@ def test_reports_rendered(results):
 # the explorer
 # ------------------------------------------------------------------------------------------
 def test_05_explorer_notebook_runs(results, tmp_path):
-    params = P.notebook_parameters("05_explorer", P.load_config(None, {"results_dir": str(results)}))
-    out = P.execute_notebook("05_explorer", tmp_path / "05_explorer.ipynb", params)
+    params = RUN.notebook_parameters("05_explorer", CFG.load_config(None, {"results_dir": str(results)}))
+    out = RUN.execute_notebook("05_explorer", tmp_path / "05_explorer.ipynb", params)
     import nbformat
 
     nb = nbformat.read(str(out), as_version=4)
@@ -213,9 +213,9 @@ def test_explorer_callbacks_from_python(results):
 
     from seggpt_lib.experiments.viz import Explorer
 
-    em = P.load_eval_model(results, device="cpu")
-    split_root = Path(P.read_fragment(results, "01_data_transformation")["split_root"])
-    q_root, p_root = P.eval_roots(split_root)
+    em = EV.load_eval_model(results, device="cpu")
+    split_root = Path(R.read_fragment(results, "01_data_transformation")["split_root"])
+    q_root, p_root = EV.eval_roots(split_root)
     ex = Explorer(em.predictor, q_root, p_root, work_size=64)
     q = next(f for f in ex.queries if ex.query_class(f) != "free")
     out = ex.update(query=q, top_k=1, split=2)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, evaluation as EV, report as REP, runner as RUN
 from seggpt_lib.experiments import viz as V
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,94 +35,94 @@ def smoke_results(base: Path) -> Path:
 # config
 # ------------------------------------------------------------------------------------------
 def test_config_file_and_overrides(tmp_path):
-    cfg = P.load_config(REPO / "configs" / "pipeline.json")
+    cfg = CFG.load_config(REPO / "configs" / "pipeline.json")
     assert cfg["preset"] == "vit_micro" and cfg["data"] == "synthetic" and cfg["device"] == "cpu"
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["negative_target"] == "empty" and cfg["train"]["batch_size"] == 16
     assert cfg["train_minutes"] and cfg["steps"] > 0 and cfg["splits"] == [1, 2, 4]
-    cfg = P.load_config(REPO / "configs" / "pipeline.json",
+    cfg = CFG.load_config(REPO / "configs" / "pipeline.json",
                         ["steps=0", "device=cuda", "weights=w.pth", "train.lr=1e-4", "splits=[1,2]", "data=coco:/x"])
     assert cfg["steps"] == 0 and cfg["device"] == "cuda" and cfg["weights"] == "w.pth"
     assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 16  # nested keys merge
     assert cfg["splits"] == [1, 2] and cfg["data"] == "coco:/x"
     assert set(cfg["_explicit"]) == {"steps", "device", "weights", "train", "splits", "data"}
-    with pytest.raises(P.PipelineError, match="unknown key 'stepz'"):
-        P.load_config(None, ["stepz=3"])
-    with pytest.raises(P.PipelineError, match="key=value"):
-        P.load_config(None, ["steps"])
-    with pytest.raises(P.PipelineError, match="steps must be"):
-        P.load_config(None, {"steps": -1})
-    with pytest.raises(P.PipelineError, match="tile_pairing"):
-        P.load_config(None, {"tile_pairing": "some"})
-    with pytest.raises(P.PipelineError, match="not found"):
-        P.load_config(tmp_path / "missing.json")
-    smoke = P.load_config(None, ["steps=5"], smoke=True)
+    with pytest.raises(CFG.PipelineError, match="unknown key 'stepz'"):
+        CFG.load_config(None, ["stepz=3"])
+    with pytest.raises(CFG.PipelineError, match="key=value"):
+        CFG.load_config(None, ["steps"])
+    with pytest.raises(CFG.PipelineError, match="steps must be"):
+        CFG.load_config(None, {"steps": -1})
+    with pytest.raises(CFG.PipelineError, match="tile_pairing"):
+        CFG.load_config(None, {"tile_pairing": "some"})
+    with pytest.raises(CFG.PipelineError, match="not found"):
+        CFG.load_config(tmp_path / "missing.json")
+    smoke = CFG.load_config(None, ["steps=5"], smoke=True)
     assert smoke["steps"] == 5 and smoke["model"]["embed_dim"] == 64 and smoke["synthetic"]["size"] == 64
 
 
 def test_data_spec(tmp_path):
-    assert P.parse_data_spec("synthetic") == ("synthetic", "")
-    assert P.parse_data_spec("") == ("synthetic", "")
+    assert CFG.parse_data_spec("synthetic") == ("synthetic", "")
+    assert CFG.parse_data_spec("") == ("synthetic", "")
     (tmp_path / "ds").mkdir()
-    assert P.parse_data_spec(f"coco:{tmp_path / 'ds'}") == ("coco", str((tmp_path / "ds").resolve()))
-    assert P.parse_data_spec(f"magnetic_tile:{tmp_path / 'ds'}")[0] == "magnetic_tile"
-    assert P.parse_data_spec(str(tmp_path / "ds")) == ("folder", str((tmp_path / "ds").resolve()))
-    assert P.parse_data_spec("ds", base=tmp_path)[1] == str((tmp_path / "ds").resolve())
-    with pytest.raises(P.PipelineError, match="not found"):
-        P.parse_data_spec(f"coco:{tmp_path / 'nope'}")
+    assert CFG.parse_data_spec(f"coco:{tmp_path / 'ds'}") == ("coco", str((tmp_path / "ds").resolve()))
+    assert CFG.parse_data_spec(f"magnetic_tile:{tmp_path / 'ds'}")[0] == "magnetic_tile"
+    assert CFG.parse_data_spec(str(tmp_path / "ds")) == ("folder", str((tmp_path / "ds").resolve()))
+    assert CFG.parse_data_spec("ds", base=tmp_path)[1] == str((tmp_path / "ds").resolve())
+    with pytest.raises(CFG.PipelineError, match="not found"):
+        CFG.parse_data_spec(f"coco:{tmp_path / 'nope'}")
 
 
 def test_notebook_parameters():
-    cfg = P.load_config(REPO / "configs" / "pipeline.json", ["weights=some/w.pth", "results_dir=out"])
-    p2 = P.notebook_parameters("02_training", cfg)
+    cfg = CFG.load_config(REPO / "configs" / "pipeline.json", ["weights=some/w.pth", "results_dir=out"])
+    p2 = RUN.notebook_parameters("02_training", cfg)
     assert p2["preset"] == "auto"  # weights without an explicit preset: the checkpoint's architecture
     assert Path(p2["weights"]).is_absolute() and Path(p2["results_dir"]).is_absolute()
-    p2 = P.notebook_parameters("02_training", P.load_config(None, ["weights=w.pth", "preset=vit_large"]))
+    p2 = RUN.notebook_parameters("02_training", CFG.load_config(None, ["weights=w.pth", "preset=vit_large"]))
     assert p2["preset"] == "vit_large"
-    p1 = P.notebook_parameters("01_data_transformation", P.load_config(None))
+    p1 = RUN.notebook_parameters("01_data_transformation", CFG.load_config(None))
     assert p1["source"] == "synthetic" and p1["source_path"] == ""
-    for name in P.NOTEBOOKS:  # evaluation notebooks take the weights notebook 02 wrote, not the initial ones
-        assert ("weights" in P.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training",
+    for name in CFG.NOTEBOOKS:  # evaluation notebooks take the weights notebook 02 wrote, not the initial ones
+        assert ("weights" in RUN.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training",
                                                                             "06_beyond"))  # 06 trains from them too
-    p6 = P.notebook_parameters("06_beyond", cfg)
+    p6 = RUN.notebook_parameters("06_beyond", cfg)
     assert p6["preset"] == "auto" and p6["beyond_minutes"] is None and p6["train_minutes"] == cfg["train_minutes"]
 
 
 def test_resolve_preset(tmp_path):
     from seggpt_lib import build_seggpt, save_weights
 
-    model = build_seggpt("vit_micro", **P.SMOKE["model"])
+    model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
     w = save_weights(model, tmp_path / "m.safetensors")
-    name, ov = P.resolve_preset(str(w), "auto")
+    name, ov = CFG.resolve_preset(str(w), "auto")
     assert name == "vit_micro" and ov["embed_dim"] == 64 and ov["depth"] == 3
-    assert P.model_config("auto", weights=str(w)).embed_dim == 64
-    assert P.resolve_preset("", "vit_tiny") == ("vit_tiny", {})
-    with pytest.raises(P.PipelineError, match="needs weights"):
-        P.resolve_preset("", "auto")
+    assert CFG.model_config("auto", weights=str(w)).embed_dim == 64
+    assert CFG.resolve_preset("", "vit_tiny") == ("vit_tiny", {})
+    with pytest.raises(CFG.PipelineError, match="needs weights"):
+        CFG.resolve_preset("", "auto")
 
 
 def test_prepare_data_sources(tmp_path):
     from data_prep.synthetic import generate_synthetic
 
-    info = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    info = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
     split = Path(info["split_root"])
-    assert set(P.split_roots(split)) == {"train", "val", "test"} and not info["reused"]
-    again = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    assert set(DS.split_roots(split)) == {"train", "val", "test"} and not info["reused"]
+    again = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
     assert again["reused"]  # same settings: the earlier build is kept
-    other = P.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, split_seed=1,
+    other = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, split_seed=1,
                            log=lambda m: None)
     assert not other["reused"]
-    counts = P.class_counts(split)
+    counts = DS.class_counts(split)
     assert counts["total"].iloc[-1] == 9 * 3 + 3 and counts["class"].iloc[-1] == "all"
     # a folder in our layout is split; a folder already split is used in place
     root = generate_synthetic(tmp_path / "own", per_class=3, size=32, classes=["pit", "stain"])
-    info = P.prepare_data(tmp_path / "w2", "folder", str(root), log=lambda m: None)
+    info = DS.prepare_data(tmp_path / "w2", "folder", str(root), log=lambda m: None)
     assert Path(info["split_root"]) == tmp_path / "w2" / "data" / "split"
-    info = P.prepare_data(tmp_path / "w3", "folder", info["split_root"], log=lambda m: None)
+    info = DS.prepare_data(tmp_path / "w3", "folder", info["split_root"], log=lambda m: None)
     assert info["split_root"] == str(tmp_path / "w2" / "data" / "split") and info["reused"]
-    with pytest.raises(P.PipelineError, match="neither a dataset"):
-        P.prepare_data(tmp_path / "w4", "folder", str(tmp_path), log=lambda m: None)
-    with pytest.raises(P.PipelineError, match="source must be"):
-        P.prepare_data(tmp_path / "w4", "zip")
+    with pytest.raises(CFG.PipelineError, match="neither a dataset"):
+        DS.prepare_data(tmp_path / "w4", "folder", str(tmp_path), log=lambda m: None)
+    with pytest.raises(CFG.PipelineError, match="source must be"):
+        DS.prepare_data(tmp_path / "w4", "zip")
 
 
 def test_prepare_magnetic_tile(tmp_path):
@@ -131,10 +131,10 @@ def test_prepare_magnetic_tile(tmp_path):
     src = shared_dataset("magnetic_tile")
     if src is None:
         pytest.skip("the magnetic-tile dataset is not in ../shared/datasets")
-    info = P.prepare_data(tmp_path / "w", "magnetic_tile", str(src), limit_per_class=4, log=lambda m: None)
-    counts = P.class_counts(info["split_root"])
+    info = DS.prepare_data(tmp_path / "w", "magnetic_tile", str(src), limit_per_class=4, log=lambda m: None)
+    counts = DS.class_counts(info["split_root"])
     assert "free" in set(counts["class"]) and counts["total"].iloc[-1] >= 5 * 4
-    stats = P.image_stats(info["split_root"])
+    stats = DS.image_stats(info["split_root"])
     assert ((stats["mean_r"] > 0) & (stats["mean_r"] < 1)).all()
 
 
@@ -144,18 +144,18 @@ def test_prepare_magnetic_tile(tmp_path):
 def test_tables_and_fragments(tmp_path):
     df = pd.DataFrame({"name": ["a|b", "c"], "iou": [0.5, float("nan")], "response_rate": [0.000123, 0.5],
                        "ok": [True, False]})
-    md = P.markdown_table(df)
+    md = R.markdown_table(df)
     assert md.splitlines()[0] == "| name | iou | response_rate | ok |"
     assert "| a\\|b | 0.5000 | 0.000123 | yes |" in md and "| c | – | 0.5000 | no |" in md
-    assert P.write_table(df, tmp_path, "t1", title="T") is df
+    assert R.write_table(df, tmp_path, "t1", title="T") is df
     assert pd.read_csv(tmp_path / "tables" / "t1.csv").shape == (2, 4)
     assert (tmp_path / "tables" / "t1.md").read_text().startswith("### T")
-    P.write_fragment(tmp_path, "x", {"a": float("nan"), "b": np.float32(0.25), "c": [np.int64(3)], "p": Path("q")})
-    assert P.read_fragment(tmp_path, "x") == {"a": None, "b": 0.25, "c": [3], "p": "q"}
-    assert P.read_fragment(tmp_path, "nothing", required=False) is None
-    with pytest.raises(P.PipelineError, match="run notebook nothing first"):
-        P.read_fragment(tmp_path, "nothing")
-    path = P.save_figure(V.bar_chart(df, "name", ["iou"]), tmp_path, "f1", show=False)
+    R.write_fragment(tmp_path, "x", {"a": float("nan"), "b": np.float32(0.25), "c": [np.int64(3)], "p": Path("q")})
+    assert R.read_fragment(tmp_path, "x") == {"a": None, "b": 0.25, "c": [3], "p": "q"}
+    assert R.read_fragment(tmp_path, "nothing", required=False) is None
+    with pytest.raises(CFG.PipelineError, match="run notebook nothing first"):
+        R.read_fragment(tmp_path, "nothing")
+    path = R.save_figure(V.bar_chart(df, "name", ["iou"]), tmp_path, "f1", show=False)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -168,19 +168,19 @@ def _fake_fragments(results: Path) -> None:
             PairResult("a_1.png", ["b_2.png"], "negative", "a", np.zeros_like(gt), gt),
             PairResult("free_1.png", ["a_2.png"], "free", "free", gt, np.zeros_like(gt))]
     _, summary = evaluate(recs)
-    P.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
-    P.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
+    R.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
+    R.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
                                               "trained": True})
-    P.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
+    R.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
         {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]})
-    P.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
+    R.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
 
 
 def test_summary_and_index(tmp_path):
     _fake_fragments(tmp_path)
     (tmp_path / "reports").mkdir(exist_ok=True)
     (tmp_path / "reports" / "01_data_transformation.html").write_text("<html></html>")
-    s = P.build_summary(tmp_path, P.load_config(None), {"01_data_transformation": 1.0}, 12.5)
+    s = REP.build_summary(tmp_path, CFG.load_config(None), {"01_data_transformation": 1.0}, 12.5)
     h = s["headline"]
     assert h["miou_split_1"] == 0.25 and h["miou_split_2"] == 0.5 and h["miou_split_2_top3"] == 0.6
     assert h["positive_miou"] == 1.0 and h["catch_rate"] == 1.0 and h["yield_rate"] == 1.0
@@ -191,10 +191,10 @@ def test_summary_and_index(tmp_path):
         assert k in s
     assert s["preset"] == "vit_micro" and s["steps"] == 7 and s["wall_time_s"] == 12.5
     json.dumps(s, allow_nan=False)  # strict JSON: no NaN
-    table = P.headline_table(s)
+    table = REP.headline_table(s)
     assert list(table["metric"])[:3] == ["mIoU split 1", "mIoU split 2", "mIoU split 2, top-3"]
     assert table.set_index("metric").loc["PES", "original"] == 0.546
-    page = P.write_index_html(tmp_path, s).read_text()
+    page = REP.write_index_html(tmp_path, s).read_text()
     assert "reports/01_data_transformation.html" in page and "paint_nothing" in page and "<script" not in page
     assert "0.546" in page and "positive mIoU" in page
 
@@ -205,15 +205,15 @@ def test_failing_stage_names_notebook_and_partial_copy(tmp_path):
     (nbdir / "bad.py").write_text('# %% tags=["parameters"]\nx = 1\n\n# %%\nprint("first cell ran")\n\n'
                                   '# %%\nraise ValueError(f"broken on purpose {x}")\n')
     out = tmp_path / "work" / "bad.ipynb"
-    with pytest.raises(P.PipelineError) as e:
-        P.execute_notebook("bad", out, {"x": 2}, notebooks_dir=nbdir)
+    with pytest.raises(CFG.PipelineError) as e:
+        RUN.execute_notebook("bad", out, {"x": 2}, notebooks_dir=nbdir)
     msg = str(e.value)
     assert "notebook bad failed" in msg and "ValueError" in msg and "broken on purpose 2" in msg
     assert str(out) in msg and out.is_file()  # the partially executed copy is there
-    with pytest.raises(P.PipelineError, match="no parameter"):
-        P.execute_notebook("bad", out, {"y": 2}, notebooks_dir=nbdir)
-    with pytest.raises(P.PipelineError, match="not found"):
-        P.execute_notebook("nothing", out, {}, notebooks_dir=nbdir)
+    with pytest.raises(CFG.PipelineError, match="no parameter"):
+        RUN.execute_notebook("bad", out, {"y": 2}, notebooks_dir=nbdir)
+    with pytest.raises(CFG.PipelineError, match="not found"):
+        RUN.execute_notebook("nothing", out, {}, notebooks_dir=nbdir)
 
 
 def test_cli_registration_and_errors(capsys, tmp_path):
@@ -270,7 +270,7 @@ def test_model_panel_rows(tmp_path):
     from seggpt_lib.data.dataset import DefectIndex, PairDataset
 
     root = generate_synthetic(tmp_path / "syn", per_class=2, size=32, classes=["pit", "stain"], n_free=0)
-    model = build_seggpt("vit_micro", **P.SMOKE["model"])
+    model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
     ds = PairDataset(DefectIndex.scan(root), cfg=model.cfg, train=False, length=2)
     rows = V.model_panel_rows(model, ds, [0, 1])
     assert len(rows) == 2 and all(len(p) == 5 and p[0].shape == (64, 32, 3) for p, _ in rows)
@@ -299,15 +299,15 @@ def test_reproduce_end_to_end(results):
         assert v is not None and 0.0 <= v <= 1.0, (k, v)
     assert math.isclose(s["headline"]["pes"], 0.5 * s["headline"]["catch_rate"] + 0.5 * s["headline"]["yield_rate"])
     assert s["data"] == "synthetic" and s["preset"] == "vit_micro" and s["device"] == "cpu" and s["steps"] == 3
-    assert s["wall_time_s"] > 0 and set(s["stage_times_s"]) == set(P.NOTEBOOKS)
+    assert s["wall_time_s"] > 0 and set(s["stage_times_s"]) == set(CFG.NOTEBOOKS)
     assert "git_commit" in s and s["published"]["pes"] == 0.546
-    for name in P.NOTEBOOKS:
+    for name in CFG.NOTEBOOKS:
         assert (results / "reports" / f"{name}.html").is_file()
         assert (results / "work" / f"{name}.ipynb").is_file()
         assert (results / "work" / f"{name}.json").is_file()
     assert not list((results / "work").glob("*.input.ipynb"))
     page = (results / "index.html").read_text()
-    for name in P.NOTEBOOKS:
+    for name in CFG.NOTEBOOKS:
         assert f"reports/{name}.html" in page
     assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
     assert "Beyond the original" in page and "tables/06_beyond.csv" in page and "figures/06_beyond.png" in page
@@ -330,20 +330,20 @@ def test_official_format_weights_without_training(results, tmp_path):
     torch.manual_seed(0)
     w = tmp_path / "official_like.pth"
     torch.save({"model": build_seggpt("vit_micro").state_dict()}, w)
-    assert P.resolve_preset(str(w), "auto") == ("vit_micro", {})
+    assert CFG.resolve_preset(str(w), "auto") == ("vit_micro", {})
     res = tmp_path / "res"
     shutil.copytree(results / "work" / "data", res / "work" / "data")
     shutil.copy(results / "work" / "01_data_transformation.json", res / "work")
-    cfg = P.load_config(None, ["steps=0", f"weights={w}", f"results_dir={res}", "heartbeat_s=0", "echo=false",
+    cfg = CFG.load_config(None, ["steps=0", f"weights={w}", f"results_dir={res}", "heartbeat_s=0", "echo=false",
                                "n_panels=1"])
-    P.reproduce(cfg, stages=["02_training"], log=lambda m: None)
-    frag = P.read_fragment(res, "02_training")
+    RUN.reproduce(cfg, stages=["02_training"], log=lambda m: None)
+    frag = R.read_fragment(res, "02_training")
     assert frag["trained"] is False and frag["steps_done"] == 0 and frag["preset"] == "vit_micro"
     assert frag["weights"] == str(w.resolve()) and frag["model"] == {}
     assert (res / "reports" / "02_training.html").is_file() and not (res / "work" / "train" / "run").exists()
-    em = P.load_eval_model(res)
+    em = EV.load_eval_model(res)
     assert em.preset == "vit_micro" and em.predictor.image_size == (64, 64)
-    ev = P.pair_evaluation(em, P.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
+    ev = EV.pair_evaluation(em, R.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
                            log=lambda m: None)
     assert ev["summary"]["n_positive"] == 2 and ev["summary"]["n_negative"] == 2
 
@@ -352,10 +352,10 @@ def test_failing_stage_in_reproduce(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     res = tmp_path / "res"
-    cfg = P.load_config(None, [f"data={tmp_path / 'empty'}", f"results_dir={res}", "heartbeat_s=0", "echo=false"])
+    cfg = CFG.load_config(None, [f"data={tmp_path / 'empty'}", f"results_dir={res}", "heartbeat_s=0", "echo=false"])
     lines: list[str] = []
-    with pytest.raises(P.PipelineError) as e:
-        P.reproduce(cfg, log=lines.append)
+    with pytest.raises(CFG.PipelineError) as e:
+        RUN.reproduce(cfg, log=lines.append)
     msg = str(e.value)
     assert "stage 1/5 failed" in msg and "notebook 01_data_transformation failed" in msg and "neither a dataset" in msg
     assert str(res / "work" / "01_data_transformation.ipynb") in msg and "its report so far" in msg

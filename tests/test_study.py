@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import pipeline as P
+from seggpt_lib.experiments import config as CFG, results as R, training as TR, report as REP, runner as RUN
 from seggpt_lib.experiments import study as S
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(P.SMOKE["model"])
+TINY_MODEL = dict(CFG.SMOKE["model"])
 TINY_RECIPE = {"batch_size": 4, "warmup_steps": 1}
 RATES = ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
 
@@ -132,13 +132,13 @@ def test_holdout_eval_folder(tiny, tmp_path):
 
 def _tiny_results(tiny: Path, results: Path) -> None:
     """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
-    P.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
-    run_dir = P.training_run_dir(results)
-    cfg = P.training_config(tiny, run_dir, preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
+    R.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
+    run_dir = RUN.training_run_dir(results)
+    cfg = TR.training_config(tiny, run_dir, preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
                             train={**TINY_RECIPE, "negative_target": "empty"}, log=lambda m: None)
-    res = P.run_training(cfg, run_dir, log=lambda m: None)
-    P.write_fragment(results, "02_training", {
-        "weights": str(P.trained_weights(run_dir)), "preset": cfg.preset, "model": cfg.model,
+    res = TR.run_training(cfg, run_dir, log=lambda m: None)
+    R.write_fragment(results, "02_training", {
+        "weights": str(TR.trained_weights(run_dir)), "preset": cfg.preset, "model": cfg.model,
         "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": True,
         "steps_done": res["steps_done"], "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"]})
 
@@ -147,11 +147,11 @@ def test_06_notebook_with_papermill(tiny, tmp_path):
     pytest.importorskip("papermill")
     results = tmp_path / "results"
     _tiny_results(tiny, results)
-    cfg = P.load_config(None, {"results_dir": str(results), "model": TINY_MODEL, "steps": 2, "train_minutes": None,
+    cfg = CFG.load_config(None, {"results_dir": str(results), "model": TINY_MODEL, "steps": 2, "train_minutes": None,
                                "train": TINY_RECIPE, "eval_every": 2, "val_pairs": 4, "beyond_tune_steps": 2,
                                "beyond_max_queries": 3, "beyond_top_k": 2, "n_panels": 1})
-    params = P.notebook_parameters("06_beyond", cfg)
-    out = P.execute_notebook("06_beyond", results / "work" / "06_beyond.ipynb", params)
+    params = RUN.notebook_parameters("06_beyond", cfg)
+    out = RUN.execute_notebook("06_beyond", results / "work" / "06_beyond.ipynb", params)
     assert out.is_file()
     t = pd.read_csv(results / "tables" / "06_beyond.csv")
     assert len(t) == 7 and t["recipe"].iloc[-1] == "baseline"
@@ -159,16 +159,16 @@ def test_06_notebook_with_papermill(tiny, tmp_path):
         _unit(t[c])
     for f in ("06_beyond", "06_examples", "06_learned_prompts"):
         assert (results / "figures" / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
-    frag = P.read_fragment(results, "06_beyond")
+    frag = R.read_fragment(results, "06_beyond")
     assert len(frag["rows"]) == 7 and frag["budget_minutes"] is None and frag["top_k"] == 2
     trained = {r["negative_target"]: r for r in frag["training"]}
     assert trained["empty"]["reused"] and not trained["query_mask"]["reused"]  # 02's model, the other trained here
     assert trained["query_mask"]["steps"] == 2 == trained["empty"]["steps"]
     # the pipeline merges 06's rows into summary.json and index.html
-    s = P.build_summary(results, cfg)
+    s = REP.build_summary(results, cfg)
     assert len(s["beyond"]["rows"]) == 7 and s["beyond"]["tune_steps"] == 2
     json.dumps(s, allow_nan=False)
-    page = P.write_index_html(results, s).read_text()
+    page = REP.write_index_html(results, s).read_text()
     assert "Beyond the original" in page and "class-aware negatives" in page and "learned prompt" in page
 
 
@@ -179,16 +179,16 @@ def test_06_notebook_sources_in_sync():
     assert cells(a) == cells(b), "run `jupytext --sync notebooks/06_beyond.py`"
     raw = json.loads((REPO / "notebooks" / "06_beyond.ipynb").read_text())
     assert not any(c.get("outputs") for c in raw["cells"] if c["cell_type"] == "code")
-    assert "06_beyond" in P.NOTEBOOKS and P.NOTEBOOKS.index("06_beyond") == 4  # stage 5/5 of seggpt reproduce
+    assert "06_beyond" in CFG.NOTEBOOKS and CFG.NOTEBOOKS.index("06_beyond") == 4  # stage 5/5 of seggpt reproduce
 
 
 def test_budget_defaults():
-    cfg = P.load_config(REPO / "configs" / "pipeline.json")
+    cfg = CFG.load_config(REPO / "configs" / "pipeline.json")
     assert cfg["beyond_minutes"] is None and cfg["train_minutes"] == 4.5  # 06 trains as long as 02
     assert cfg["beyond_tune_steps"] >= 1 and cfg["beyond_max_queries"]
-    with pytest.raises(P.PipelineError, match="beyond_minutes"):
-        P.load_config(None, {"beyond_minutes": "long"})
-    mt = P.load_config(REPO / "configs" / "magnetic_tile.json")
+    with pytest.raises(CFG.PipelineError, match="beyond_minutes"):
+        CFG.load_config(None, {"beyond_minutes": "long"})
+    mt = CFG.load_config(REPO / "configs" / "magnetic_tile.json")
     assert mt["data"].startswith("magnetic_tile:") and mt["results_dir"].startswith("results/magnetic_tile")
 
 

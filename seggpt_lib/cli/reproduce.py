@@ -5,7 +5,8 @@ from pathlib import Path
 import argparse
 import json
 import sys
-from seggpt_lib.experiments.pipeline import NOTEBOOK_PARAMETERS, PipelineError, load_config, reproduce
+from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PipelineError, load_config
+from seggpt_lib.experiments.runner import reproduce
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.experiments.pipeline import parse_set
+    from seggpt_lib.experiments.config import parse_set
 
     try:
         ov: dict[str, Any] = {}

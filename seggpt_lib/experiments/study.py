@@ -80,17 +80,17 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
     ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
     ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
 
     if negative_target not in RECIPES:
         raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
     train = {**(recipe or {}), "negative_target": negative_target}
-    cfg = P.training_config(split_root, run_dir, preset=preset, model=model_overrides, weights=weights, steps=steps,
-                            train_minutes=budget_minutes, device=P._device(device), precision=precision, seed=seed,
+    cfg = TR.training_config(split_root, run_dir, preset=preset, model=model_overrides, weights=weights, steps=steps,
+                            train_minutes=budget_minutes, device=CFG.resolve_device_name(device), precision=precision, seed=seed,
                             normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
                             val_pairs=val_pairs, log=log)
-    res = P.run_training(cfg, run_dir, log=log)
-    return {"negative_target": negative_target, "weights": str(P.trained_weights(run_dir, checkpoint)),
+    res = TR.run_training(cfg, run_dir, log=log)
+    return {"negative_target": negative_target, "weights": str(TR.trained_weights(run_dir, checkpoint)),
             "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_miou": res["best_val_miou"],
             "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color,
             "reused": False}
@@ -103,7 +103,7 @@ def learned_prompts(em, prompt_root: str | os.PathLike, classes: Sequence[str], 
                     batch_size: int = 4, fg_weight: float = 1.0, negative_share: float = 0.25, seed: int = 0,
                     save_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """One learned prompt per class of ``classes``, tuned on the class's images in ``prompt_root``
-    with the model of ``em`` (a :class:`seggpt_lib.experiments.pipeline.EvalModel`) frozen, in the predictor's
+    with the model of ``em`` (a :class:`seggpt_lib.experiments.evaluation.EvalModel`) frozen, in the predictor's
     normalisation and defect colour. ``negative_share`` of each batch are images of other classes
     or defect-free ones with an empty target. Returns ``{class: LearnedPrompt}``; with
     ``save_dir`` each is also written as ``<class>.safetensors`` (for ``seggpt infer
@@ -154,12 +154,12 @@ def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, pr
                      split: int, work_size: int, tile_pairing: str, method: str):
     """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
     class (positive) or of the first mapped prompt's class (negative, free)."""
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.data.dataset import read_label, read_rgb
     from seggpt_lib.eval.metrics import PairResult
     from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
 
-    q_root, p_root = P.eval_roots(eval_root)
+    q_root, p_root = EV.eval_roots(eval_root)
     q_idx, p_idx = _scan(q_root), _scan(p_root)
     pred = em.predictor
     pairs = {c: to_prompt_pairs(p, pred) for c, p in prompts.items()}
@@ -210,7 +210,7 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
                    tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
                    seed: int = 0, prompt_dir: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score one model (an :class:`~seggpt_lib.experiments.pipeline.EvalModel`) on ``eval_root`` (a folder
+    """Score one model (an :class:`~seggpt_lib.experiments.evaluation.EvalModel`) on ``eval_root`` (a folder
     with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data).
 
     The same positive, negative and defect-free query sets (at most ``max_queries`` each, spread
@@ -223,33 +223,33 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
     ``mappings``, ``work_size``."""
     import pandas as pd
 
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.eval.metrics import evaluate
 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; methods: {METHODS}")
-    q_root, p_root = P.eval_roots(eval_root)
-    ws = P.work_size_of(work_size, q_root, em)
+    q_root, p_root = EV.eval_roots(eval_root)
+    ws = EV.work_size_of(work_size, q_root, em)
     k = int(top_k) if "topk" in methods else 1
     methods = list(methods)
     try:
-        pos = P.prompt_mapping(eval_root, "positive", k=k, seed=mapping_seed, max_queries=max_queries)
+        pos = EV.prompt_mapping(eval_root, "positive", k=k, seed=mapping_seed, max_queries=max_queries)
     except ValueError as e:
         if k == 1:
             raise
         log(f"no top-{k} rows: {e}")
         methods = [m for m in methods if m != "topk"]
         k = 1
-        pos = P.prompt_mapping(eval_root, "positive", k=1, seed=mapping_seed, max_queries=max_queries)
+        pos = EV.prompt_mapping(eval_root, "positive", k=1, seed=mapping_seed, max_queries=max_queries)
     mappings = {"positive": pos}
     for kind in ("negative", "free"):
         try:
-            mappings[kind] = P.prompt_mapping(eval_root, kind, k=k, seed=mapping_seed, max_queries=max_queries)
+            mappings[kind] = EV.prompt_mapping(eval_root, kind, k=k, seed=mapping_seed, max_queries=max_queries)
         except ValueError:
             mappings[kind] = {}
         if not mappings[kind] and k > 1:  # too few prompts of other classes for k: fall back to one
-            mappings[kind] = P.prompt_mapping(eval_root, kind, k=1, seed=mapping_seed, max_queries=max_queries)
+            mappings[kind] = EV.prompt_mapping(eval_root, kind, k=1, seed=mapping_seed, max_queries=max_queries)
 
     prompts: dict[str, Any] = {}
     if "learned" in methods:
@@ -271,7 +271,7 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
                 records += _predict_learned(em, eval_root, m, kind, prompts, split, ws, tile_pairing, method)
             else:
                 kk = 1 if method == "top1" else k
-                recs = P.predict_mapping(em, eval_root, m, kind, split=split, top_k=kk, work_size=ws,
+                recs = EV.predict_mapping(em, eval_root, m, kind, split=split, top_k=kk, work_size=ws,
                                          tile_pairing=tile_pairing)
                 for r in recs:
                     r.extra["method"] = method
@@ -324,10 +324,10 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
     import pandas as pd
 
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
 
     t_all = time.perf_counter()
-    recipe = {**P.DEFAULTS["train"], **(recipe or {})}
+    recipe = {**CFG.DEFAULTS["train"], **(recipe or {})}
     eval_root = Path(eval_root or split_root)
     work = Path(work_dir) if work_dir is not None else Path(split_root).parent / "compare"
     models: dict[str, dict[str, Any]] = {}
@@ -351,7 +351,7 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     rows, per_image, evals, ems, baseline = [], [], {}, {}, None
     for nt, info in models.items():
         label = info.get("label") or RECIPES[nt]
-        em = P.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=precision,
+        em = EV.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=precision,
                                max_batch=max_batch, mean=info.get("mean"), std=info.get("std"),
                                defect_color=info.get("defect_color") or recipe.get("defect_color"))
         ems[nt] = em
@@ -382,12 +382,12 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
                               "reused": bool(m.get("reused")), "weights": Path(m["weights"]).name}
                              for nt, m in models.items()])
     if results_dir is not None and table_name:
-        P.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
+        R.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
                       note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
                            "Paint nothing: the trivial baseline on the same pairs.")
         if len(per_image_df):
-            P.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
-        P.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
+            R.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
+        R.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
     return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
             "eval_models": ems, "eval_root": str(eval_root), "split": split, "tile_pairing": tile_pairing,
             "seconds": time.perf_counter() - t_all}
@@ -399,13 +399,13 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
     (spread over the mapping), the query with its ground truth (green), then the prediction
     (red) of every compared model with each of ``methods``. Returns the figure, or None when
     there is nothing to show."""
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.experiments import viz as V
     from seggpt_lib.data.dataset import read_label, read_rgb
     from seggpt_lib.eval.metrics import iou, response_rate
 
     eval_root = res["eval_root"]
-    q_root, p_root = P.eval_roots(eval_root)
+    q_root, p_root = EV.eval_roots(eval_root)
     q_idx, p_idx = _scan(q_root), _scan(p_root)
     images, titles, ncols = [], [], 1
     ev0 = next(iter(res["evals"].values()), None)
@@ -425,7 +425,7 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
                     recs = _predict_learned(em, eval_root, sub, kind, ev["prompts"], res["split"], ev["work_size"],
                                             res["tile_pairing"], method)
                 else:
-                    recs = P.predict_mapping(em, eval_root, sub, kind, split=res["split"],
+                    recs = EV.predict_mapping(em, eval_root, sub, kind, split=res["split"],
                                              top_k=1 if method == "top1" else ev["top_k"], work_size=ev["work_size"],
                                              tile_pairing=res["tile_pairing"])
                 preds[(nt, method)] = {r.query: r for r in recs}
@@ -611,7 +611,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     ``overrides`` change keys of :data:`QUICK` / :data:`FULL` (``train`` merged)."""
     from data_prep.magnetic_tile import convert_magnetic_tile
     from data_prep.split import split_dataset
-    from seggpt_lib.experiments import pipeline as P
+    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.experiments import viz as V
 
     t_all = time.perf_counter()
@@ -632,13 +632,13 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     out = Path(out)
     if any((out / m).exists() for m in (".git", "pyproject.toml")):
         raise ValueError(f"{out} looks like a source tree; pick a results folder")
-    dirs = P.result_dirs(out)
+    dirs = R.result_dirs(out)
     work = Path(work_dir) if work_dir else dirs["work"]
     work.mkdir(parents=True, exist_ok=True)
-    dev = P._device(device)
+    dev = CFG.resolve_device_name(device)
     if str(dev).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
         # loader processes compete with the training threads for the cores on a CPU run
-        workers = cfg["train"].get("num_workers", P.DEFAULTS["train"].get("num_workers", 0))
+        workers = cfg["train"].get("num_workers", CFG.DEFAULTS["train"].get("num_workers", 0))
         cfg["train"]["num_workers"] = min(int(workers), max(0, (os.cpu_count() or 1) - 2))
     times: dict[str, float] = {}
 
@@ -648,7 +648,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         shutil.rmtree(root)
     convert_magnetic_tile(src, root, limit_per_class=cfg["limit_per_class"], overwrite=True, show_progress=False)
     times["convert_s"] = time.perf_counter() - t0
-    recipe = {**P.DEFAULTS["train"], **cfg["train"]}
+    recipe = {**CFG.DEFAULTS["train"], **cfg["train"]}
     results: dict[str, Any] = {}
     for proto in protocols:
         t0 = time.perf_counter()
@@ -678,16 +678,16 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         tab = res["table"]
         fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
                           ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
-        P.save_figure(fig, out, name, show=False)
+        R.save_figure(fig, out, name, show=False)
         results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
                           "training": json.loads(res["training"].to_json(orient="records")),
-                          "counts": P.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
+                          "counts": DS.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
     times["total_s"] = time.perf_counter() - t_all
     summary = {
         "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(src), "device": dev, "seed": seed,
         "settings": cfg, "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
-        "git_commit": P.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (out / "summary.json").write_text(json.dumps(P._jsonable(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(R.jsonable(summary), indent=2) + "\n")
     log(f"study done in {times['total_s']:.1f} s: {out / 'summary.json'}")
     return summary

@@ -1,0 +1,346 @@
+"""Notebooks 03/04's calls: the original's published figures, the evaluated model, prompt mappings, predictions scored per pair."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+import dataclasses
+import json
+import math
+import numpy as np
+import os
+import time
+from PIL import Image
+import pandas as pd
+
+from seggpt_lib.data.dataset import read_label, read_rgb
+from seggpt_lib.eval.mapping import build_mapping
+from seggpt_lib.eval.metrics import PairResult, evaluate
+from seggpt_lib.experiments import viz
+from seggpt_lib.experiments.config import PipelineError, resolve_device_name, resolve_preset
+from seggpt_lib.experiments.dataset import scan_index, split_roots
+from seggpt_lib.experiments.results import read_fragment
+from seggpt_lib.model.checkpoint import build_from_checkpoint
+from seggpt_lib.predict.predictor import SegGPTPredictor
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+
+# ------------------------------------------------------------------------------------------
+# the original project's published figures (BRIEF §1.5; 11 queries, one per defect type)
+# ------------------------------------------------------------------------------------------
+PUBLISHED: dict[str, Any] = {
+    "split_miou": {1: 0.173, 2: 0.538, 4: 0.327},
+    "positive_miou": 0.541,
+    "catch_rate": 0.91,  # 10 of 11
+    "negative_miou": 0.527,
+    "yield_rate": 0.182,  # 2 of 11
+    "pes": 0.546,
+    "split": 2,
+    "queries": 11,
+}
+PUBLISHED_PER_IMAGE: list[tuple[str, float, float, float]] = [
+    ("front_000925", 0.843, 0.858, 0.000719),
+    ("impurities_000045", 0.777, 0.782, 0.001883),
+    ("mouse_bite_000518", 0.424, 0.422, 0.000169),
+    ("open_circuit_000061", 0.562, 0.489, 0.000237),
+    ("Porosity_000925", 0.419, 0.382, 0.000706),
+    ("RCS_000081", 0.623, 0.606, 0.000431),
+    ("short_000081", 0.608, 0.624, 0.000596),
+    ("spur_000045", 0.508, 0.481, 0.000362),
+    ("spurious_copper_000497", 0.609, 0.600, 0.000482),
+    ("thunderbolt_000925", 0.534, 0.526, 0.021971),
+    ("torn_apart_000045", 0.044, 0.032, 0.000618),
+]
+
+
+# ------------------------------------------------------------------------------------------
+# 03 / 04: evaluation
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EvalModel:
+    """A predictor and what it was built from."""
+
+    predictor: Any
+    weights: str
+    preset: str
+    model: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    device: str
+    precision: str
+
+    def describe(self) -> str:
+        return (f"{self.preset}{' ' + json.dumps(self.model) if self.model else ''} from {self.weights} "
+                f"on {self.device} ({self.precision})")
+
+
+def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: str = "auto", model: dict | None = None,
+                    device: str = "cpu", precision: str = "auto", max_batch: int = 64,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    defect_color: Sequence[int] | None = None) -> EvalModel:
+    """The model to evaluate: ``weights`` (official, HF or ours), or, when empty, what notebook
+    02 produced (its fragment: weights, architecture, normalisation, the fixed defect colour
+    it was trained with). The prompt masks are painted in ``defect_color`` (default white)."""
+
+    if not weights:
+        frag = read_fragment(results_dir, "02_training")
+        weights, preset, model = frag["weights"], frag["preset"], frag.get("model") or {}
+        mean, std = mean or frag.get("mean"), std or frag.get("std")
+        defect_color = defect_color or frag.get("defect_color")
+    mean = list(mean or IMAGENET_MEAN)
+    std = list(std or IMAGENET_STD)
+    name, ov = resolve_preset(weights, preset, model)
+    net = build_from_checkpoint(weights, preset=name, **ov)
+    dev = resolve_device_name(device)
+    prec = precision if precision != "auto" else ("bf16" if dev.startswith("cuda") else "fp32")
+    extra = {"defect_color": tuple(int(c) for c in defect_color)} if defect_color else {}
+    pred = SegGPTPredictor(net, device=dev, precision=prec, mean=mean, std=std, max_batch=max_batch, **extra)
+    return EvalModel(pred, str(weights), name, ov, mean, std, dev, prec)
+
+
+def eval_roots(split_root: str | os.PathLike) -> tuple[Path, Path]:
+    """(query root = test split, prompt root = train split)."""
+    roots = split_roots(split_root)
+    if "test" not in roots or "train" not in roots:
+        raise PipelineError(f"{split_root}: needs train/ and test/ splits")
+    return roots["test"], roots["train"]
+
+
+def auto_work_size(query_root: str | os.PathLike, model_hw: Sequence[int], cap: int = 1024) -> int:
+    """The canvas for tiling: the queries' median longer side, at most ``cap``, at least the model size."""
+
+    idx = scan_index(Path(query_root))
+    sides = []
+    for i in range(len(idx)):
+        h, w = int(idx.heights[i]), int(idx.widths[i])
+        if h <= 0 or w <= 0:
+            with Image.open(idx.image_path(i)) as im:
+                w, h = im.size
+        sides.append(max(h, w))
+    med = int(np.median(sides)) if sides else cap
+    return int(max(min(med, cap), max(model_hw)))
+
+
+def work_size_of(work_size: int | str, query_root: str | os.PathLike, em: EvalModel) -> int:
+    return auto_work_size(query_root, em.predictor.image_size) if work_size == "auto" else int(work_size)
+
+
+def _limit(mapping: dict[str, list[str]], classes: dict[str, str], n: int | None) -> dict[str, list[str]]:
+    """At most ``n`` queries, taken round-robin over the classes (sorted), so every class shows."""
+    if not n or len(mapping) <= n:
+        return mapping
+    by_cls: dict[str, list[str]] = {}
+    for q in sorted(mapping):
+        by_cls.setdefault(classes.get(q, ""), []).append(q)
+    keep: list[str] = []
+    while len(keep) < n:
+        for c in sorted(by_cls):
+            if by_cls[c] and len(keep) < n:
+                keep.append(by_cls[c].pop(0))
+    return {q: mapping[q] for q in sorted(keep)}
+
+
+def prompt_mapping(split_root: str | os.PathLike, kind: str, k: int = 1, seed: int = 0,
+                   max_queries: int | None = None) -> dict[str, list[str]]:
+    """``{test query: [k train prompts]}`` of ``kind`` (positive, negative, free); empty when the
+    test split has no such query or too few prompts (a ``ValueError`` from
+    :func:`seggpt_lib.eval.mapping.build_mapping` is re-raised for positive mappings)."""
+
+    q_root, p_root = eval_roots(split_root)
+    try:
+        m = build_mapping(q_root, p_root, kind, k=k, seed=seed)
+    except ValueError:
+        if kind == "positive":
+            raise
+        return {}
+    idx = scan_index(q_root)
+    classes = {f: idx.class_of(i) for i, f in enumerate(idx.files)}
+    return _limit(m, classes, max_queries)
+
+
+def predict_mapping(em: EvalModel, split_root: str | os.PathLike, mapping: dict[str, list[str]], kind: str,
+                    split: int = 1, top_k: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                    keep: bool = False, log: Callable[[str], None] | None = None):
+    """Predict every query of ``mapping`` from its first ``top_k`` prompts; returns a list of
+    :class:`seggpt_lib.eval.metrics.PairResult` (extra columns ``split``, ``top_k``, ``seconds``) and,
+    with ``keep``, the :class:`~seggpt_lib.predict.predictor.Prediction` of each query (raw kept)."""
+
+    q_root, p_root = eval_roots(split_root)
+    q_idx, p_idx = scan_index(q_root), scan_index(p_root)
+    ws = work_size_of(work_size, q_root, em)
+    pred = em.predictor
+    per_q = pred.pairs_per_query(top_k, split, tile_pairing)
+    chunk = max(1, min(16, pred.max_batch // max(1, per_q)))
+    queries = sorted(mapping)
+    records, kept = [], {}
+    prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def prompt(f: str):
+        if f not in prompt_cache:
+            i = p_idx.find(f)
+            prompt_cache[f] = (read_rgb(p_idx.image_path(i)), read_label(p_idx.label_path(i)) != 0)
+        return prompt_cache[f]
+
+    t_all = time.perf_counter()
+    for c0 in range(0, len(queries), chunk):
+        names = queries[c0 : c0 + chunk]
+        imgs, gts, ps, ms = [], [], [], []
+        for q in names:
+            i = q_idx.find(q)
+            imgs.append(read_rgb(q_idx.image_path(i)))
+            gts.append(read_label(q_idx.label_path(i)) != 0)
+            pp = [prompt(f) for f in mapping[q][:top_k]]
+            ps.append([a for a, _ in pp])
+            ms.append([b for _, b in pp])
+        t0 = time.perf_counter()
+        outs = pred.predict_batch(imgs, ps, ms, split=split, top_k=top_k, tile_pairing=tile_pairing, work_size=ws,
+                                  keep_raw=keep)
+        sec = (time.perf_counter() - t0) / len(names)
+        for q, o, g in zip(names, outs, gts):
+            i = q_idx.find(q)
+            records.append(PairResult(query=q, prompts=list(mapping[q][:top_k]), kind=kind, query_class=q_idx.class_of(i),
+                                      pred=o.mask, gt=g, extra={"split": split, "top_k": top_k, "seconds": sec}))
+            if keep:
+                kept[q] = o
+    if log:
+        log(f"{kind} split {split} top-{top_k}: {len(queries)} queries in {time.perf_counter() - t_all:.1f} s")
+    return (records, kept) if keep else records
+
+
+def split_ablation(em: EvalModel, split_root: str | os.PathLike, splits: Sequence[int] = (1, 2, 4), top_k: int = 1,
+                   extra_top_k: int = 0, eval_split: int = 2, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                   catch_iou: float = 0.3, seed: int = 0, max_queries: int | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """mIoU by split on the positive pairs of the test split.
+
+    Returns ``table`` (one row per (split, top_k): queries, mIoU, catch rate, the original's
+    mIoU at that split, seconds per query), ``per_class`` (class x split mean IoU), ``per_image``
+    (every scored pair), ``mapping`` and ``work_size``."""
+
+
+    k_max = max(top_k, extra_top_k or 0)
+    try:
+        mapping = prompt_mapping(split_root, "positive", k=k_max, seed=seed, max_queries=max_queries)
+    except ValueError as e:
+        if k_max == top_k:
+            raise
+        log(f"no top-{extra_top_k} row: {e}")
+        extra_top_k, k_max = 0, top_k
+        mapping = prompt_mapping(split_root, "positive", k=top_k, seed=seed, max_queries=max_queries)
+    runs = [(int(s), int(top_k)) for s in splits]
+    if extra_top_k and extra_top_k != top_k:
+        runs.append((int(eval_split), int(extra_top_k)))
+    rows, per_image = [], []
+    q_root, _ = eval_roots(split_root)
+    ws = work_size_of(work_size, q_root, em)
+    for s, k in runs:
+        recs = predict_mapping(em, split_root, mapping, "positive", split=s, top_k=k, work_size=ws,
+                               tile_pairing=tile_pairing, log=log)
+        table, summ = evaluate(recs, catch_iou=catch_iou)
+        per_image.append(table)
+        rows.append({
+            "split": s, "top_k": k, "queries": summ["n_positive"], "mIoU": summ["miou"], "catch_rate": summ["catch_rate"],
+            "catches": summ["n_catch"], "original_mIoU": PUBLISHED["split_miou"].get(s, math.nan) if k == 1 else math.nan,
+            "s_per_query": float(table["seconds"].mean()) if len(table) else math.nan,
+        })
+    per_image_df = pd.concat(per_image, ignore_index=True)
+    top = per_image_df[per_image_df["top_k"] == top_k]
+    per_class = top.pivot_table(index="class", columns="split", values="iou", aggfunc="mean")
+    per_class.columns = [f"split_{c}" for c in per_class.columns]
+    per_class = per_class.reset_index()
+    return {"table": pd.DataFrame(rows), "per_class": per_class, "per_image": per_image_df, "mapping": mapping,
+            "work_size": ws, "tile_pairing": tile_pairing}
+
+
+def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, split: int = 2, top_k: int = 1,
+                    work_size: int | str = "auto", tile_pairing: str = "aligned", catch_iou: float = 0.3,
+                    yield_response: float = 0.000239, seed: int = 0, max_queries: int | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Positive prompts, negative prompts and defect-free queries of the test split at ``split``.
+
+    Returns ``table`` (every pair, :func:`seggpt_lib.eval.metrics.evaluate`'s columns), ``summary``
+    (its summary, with the paint-nothing / paint-everything baselines), ``mappings``,
+    ``work_size``."""
+
+    q_root, _ = eval_roots(split_root)
+    ws = work_size_of(work_size, q_root, em)
+    records, mappings = [], {}
+    for kind in ("positive", "negative", "free"):
+        m = prompt_mapping(split_root, kind, k=top_k, seed=seed, max_queries=max_queries)
+        mappings[kind] = m
+        if not m:
+            log(f"no {kind} pairs in the test split")
+            continue
+        records += predict_mapping(em, split_root, m, kind, split=split, top_k=top_k, work_size=ws,
+                                   tile_pairing=tile_pairing, log=log)
+    table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response)
+    return {"table": table, "summary": summary, "mappings": mappings, "work_size": ws, "tile_pairing": tile_pairing}
+
+
+def per_image_tables(table) -> dict[str, Any]:
+    """The per-image tables of 04: ``positive`` (IoU, catch), ``negative`` (IoU, response, yield),
+    ``free`` (response, yield) and ``side_by_side`` (the original's layout: query, positive IoU,
+    negative IoU, negative response rate)."""
+
+    cols = {"positive": ["file", "class", "prompts", "iou", "catch", "pred_pixels", "gt_pixels"],
+            "negative": ["file", "class", "prompts", "iou", "response_rate", "yield", "pred_pixels"],
+            "free": ["file", "class", "prompts", "response_rate", "yield", "pred_pixels"]}
+    out = {k: table[table["kind"] == k][c].reset_index(drop=True) for k, c in cols.items()}
+    pos = out["positive"][["file", "class", "iou"]].rename(columns={"iou": "positive_iou"})
+    neg = out["negative"][["file", "iou", "response_rate"]].rename(
+        columns={"iou": "negative_iou", "response_rate": "negative_response_rate"})
+    out["side_by_side"] = pd.merge(pos, neg, on="file", how="outer").sort_values("file").reset_index(drop=True)
+    return out
+
+
+def published_per_image():
+
+    return pd.DataFrame(PUBLISHED_PER_IMAGE, columns=["query", "positive_iou", "negative_iou", "negative_response_rate"])
+
+
+def comparison_table(summary: dict[str, Any], split_miou: dict[int, float] | None = None):
+    """Our headline figures beside the original's published ones and the trivial baselines."""
+
+    b = summary.get("baselines", {})
+    nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
+    rows = []
+    for s, v in sorted((split_miou or {}).items()):
+        rows.append({"metric": f"mIoU, split {s} (positive)", "ours": v, "original": PUBLISHED["split_miou"].get(int(s), math.nan),
+                     "paint_nothing": nothing.get("miou", math.nan), "paint_everything": everything.get("miou", math.nan)})
+    for key, label in (("miou", "positive mIoU"), ("catch_rate", "catch rate"), ("negative_miou", "negative mIoU"),
+                       ("yield_rate", "yield rate (negative prompts)"), ("free_yield_rate", "defect-free yield"),
+                       ("pes", "PES")):
+        pub = PUBLISHED.get({"miou": "positive_miou"}.get(key, key), math.nan)
+        rows.append({"metric": label, "ours": summary.get(key, math.nan), "original": pub,
+                     "paint_nothing": nothing.get(key, math.nan), "paint_everything": everything.get(key, math.nan)})
+    return pd.DataFrame(rows)
+
+
+def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: dict[str, list[str]], n: int = 3,
+                 worst: bool = False, split: int = 1, top_k: int = 1, work_size: int | str = "auto",
+                 tile_pairing: str = "aligned", kind: str = "positive", by: str = "iou") -> list[tuple[list[np.ndarray], str]]:
+    """Five-panel rows (see :func:`seggpt_lib.experiments.viz.prediction_panel_row`) of the ``n`` best (or,
+    with ``worst``, lowest) pairs of ``kind`` in ``table`` by column ``by`` (``iou``, or
+    ``response_rate`` where highest is "best" = strongest response), re-predicted with the raw
+    output kept. Titles give class, query, prompt, IoU and response rate."""
+
+    t = table[table["kind"] == kind] if "kind" in table else table
+    t = t.dropna(subset=[by])
+    if not len(t):
+        return []
+    t = t.sort_values([by, "file"], ascending=[worst, True]).head(n)
+    sub = {q: mapping[q] for q in t["file"]}
+    _, preds = predict_mapping(em, split_root, sub, kind, split=split, top_k=top_k, work_size=work_size,
+                               tile_pairing=tile_pairing, keep=True)
+    q_root, p_root = eval_roots(split_root)
+    q_idx, p_idx = scan_index(q_root), scan_index(p_root)
+    rows = []
+    for q, score, resp in zip(t["file"], t["iou"], t["response_rate"]):
+        qi, pi = q_idx.find(q), p_idx.find(mapping[q][0])
+        img, gt = read_rgb(q_idx.image_path(qi)), read_label(q_idx.label_path(qi)) != 0
+        pimg, pm = read_rgb(p_idx.image_path(pi)), read_label(p_idx.label_path(pi)) != 0
+        h = min(256, img.shape[0])
+        size = (h, max(1, round(img.shape[1] * h / img.shape[0])))
+        panels = viz.prediction_panel_row(img, gt, pimg, pm, preds[q], size=size)
+        p_cls = p_idx.class_of(pi)
+        rows.append((panels, f"{q_idx.class_of(qi)}: {Path(q).stem}, prompt {Path(mapping[q][0]).stem} ({p_cls})  "
+                             f"IoU {score:.3f}, response {resp:.6f}"))
+    return rows

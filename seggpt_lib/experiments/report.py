@@ -1,0 +1,215 @@
+"""The run's summary: headline figures and the results index page."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+import datetime as _dt
+import html
+import math
+import numpy as np
+import os
+import subprocess
+import pandas as pd
+
+from seggpt_lib.experiments.config import BEYOND_NOTEBOOK, NOTEBOOKS, REPO_ROOT
+from seggpt_lib.experiments.evaluation import PUBLISHED
+from seggpt_lib.experiments.results import format_cell, jsonable, read_fragment, result_dirs
+
+
+# ------------------------------------------------------------------------------------------
+# summary and index
+# ------------------------------------------------------------------------------------------
+def git_commit(repo: Path = REPO_ROOT) -> str | None:
+    """``HEAD``'s commit of the repository (``+dirty`` when tracked files changed), or None."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+HEADLINE_KEYS = ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "free_yield_rate", "pes")
+
+
+def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None = None,
+                  stage_times: dict[str, float] | None = None, wall_s: float | None = None,
+                  status: str = "complete") -> dict[str, Any]:
+    """Merge the notebooks' fragments into one summary: ``headline`` (mIoU per split, positive
+    mIoU, catch rate, negative mIoU, yield rate, defect-free yield, PES), ``published``,
+    ``baselines``, the run's settings (data, preset, weights, device, steps), wall time, git
+    commit, and each notebook's fragment."""
+    cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
+    frags = {n: read_fragment(results_dir, n, required=False) for n in NOTEBOOKS}
+    d01, d02, d03, d04 = (frags.get(n) or {} for n in NOTEBOOKS[:4])
+    d06 = frags.get(BEYOND_NOTEBOOK) or {}
+    headline: dict[str, Any] = {}
+    for row in d03.get("table", []):
+        if row.get("top_k") == d03.get("top_k", 1):
+            headline[f"miou_split_{row['split']}"] = row.get("mIoU")
+    for row in d03.get("table", []):
+        if row.get("top_k") != d03.get("top_k", 1):
+            headline[f"miou_split_{row['split']}_top{row['top_k']}"] = row.get("mIoU")
+    s04 = d04.get("summary", {})
+    for k in HEADLINE_KEYS:
+        headline[k] = s04.get("miou" if k == "positive_miou" else k)
+    summary = {
+        "status": status,
+        "headline": headline,
+        "published": {"miou_split_1": PUBLISHED["split_miou"][1], "miou_split_2": PUBLISHED["split_miou"][2],
+                      "miou_split_4": PUBLISHED["split_miou"][4],
+                      **{k: PUBLISHED[k] for k in ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "pes")}},
+        "baselines": s04.get("baselines", {}),
+        "counts": {k: s04.get(k) for k in ("n_positive", "n_catch", "n_negative", "n_yield", "n_free", "n_free_yield")},
+        "thresholds": {"catch_iou": s04.get("catch_iou", cfg.get("catch_iou")),
+                       "yield_response": s04.get("yield_response", cfg.get("yield_response"))},
+        "eval_split": d04.get("split", cfg.get("eval_split")),
+        "top_k": d04.get("top_k", cfg.get("top_k")),
+        "tile_pairing": d04.get("tile_pairing", cfg.get("tile_pairing")),
+        "work_size": d04.get("work_size"),
+        "data": cfg.get("data", d01.get("source")),
+        "dataset": {k: d01.get(k) for k in ("source", "images", "classes", "mean", "std")},
+        "preset": d02.get("preset", cfg.get("preset")),
+        "model": d02.get("model", cfg.get("model")),
+        "weights": d02.get("weights_label", cfg.get("weights")),
+        "init_weights": cfg.get("weights") or None,
+        "trained": d02.get("trained"),
+        "steps": d02.get("steps_done"),
+        "train_wall_s": d02.get("wall_s"),
+        "best_val_miou": d02.get("best_val_miou"),
+        "beyond": {k: d06.get(k) for k in ("rows", "training", "budget_minutes", "split", "top_k", "tune_steps",
+                                           "max_queries")} if d06 else {},
+        "device": d04.get("device", cfg.get("device")),
+        "wall_time_s": wall_s,
+        "stage_times_s": stage_times or {},
+        "git_commit": git_commit(),
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+        "parameters": cfg,
+        "fragments": frags,
+    }
+    return jsonable(summary)
+
+
+def headline_table(summary: dict[str, Any]):
+    """The headline as a table: metric, ours, original, paint nothing, paint everything."""
+
+    h, pub, b = summary.get("headline", {}), summary.get("published", {}), summary.get("baselines", {})
+    nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
+    labels = {"positive_miou": "positive mIoU", "catch_rate": "catch rate", "negative_miou": "negative mIoU",
+              "yield_rate": "yield rate (negative prompts)", "free_yield_rate": "defect-free yield", "pes": "PES"}
+    bkey = {"positive_miou": "miou"}
+    rows = []
+    for k, v in h.items():
+        if k.startswith("miou_split_"):
+            rest = k[len("miou_split_"):]
+            label = f"mIoU split {rest.replace('_top', ', top-')}"
+            rows.append({"metric": label, "ours": v, "original": pub.get(k), "paint_nothing": nothing.get("miou"),
+                         "paint_everything": everything.get("miou")})
+    for k in HEADLINE_KEYS:
+        if k in h:
+            rows.append({"metric": labels[k], "ours": h[k], "original": pub.get(k),
+                         "paint_nothing": nothing.get(bkey.get(k, k)), "paint_everything": everything.get(bkey.get(k, k))})
+    df = pd.DataFrame(rows, columns=["metric", "ours", "original", "paint_nothing", "paint_everything"])
+    return df.astype({c: float for c in ("ours", "original", "paint_nothing", "paint_everything")}, errors="ignore")
+
+
+def _html_table(df, floatfmt: str = ".3f") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            is_num = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            cells.append(f"<td{' class=num' if is_num else ''}>{html.escape(format_cell(v, floatfmt))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
+.meta td:first-child{font-weight:600}.status-failed{color:#b00;font-weight:700}
+.figs{display:flex;flex-wrap:wrap;gap:12px}.figs a{display:block;width:250px;font-size:.8em;text-decoration:none;color:#333}
+.figs img{width:250px;border:1px solid #ccc}small{color:#666}
+"""
+
+
+def beyond_table(summary: dict[str, Any]):
+    """Notebook 06's rows from a summary: recipe, prompt, training steps, mIoU, catch, yield,
+    defect-free yield, PES (empty when 06 did not run)."""
+
+    cols = ["recipe", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
+    rows = (summary.get("beyond") or {}).get("rows") or []
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+
+
+def _beyond_html(summary: dict[str, Any]) -> list[str]:
+    df = beyond_table(summary)
+    if not len(df):
+        return []
+    b = summary.get("beyond") or {}
+    df = df.assign(steps=[("–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
+                          for v in df["steps"]])
+    return ["<h2>Beyond the original</h2>", _html_table(df),
+            f"<p><small>Notebook 06: the original's negatives (a negative pair paints the query's own defect) against "
+            f"class-aware negatives (it paints nothing), trained with the same budget "
+            f"({b.get('budget_minutes')} min), each with one image prompt, a top-{b.get('top_k')} ensemble and a "
+            f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); split "
+            f"{b.get('split')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
+
+
+def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """``index.html``: headline table, run settings, links to every report, table and figure
+    (relative links; inline CSS, no script, nothing fetched)."""
+    dirs = result_dirs(results_dir)
+    root = dirs["root"]
+    h = html.escape
+    status = summary.get("status", "complete")
+    meta = [("status", status), ("data", summary.get("data")), ("preset", summary.get("preset")),
+            ("weights evaluated", summary.get("weights")),
+            ("initial weights", summary.get("init_weights") or "none (random initialisation)"),
+            ("training steps", summary.get("steps")), ("device", summary.get("device")),
+            ("evaluation", f"split {summary.get('eval_split')}, top-{summary.get('top_k')}, "
+                           f"{summary.get('tile_pairing')} tile pairing, work size {summary.get('work_size')}"),
+            ("thresholds", f"catch IoU ≥ {summary.get('thresholds', {}).get('catch_iou')}, "
+                           f"yield response < {summary.get('thresholds', {}).get('yield_response')}"),
+            ("wall time", f"{(summary.get('wall_time_s') or 0) / 60:.1f} min"),
+            ("git commit", summary.get("git_commit")), ("finished", summary.get("finished"))]
+    meta_rows = "".join(
+        f"<tr><td>{h(k)}</td><td{' class=status-failed' if k == 'status' and v != 'complete' else ''}>{h(str(v))}</td></tr>"
+        for k, v in meta)
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        "<title>SegGPT defect segmentation: results</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>SegGPT few-shot defect segmentation: results</h1>",
+        "<h2>Headline</h2>",
+        _html_table(headline_table(summary)),
+        "<p><small>original: the published figures of the project this one grows from (11 VISION queries, split 2; "
+        "BRIEF §1.5). Paint nothing / paint everything: trivial baselines on the same pairs. "
+        "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
+        *_beyond_html(summary),
+        "<h2>Run</h2>",
+        f"<table class=meta>{meta_rows}</table>",
+        "<h2>Reports</h2><ul>",
+    ]
+    for p in sorted(dirs["reports"].glob("*.html")):
+        parts.append(f"<li><a href=\"reports/{h(p.name)}\">{h(p.stem)}</a></li>")
+    parts.append("</ul><h2>Tables</h2><ul>")
+    for p in sorted(dirs["tables"].glob("*.csv")):
+        md = p.with_suffix(".md")
+        extra = f" · <a href=\"tables/{h(md.name)}\">md</a>" if md.is_file() else ""
+        parts.append(f"<li>{h(p.stem)}: <a href=\"tables/{h(p.name)}\">csv</a>{extra}</li>")
+    parts.append("</ul><h2>Figures</h2><div class=figs>")
+    for p in sorted(dirs["figures"].glob("*.png")):
+        parts.append(f"<a href=\"figures/{h(p.name)}\"><img src=\"figures/{h(p.name)}\" alt=\"{h(p.stem)}\">{h(p.stem)}</a>")
+    parts.append("</div><h2>Files</h2><ul><li><a href=\"summary.json\">summary.json</a>: every figure and setting</li></ul>")
+    parts.append("</body></html>\n")
+    path = root / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,110 @@
+"""Notebook 02's calls: the model configuration, the training run, its curves and checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+import math
+import os
+import shutil
+import time
+import pandas as pd
+import torch
+
+from seggpt_lib.data.dataset import PairDataset, compute_stats
+from seggpt_lib.engine.trainer import TrainConfig, build_model, train
+from seggpt_lib.experiments.config import DEFAULTS, PipelineError, resolve_preset
+from seggpt_lib.experiments.dataset import scan_index, has_positive_pairs, split_roots
+
+
+def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, *, preset: str = "vit_micro",
+                    model: dict | None = None, weights: str = "", steps: int = 100, train_minutes: float | None = None,
+                    device: str = "cpu", precision: str = "auto", seed: int = 0, normalize: str = "imagenet",
+                    mean_std: tuple[Sequence[float], Sequence[float]] | None = None, train: dict[str, Any] | None = None,
+                    eval_every: int = 50, val_pairs: int = 64, log: Callable[[str], None] = print):
+    """The :class:`~seggpt_lib.engine.trainer.TrainConfig` of a pipeline run.
+
+    ``train`` is the recipe (any TrainConfig keys); the pipeline sets the data folders, the model,
+    the device, ``max_steps = steps``, ``max_minutes = train_minutes``, and sizes an epoch to
+    ``eval_every`` steps so that validation (and the ``last``/``best`` checkpoints) come every
+    ``eval_every`` steps. Without a class holding two defect images in ``val`` there is no
+    validation (said in the log)."""
+
+    roots = split_roots(split_root)
+    if "train" not in roots:
+        raise PipelineError(f"{split_root}: no train/ split")
+    name, ov = resolve_preset(weights, preset, model)
+    d = {**DEFAULTS["train"], **(train or {})}
+    bs = int(d.get("batch_size", 4)) * int(d.get("grad_accum_steps", 1))
+    eval_every = max(1, int(eval_every))
+    steps = int(steps)
+    val_dir = ""
+    if "val" in roots and has_positive_pairs(roots["val"]):
+        val_dir = str(roots["val"])
+    else:
+        log("no validation: the val split has no class with two defect images")
+    if normalize == "dataset":
+        if mean_std is None:
+
+            mean_std = compute_stats(roots["train"], size=256)
+        d["image_mean"], d["image_std"] = [float(v) for v in mean_std[0]], [float(v) for v in mean_std[1]]
+    d.update(
+        preset=name, model=ov, init_weights=weights or None, train_dataset_dir=str(roots["train"]),
+        val_dataset_dir=val_dir, device=device, precision=precision, seed=int(seed), max_steps=steps,
+        max_minutes=float(train_minutes) if train_minutes else None, log_dir=str(Path(run_dir).parent),
+        run_id=Path(run_dir).name, val_pairs=int(val_pairs), data_count=eval_every * bs,
+        epoch=max(1, math.ceil(steps / eval_every)), eval_per_epoch=1 if val_dir else 0,
+    )
+    d.setdefault("log_interval", min(10, eval_every))
+    return TrainConfig.from_dict(d, source="pipeline training config")
+
+
+def initial_model(cfg):
+    """The model exactly as the trainer initialises it (same seed, same weights)."""
+
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg)
+
+
+def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
+    """Fixed evaluation pairs (query half hidden) for the five-panel rows: val, else test."""
+
+    roots = split_roots(split_root)
+    root = next((roots[s] for s in ("val", "test") if s in roots and has_positive_pairs(roots[s])), roots["train"])
+    return PairDataset(scan_index(root), cfg=mcfg, train=False, negative_target=cfg.negative_target, mean=cfg.image_mean,
+                       std=cfg.image_std, seed=cfg.seed, length=max(1, n), negative_share=cfg.negative_share,
+                       defect_color=getattr(cfg, "defect_color", None))
+
+
+def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (a fresh run in ``run_dir``, an older one there is removed); returns the run's
+    ``run_dir``, ``steps_done``, ``best_val_miou``, ``wall_s``."""
+
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
+    log(f"training {cfg.preset} on {cfg.device}: up to {cfg.max_steps} steps{budget}, batch {cfg.batch_size}, lr {cfg.lr:g}")
+    t0 = time.perf_counter()
+    res = train(cfg, run_dir=run_dir, progress=False)
+    wall = time.perf_counter() - t0
+    best = res.best_miou if res.best_miou >= 0 else math.nan
+    log(f"trained {res.step} steps in {wall / 60:.1f} min; best val mIoU {best:.4f}")
+    return {"run_dir": str(run_dir), "steps_done": int(res.step), "best_val_miou": best, "wall_s": wall}
+
+
+def trained_weights(run_dir: str | os.PathLike, which: str = "best") -> Path:
+    """``checkpoints/<which>/model.safetensors`` of a run (``best`` falls back to ``last``)."""
+    ck = Path(run_dir) / "checkpoints"
+    for name in ((which, "last") if which == "best" else (which,)):
+        p = ck / name / "model.safetensors"
+        if p.is_file():
+            return p
+    raise PipelineError(f"{ck}: no {which} checkpoint")
+
+
+def read_metrics(run_dir: str | os.PathLike):
+    """A run's ``metrics.csv`` as a DataFrame (empty when there is none)."""
+
+    p = Path(run_dir) / "metrics.csv"
+    return pd.read_csv(p) if p.is_file() else pd.DataFrame(columns=["step", "loss", "lr", "fg_frac", "val_miou"])
