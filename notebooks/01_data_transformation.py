@@ -49,11 +49,11 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import results as R, dataset as DS
+from seggpt_lib.experiments import results as RES, dataset as DS
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-work = R.result_dirs(R)["work"]
+work = RES.result_dirs(R)["work"]
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
@@ -72,7 +72,7 @@ print(f"dataset: {info['root']}\nsplit:   {split_root}  ({info['seconds']:.1f} s
 # queries, only the queries of the defect-free yield.
 
 # %%
-counts = R.write_table(DS.class_counts(split_root), R, "01_class_counts", title="Images per class and split")
+counts = RES.write_table(DS.class_counts(split_root), R, "01_class_counts", title="Images per class and split")
 counts
 
 # %% [markdown]
@@ -82,7 +82,7 @@ counts
 # weights expect ImageNet's), image sizes and the mean share of defect pixels.
 
 # %%
-stats = R.write_table(DS.image_stats(split_root), R, "01_image_stats", title="Image statistics per split")
+stats = RES.write_table(DS.image_stats(split_root), R, "01_image_stats", title="Image statistics per split")
 stats
 
 # %% [markdown]
@@ -90,7 +90,7 @@ stats
 
 # %%
 fig = V.dataset_samples(split_root / "train", per_class=2, size=128, seed=seed)
-R.save_figure(fig, R, "01_samples");
+RES.save_figure(fig, R, "01_samples");
 
 # %% [markdown]
 # ## Pair colouring: what a training sample looks like
@@ -106,11 +106,11 @@ R.save_figure(fig, R, "01_samples");
 ds = DS.display_dataset(split_root, preset=preset, model=model, weights=weights, seed=seed, train=train, n=4)
 print(f"model input: pair {2 * ds.image_size[0]}x{ds.image_size[1]}, patch {ds.patch_size}, grid {ds.grid}")
 fig = V.pair_samples_figure(ds, range(min(4, len(ds))))
-R.save_figure(fig, R, "01_pair_colouring");
+RES.save_figure(fig, R, "01_pair_colouring");
 
 # %%
 train_row = stats[stats["split"] == "train"].iloc[0]
-R.write_fragment(R, "01_data_transformation", {
+RES.write_fragment(R, "01_data_transformation", {
     **info,
     "classes": [c for c in counts["class"] if c != "all"],
     "images": {c: int(counts[c].iloc[-1]) for c in counts.columns if c not in ("class",)},

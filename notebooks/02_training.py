@@ -54,12 +54,12 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import config as CFG, results as R, training as TR, runner as RUN
+from seggpt_lib.experiments import config as CFG, results as RES, training as TR, runner as RUN
 from seggpt_lib.experiments import viz as V
 from seggpt_lib.model.checkpoint import build_from_checkpoint, save_weights
 
 R = Path(results_dir)
-data = R.read_fragment(R, "01_data_transformation")
+data = RES.read_fragment(R, "01_data_transformation")
 split_root = Path(data["split_root"])
 run_dir = RUN.training_run_dir(R)
 dev = CFG.resolve_device_name(device)
@@ -86,7 +86,7 @@ n_params = sum(p.numel() for p in model0.parameters())
 print(f"{cfg.preset}: {n_params / 1e6:.2f} M parameters, pair {tuple(model0.cfg.img_size)}, patch {model0.cfg.patch_size}")
 panel_ds = TR.panel_dataset(cfg, split_root, n_panels, model0.cfg)
 rows = V.model_panel_rows(model0, panel_ds, range(len(panel_ds)), device=dev)
-R.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_panels_start");
+RES.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_panels_start");
 
 # %% [markdown]
 # ## Training
@@ -111,7 +111,7 @@ else:
 # %%
 metrics = TR.read_metrics(run_dir) if trained else pd.DataFrame()
 if len(metrics):
-    R.save_figure(V.training_curves(metrics, title=f"{cfg.preset}, {res['steps_done']} steps"), R, "02_curves")
+    RES.save_figure(V.training_curves(metrics, title=f"{cfg.preset}, {res['steps_done']} steps"), R, "02_curves")
     display(metrics.tail(5))
 else:
     print("no training curves (no training)")
@@ -124,7 +124,7 @@ model1 = build_from_checkpoint(eval_weights, preset=cfg.preset, **cfg.model).to(
 rows = V.model_panel_rows(model1, panel_ds, range(len(panel_ds)), device=dev)
 title = (f"after {res['steps_done']} steps ({Path(eval_weights).parent.name} checkpoint)" if trained
          else f"evaluated weights: {Path(eval_weights).name}")
-R.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
+RES.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
 
 # %%
 summary = pd.DataFrame([{
@@ -133,12 +133,12 @@ summary = pd.DataFrame([{
     "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else float("nan"),
     "lr": cfg.lr, "batch_size": cfg.batch_size, "init_weights": Path(weights).name if weights else "random",
 }])
-R.write_table(summary, R, "02_training", title="Training")
+RES.write_table(summary, R, "02_training", title="Training")
 try:
     label = str(Path(eval_weights).resolve().relative_to(R.resolve()))
 except ValueError:
     label = str(eval_weights)
-R.write_fragment(R, "02_training", {
+RES.write_fragment(R, "02_training", {
     "weights": str(Path(eval_weights).resolve()), "weights_label": label, "preset": cfg.preset, "model": cfg.model,
     "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": trained, "steps_done": res["steps_done"],
     "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"], "device": dev, "n_parameters": n_params,

@@ -49,11 +49,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from seggpt_lib.experiments import results as R, evaluation as EV
+from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-split_root = Path(R.read_fragment(R, "01_data_transformation")["split_root"])
+split_root = Path(RES.read_fragment(R, "01_data_transformation")["split_root"])
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 print("model:", em.describe())
 pd.set_option("display.precision", 4)
@@ -66,23 +66,23 @@ abl = EV.split_ablation(em, split_root, splits=splits, top_k=top_k, extra_top_k=
                        work_size=work_size, tile_pairing=tile_pairing, catch_iou=catch_iou, seed=mapping_seed,
                        max_queries=max_queries)
 print(f"work size {abl['work_size']}, {abl['tile_pairing']} tile pairing, {len(abl['mapping'])} positive queries")
-R.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
+RES.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
               note=f"catch: IoU >= {catch_iou}. original_mIoU: the original's published figure (11 VISION queries).")
 
 # %%
 t1 = abl["table"][abl["table"]["top_k"] == top_k]
 fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"split {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
                   title=f"mIoU and catch rate by split (top-{top_k})", rotate=0)
-R.save_figure(fig, R, "03_split_miou");
+RES.save_figure(fig, R, "03_split_miou");
 
 # %% [markdown]
 # ## Per-class IoU
 
 # %%
-per_class = R.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
+per_class = RES.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
 fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("split_")],
                   title="IoU per defect class", ylabel="mean IoU", hline=catch_iou, hline_label="catch threshold")
-R.save_figure(fig, R, "03_per_class_iou");
+RES.save_figure(fig, R, "03_per_class_iou");
 per_class
 
 # %% [markdown]
@@ -90,7 +90,7 @@ per_class
 
 # %%
 cols = ["file", "class", "split", "top_k", "prompts", "iou", "catch", "pred_pixels", "gt_pixels", "seconds"]
-per_image = R.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
+per_image = RES.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
 per_image.head(12)
 
 # %% [markdown]
@@ -104,10 +104,10 @@ at_best = abl["per_image"][(abl["per_image"]["split"] == best_split) & (abl["per
 for worst, name in ((False, "best"), (True, "worst")):
     rows = EV.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, split=best_split,
                           top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)
-    R.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
+    RES.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
 
 # %%
-R.write_fragment(R, "03_split_ablation", {
+RES.write_fragment(R, "03_split_ablation", {
     "table": abl["table"].to_dict("records"), "per_class": abl["per_class"].to_dict("records"),
     "top_k": top_k, "best_split": best_split, "work_size": abl["work_size"], "tile_pairing": tile_pairing,
     "queries": len(abl["mapping"]), "weights": em.weights, "device": em.device,

@@ -55,12 +55,12 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import results as R, evaluation as EV
+from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 from seggpt_lib.eval.metrics import summary_markdown
 
 R = Path(results_dir)
-split_root = Path(R.read_fragment(R, "01_data_transformation")["split_root"])
+split_root = Path(RES.read_fragment(R, "01_data_transformation")["split_root"])
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 print("model:", em.describe())
 pd.set_option("display.precision", 4)
@@ -75,15 +75,15 @@ display(Markdown(summary_markdown(summary)))
 # ## Ours beside the original and the trivial baselines
 
 # %%
-abl = R.read_fragment(R, "03_split_ablation", required=False) or {}
+abl = RES.read_fragment(R, "03_split_ablation", required=False) or {}
 split_miou = {r["split"]: r["mIoU"] for r in abl.get("table", []) if r.get("top_k") == abl.get("top_k", top_k)}
-comp = R.write_table(EV.comparison_table(summary, split_miou), R, "04_summary",
+comp = RES.write_table(EV.comparison_table(summary, split_miou), R, "04_summary",
                      title=f"Summary (split {eval_split}, top-{top_k}, {tile_pairing} tile pairing)",
                      note="original: the published figures (11 VISION queries, split 2). "
                           "Baselines: paint nothing / paint everything on the same pairs.")
 fig = V.bar_chart(comp, "metric", ["ours", "original", "paint_nothing", "paint_everything"],
                   title="Production-line figures", rotate=30)
-R.save_figure(fig, R, "04_summary");
+RES.save_figure(fig, R, "04_summary");
 comp
 
 # %% [markdown]
@@ -91,17 +91,17 @@ comp
 
 # %%
 tabs = EV.per_image_tables(ev["table"])
-R.write_table(tabs["positive"], R, "04_positive", title="Positive prompts: IoU and catch")
-R.write_table(tabs["negative"], R, "04_negative", title="Negative prompts: response rate and yield")
-R.write_table(tabs["free"], R, "04_free", title="Defect-free queries: response rate and yield")
-R.write_table(tabs["side_by_side"], R, "04_per_image", title="Per image, the original's layout")
+RES.write_table(tabs["positive"], R, "04_positive", title="Positive prompts: IoU and catch")
+RES.write_table(tabs["negative"], R, "04_negative", title="Negative prompts: response rate and yield")
+RES.write_table(tabs["free"], R, "04_free", title="Defect-free queries: response rate and yield")
+RES.write_table(tabs["side_by_side"], R, "04_per_image", title="Per image, the original's layout")
 tabs["side_by_side"]
 
 # %% [markdown]
 # The original's per-image figures (split 2), for reference:
 
 # %%
-R.write_table(EV.published_per_image(), R, "04_original_per_image", title="The original's per-image figures (split 2)")
+RES.write_table(EV.published_per_image(), R, "04_original_per_image", title="The original's per-image figures (split 2)")
 
 # %% [markdown]
 # ## Where the model responds
@@ -110,7 +110,7 @@ R.write_table(EV.published_per_image(), R, "04_original_per_image", title="The o
 
 # %%
 fig = V.rate_figure(ev["table"], catch_iou=catch_iou, yield_response=yield_response)
-R.save_figure(fig, R, "04_rates");
+RES.save_figure(fig, R, "04_rates");
 
 # %% [markdown]
 # ## Examples: the worst positive pairs and the strongest responses to negative prompts
@@ -118,15 +118,15 @@ R.save_figure(fig, R, "04_rates");
 # %%
 rows = EV.example_rows(em, split_root, ev["table"], ev["mappings"]["positive"], n=n_panels, worst=True,
                       split=eval_split, top_k=top_k, work_size=ev["work_size"], tile_pairing=tile_pairing)
-R.save_figure(V.five_panel_figure(rows, suptitle="positive prompts: lowest IoU"), R, "04_positive_worst")
+RES.save_figure(V.five_panel_figure(rows, suptitle="positive prompts: lowest IoU"), R, "04_positive_worst")
 if ev["mappings"]["negative"]:
     rows = EV.example_rows(em, split_root, ev["table"], ev["mappings"]["negative"], n=n_panels, worst=False,
                           split=eval_split, top_k=top_k, work_size=ev["work_size"], tile_pairing=tile_pairing,
                           kind="negative", by="response_rate")
-    R.save_figure(V.five_panel_figure(rows, suptitle="negative prompts: strongest response"), R, "04_negative_strongest")
+    RES.save_figure(V.five_panel_figure(rows, suptitle="negative prompts: strongest response"), R, "04_negative_strongest")
 
 # %%
-R.write_fragment(R, "04_pair_evaluation", {
+RES.write_fragment(R, "04_pair_evaluation", {
     "summary": summary, "split": eval_split, "top_k": top_k, "work_size": ev["work_size"], "tile_pairing": tile_pairing,
     "weights": em.weights, "device": em.device, "comparison": comp.to_dict("records"),
 })

@@ -43,11 +43,11 @@ from pathlib import Path
 
 from IPython.display import display
 
-from seggpt_lib.experiments import results as R, evaluation as EV
+from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-split_root = Path(split_dir or R.read_fragment(R, "01_data_transformation")["split_root"])
+split_root = Path(split_dir or RES.read_fragment(R, "01_data_transformation")["split_root"])
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 q_root, p_root = EV.eval_roots(split_root)
 explorer = V.Explorer(em.predictor, q_root, p_root, work_size=EV.work_size_of(work_size, q_root, em),

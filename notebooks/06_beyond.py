@@ -69,13 +69,13 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import config as CFG, results as R
+from seggpt_lib.experiments import config as CFG, results as RES
 from seggpt_lib.experiments import study as S
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-data = R.read_fragment(R, "01_data_transformation")
-trained = R.read_fragment(R, "02_training")
+data = RES.read_fragment(R, "01_data_transformation")
+trained = RES.read_fragment(R, "02_training")
 split_root = Path(data["split_root"])
 dev = CFG.resolve_device_name(device)
 own = train.get("negative_target", "empty")  # the recipe notebook 02 trained
@@ -122,7 +122,7 @@ shown = table.assign(row=[f"{r.split(' ')[0]} · {p}" if r != "baseline" else p
                           for r, p in zip(table["recipe"], table["prompt"])])
 fig = V.bar_chart(shown, "row", ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"],
                   title="Recipes and prompts on the same test queries", rotate=30)
-R.save_figure(fig, R, "06_beyond");
+RES.save_figure(fig, R, "06_beyond");
 
 # %% [markdown]
 # ## Examples
@@ -132,7 +132,7 @@ R.save_figure(fig, R, "06_beyond");
 # %%
 fig = S.example_panels(res, n=n_panels)
 if fig is not None:
-    R.save_figure(fig, R, "06_examples");
+    RES.save_figure(fig, R, "06_examples");
 
 # %% [markdown]
 # ## The learned prompts
@@ -142,10 +142,10 @@ if fig is not None:
 # %%
 fig = S.prompt_previews(res)
 if fig is not None:
-    R.save_figure(fig, R, "06_learned_prompts");
+    RES.save_figure(fig, R, "06_learned_prompts");
 
 # %%
-R.write_fragment(R, "06_beyond", {
+RES.write_fragment(R, "06_beyond", {
     "rows": S.headline_rows(table), "training": res["training"].to_dict("records"), "budget_minutes": budget,
     "split": beyond_split, "top_k": beyond_top_k, "tune_steps": beyond_tune_steps, "max_queries": beyond_max_queries,
     "device": dev, "seconds": res["seconds"],

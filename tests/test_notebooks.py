@@ -18,7 +18,7 @@ import jupytext  # noqa: E402
 import pandas as pd  # noqa: E402
 import papermill as pm  # noqa: E402
 
-from seggpt_lib.experiments import config as CFG, results as R, evaluation as EV, runner as RUN# noqa: E402
+from seggpt_lib.experiments import config as CFG, results as RES, evaluation as EV, runner as RUN# noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -126,13 +126,13 @@ def test_01_data_transformation(results):
     _unit(stats[["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "defect_fraction"]].to_numpy().ravel())
     for f in ("01_samples", "01_pair_colouring"):
         _png(results, f)
-    frag = R.read_fragment(results, "01_data_transformation")
+    frag = RES.read_fragment(results, "01_data_transformation")
     assert Path(frag["split_root"], "train", "images").is_dir() and len(frag["mean"]) == 3
     assert (results / "work" / "01_data_transformation.ipynb").is_file()
 
 
 def test_02_training(results):
-    frag = R.read_fragment(results, "02_training")
+    frag = RES.read_fragment(results, "02_training")
     assert frag["trained"] and frag["steps_done"] == 3
     assert Path(frag["weights"]).is_file()
     metrics = pd.read_csv(RUN.training_run_dir(results) / "metrics.csv")
@@ -181,7 +181,7 @@ def test_04_pair_evaluation(results):
     assert len(_table(results, "04_original_per_image")) == 11
     for f in ("04_summary", "04_rates", "04_positive_worst", "04_negative_strongest"):
         _png(results, f)
-    frag = R.read_fragment(results, "04_pair_evaluation")
+    frag = RES.read_fragment(results, "04_pair_evaluation")
     s = frag["summary"]
     assert s["n_positive"] == 9 and abs(s["pes"] - (0.5 * s["catch_rate"] + 0.5 * s["yield_rate"])) < 1e-12
 
@@ -214,7 +214,7 @@ def test_explorer_callbacks_from_python(results):
     from seggpt_lib.experiments.viz import Explorer
 
     em = EV.load_eval_model(results, device="cpu")
-    split_root = Path(R.read_fragment(results, "01_data_transformation")["split_root"])
+    split_root = Path(RES.read_fragment(results, "01_data_transformation")["split_root"])
     q_root, p_root = EV.eval_roots(split_root)
     ex = Explorer(em.predictor, q_root, p_root, work_size=64)
     q = next(f for f in ex.queries if ex.query_class(f) != "free")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, evaluation as EV, report as REP, runner as RUN
+from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, evaluation as EV, report as REP, runner as RUN
 from seggpt_lib.experiments import viz as V
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,18 +144,18 @@ def test_prepare_magnetic_tile(tmp_path):
 def test_tables_and_fragments(tmp_path):
     df = pd.DataFrame({"name": ["a|b", "c"], "iou": [0.5, float("nan")], "response_rate": [0.000123, 0.5],
                        "ok": [True, False]})
-    md = R.markdown_table(df)
+    md = RES.markdown_table(df)
     assert md.splitlines()[0] == "| name | iou | response_rate | ok |"
     assert "| a\\|b | 0.5000 | 0.000123 | yes |" in md and "| c | – | 0.5000 | no |" in md
-    assert R.write_table(df, tmp_path, "t1", title="T") is df
+    assert RES.write_table(df, tmp_path, "t1", title="T") is df
     assert pd.read_csv(tmp_path / "tables" / "t1.csv").shape == (2, 4)
     assert (tmp_path / "tables" / "t1.md").read_text().startswith("### T")
-    R.write_fragment(tmp_path, "x", {"a": float("nan"), "b": np.float32(0.25), "c": [np.int64(3)], "p": Path("q")})
-    assert R.read_fragment(tmp_path, "x") == {"a": None, "b": 0.25, "c": [3], "p": "q"}
-    assert R.read_fragment(tmp_path, "nothing", required=False) is None
+    RES.write_fragment(tmp_path, "x", {"a": float("nan"), "b": np.float32(0.25), "c": [np.int64(3)], "p": Path("q")})
+    assert RES.read_fragment(tmp_path, "x") == {"a": None, "b": 0.25, "c": [3], "p": "q"}
+    assert RES.read_fragment(tmp_path, "nothing", required=False) is None
     with pytest.raises(CFG.PipelineError, match="run notebook nothing first"):
-        R.read_fragment(tmp_path, "nothing")
-    path = R.save_figure(V.bar_chart(df, "name", ["iou"]), tmp_path, "f1", show=False)
+        RES.read_fragment(tmp_path, "nothing")
+    path = RES.save_figure(V.bar_chart(df, "name", ["iou"]), tmp_path, "f1", show=False)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -168,12 +168,12 @@ def _fake_fragments(results: Path) -> None:
             PairResult("a_1.png", ["b_2.png"], "negative", "a", np.zeros_like(gt), gt),
             PairResult("free_1.png", ["a_2.png"], "free", "free", gt, np.zeros_like(gt))]
     _, summary = evaluate(recs)
-    R.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
-    R.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
+    RES.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
+    RES.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
                                               "trained": True})
-    R.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
+    RES.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
         {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]})
-    R.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
+    RES.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
 
 
 def test_summary_and_index(tmp_path):
@@ -337,13 +337,13 @@ def test_official_format_weights_without_training(results, tmp_path):
     cfg = CFG.load_config(None, ["steps=0", f"weights={w}", f"results_dir={res}", "heartbeat_s=0", "echo=false",
                                "n_panels=1"])
     RUN.reproduce(cfg, stages=["02_training"], log=lambda m: None)
-    frag = R.read_fragment(res, "02_training")
+    frag = RES.read_fragment(res, "02_training")
     assert frag["trained"] is False and frag["steps_done"] == 0 and frag["preset"] == "vit_micro"
     assert frag["weights"] == str(w.resolve()) and frag["model"] == {}
     assert (res / "reports" / "02_training.html").is_file() and not (res / "work" / "train" / "run").exists()
     em = EV.load_eval_model(res)
     assert em.preset == "vit_micro" and em.predictor.image_size == (64, 64)
-    ev = EV.pair_evaluation(em, R.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
+    ev = EV.pair_evaluation(em, RES.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
                            log=lambda m: None)
     assert ev["summary"]["n_positive"] == 2 and ev["summary"]["n_negative"] == 2
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import config as CFG, results as R, training as TR, report as REP, runner as RUN
+from seggpt_lib.experiments import config as CFG, results as RES, training as TR, report as REP, runner as RUN
 from seggpt_lib.experiments import study as S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,12 +132,12 @@ def test_holdout_eval_folder(tiny, tmp_path):
 
 def _tiny_results(tiny: Path, results: Path) -> None:
     """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
-    R.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
+    RES.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
     run_dir = RUN.training_run_dir(results)
     cfg = TR.training_config(tiny, run_dir, preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
                             train={**TINY_RECIPE, "negative_target": "empty"}, log=lambda m: None)
     res = TR.run_training(cfg, run_dir, log=lambda m: None)
-    R.write_fragment(results, "02_training", {
+    RES.write_fragment(results, "02_training", {
         "weights": str(TR.trained_weights(run_dir)), "preset": cfg.preset, "model": cfg.model,
         "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": True,
         "steps_done": res["steps_done"], "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"]})
@@ -159,7 +159,7 @@ def test_06_notebook_with_papermill(tiny, tmp_path):
         _unit(t[c])
     for f in ("06_beyond", "06_examples", "06_learned_prompts"):
         assert (results / "figures" / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
-    frag = R.read_fragment(results, "06_beyond")
+    frag = RES.read_fragment(results, "06_beyond")
     assert len(frag["rows"]) == 7 and frag["budget_minutes"] is None and frag["top_k"] == 2
     trained = {r["negative_target"]: r for r in frag["training"]}
     assert trained["empty"]["reused"] and not trained["query_mask"]["reused"]  # 02's model, the other trained here

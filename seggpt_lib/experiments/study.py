@@ -80,7 +80,7 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
     ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
     ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
 
     if negative_target not in RECIPES:
         raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
@@ -154,7 +154,7 @@ def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, pr
                      split: int, work_size: int, tile_pairing: str, method: str):
     """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
     class (positive) or of the first mapped prompt's class (negative, free)."""
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.data.dataset import read_label, read_rgb
     from seggpt_lib.eval.metrics import PairResult
     from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
@@ -223,7 +223,7 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
     ``mappings``, ``work_size``."""
     import pandas as pd
 
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.eval.metrics import evaluate
 
     for m in methods:
@@ -324,7 +324,7 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
     import pandas as pd
 
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
 
     t_all = time.perf_counter()
     recipe = {**CFG.DEFAULTS["train"], **(recipe or {})}
@@ -382,12 +382,12 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
                               "reused": bool(m.get("reused")), "weights": Path(m["weights"]).name}
                              for nt, m in models.items()])
     if results_dir is not None and table_name:
-        R.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
+        RES.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
                       note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
                            "Paint nothing: the trivial baseline on the same pairs.")
         if len(per_image_df):
-            R.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
-        R.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
+            RES.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
+        RES.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
     return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
             "eval_models": ems, "eval_root": str(eval_root), "split": split, "tile_pairing": tile_pairing,
             "seconds": time.perf_counter() - t_all}
@@ -399,7 +399,7 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
     (spread over the mapping), the query with its ground truth (green), then the prediction
     (red) of every compared model with each of ``methods``. Returns the figure, or None when
     there is nothing to show."""
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.experiments import viz as V
     from seggpt_lib.data.dataset import read_label, read_rgb
     from seggpt_lib.eval.metrics import iou, response_rate
@@ -611,7 +611,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     ``overrides`` change keys of :data:`QUICK` / :data:`FULL` (``train`` merged)."""
     from data_prep.magnetic_tile import convert_magnetic_tile
     from data_prep.split import split_dataset
-    from seggpt_lib.experiments import config as CFG, results as R, dataset as DS, training as TR, evaluation as EV, report as REP
+    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.experiments import viz as V
 
     t_all = time.perf_counter()
@@ -632,7 +632,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     out = Path(out)
     if any((out / m).exists() for m in (".git", "pyproject.toml")):
         raise ValueError(f"{out} looks like a source tree; pick a results folder")
-    dirs = R.result_dirs(out)
+    dirs = RES.result_dirs(out)
     work = Path(work_dir) if work_dir else dirs["work"]
     work.mkdir(parents=True, exist_ok=True)
     dev = CFG.resolve_device_name(device)
@@ -678,7 +678,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         tab = res["table"]
         fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
                           ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
-        R.save_figure(fig, out, name, show=False)
+        RES.save_figure(fig, out, name, show=False)
         results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
                           "training": json.loads(res["training"].to_json(orient="records")),
                           "counts": DS.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
@@ -688,6 +688,6 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         "settings": cfg, "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
         "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (out / "summary.json").write_text(json.dumps(R.jsonable(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(RES.jsonable(summary), indent=2) + "\n")
     log(f"study done in {times['total_s']:.1f} s: {out / 'summary.json'}")
     return summary
