@@ -125,13 +125,16 @@ mkdir -p "$SMOKE"
 stage "synthetic data for the training smoke run" smoke_data.txt bash -c \
   "\"$PY\" -m seggpt_lib prepare synthetic --out \"$SMOKE/raw\" --per-class 10 --size 256 && \
    \"$PY\" -m seggpt_lib prepare split --src \"$SMOKE/raw\" --out \"$SMOKE/data\""
+# the pipeline's recipe (fg_weight, defect colour, query-mask share, negatives: PIPELINE_RECIPE in
+# seggpt_lib/experiments/config.py), with this check's own size, steps, batch and learning rate
 "$PY" - "$SMOKE" "${GPU_CHECK_TRAIN_PRESET:-vit_large}" "$DEV" <<'EOF' || true
 import json, sys
+from seggpt_lib.experiments.config import PIPELINE_RECIPE
 smoke, preset, device = sys.argv[1:4]
+recipe = {k: PIPELINE_RECIPE[k] for k in ("fg_weight", "query_mask_share", "defect_color", "negative_target")}
 json.dump({"preset": preset, "device": device, "max_steps": 100, "data_count": 400, "batch_size": 4,
            "num_workers": 4, "train_dataset_dir": f"{smoke}/data/train", "val_dataset_dir": f"{smoke}/data/val",
-           "log_dir": f"{smoke}/runs", "eval_per_epoch": 1, "val_pairs": 16, "warmup_steps": 10, "lr": 1e-4,
-           "fg_weight": 10.0, "query_mask_share": 0.5, "defect_color": [255, 255, 255], "negative_target": "empty"},
+           "log_dir": f"{smoke}/runs", "eval_per_epoch": 1, "val_pairs": 16, "warmup_steps": 10, "lr": 1e-4, **recipe},
           open(f"{smoke}/train.json", "w"), indent=1)
 EOF
 stage "training smoke run: 100 steps (${GPU_CHECK_TRAIN_PRESET:-vit_large})" train_smoke.txt \

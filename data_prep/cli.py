@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-from .common import DataPrepError, DataPrepWarning
+from .common import DataPrepError, DataPrepWarning, DatasetError
 
 
 def _fraction(text: str) -> float:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", DataPrepWarning)
         try:
             code = _dispatch(args)
-        except DataPrepError as e:
+        except DatasetError as e:  # DataPrepError, or the layout's (a bad classes.csv, an unreadable image)
             code = 2
             err = e
         else:

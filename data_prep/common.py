@@ -9,6 +9,11 @@ The project's dataset layout (every converter writes exactly this)::
 
 File names start with their class (``scratch_000012.png``) so the class can be recovered from
 the prefix when ``classes.csv`` is absent (:func:`class_from_filename`).
+
+The layout's rules (extensions, ``classes.csv`` reading, the file-name class rule, the image,
+mask and header readers) are the library's, :mod:`seggpt_lib.data.layout`, re-exported here;
+this module adds the writing side and the converters' bookkeeping. Reading problems raise the
+layout's :class:`DatasetError`; :class:`DataPrepError` (a conversion problem) is a subclass.
 """
 from __future__ import annotations
 
@@ -19,21 +24,31 @@ import shutil
 import sys
 import tempfile
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-FREE_CLASS = "free"
-CLASSES_CSV = "classes.csv"
+from seggpt_lib.data.layout import (CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetError, class_from_filename, class_of,
+                                    images_by_stem, read_classes_csv, read_label)
+from seggpt_lib.data.layout import header_size as image_size
+from seggpt_lib.data.layout import open_image as read_image
+
+__all__ = [
+    "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError", "Problems",
+    "Sample", "check_not_inside", "check_output", "class_from_filename", "copy_file", "image_size", "output_dir",
+    "progress", "read_classes_csv", "read_image", "read_mask", "safe_name", "scan_dataset", "write_classes_csv",
+    "write_image", "write_label",
+]
 
 
-class DataPrepError(ValueError):
-    """Bad input or a refused operation; the message names the file and the problem."""
+class DataPrepError(DatasetError):
+    """Bad input or a refused operation; the message names the file and the problem.
+
+    A :class:`~seggpt_lib.data.layout.DatasetError` (what the layout's readers raise, e.g. for
+    a bad ``classes.csv`` or an unreadable image): ``except DatasetError`` catches both."""
 
 
 class DataPrepWarning(UserWarning):
@@ -59,56 +74,10 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, enabl
 # --------------------------------------------------------------------------------------------
 # reading and writing
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _strict_loading() -> Iterator[None]:
-    """Make sure a truncated file raises, whatever another module set globally."""
-    old = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
-
-
-_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
-
-
-def read_image(path: str | os.PathLike, mode: str | None = None) -> Image.Image:
-    """Open and fully decode an image; raise :class:`DataPrepError` naming the file if it is
-    missing, unreadable or truncated. ``mode`` converts after decoding (e.g. "RGB", "L")."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataPrepError(f"{path}: file not found")
-    try:
-        with _strict_loading(), Image.open(path) as im:
-            im.load()
-            out = im.convert(mode) if mode is not None and im.mode != mode else im.copy()
-    except _READ_ERRORS as e:
-        raise DataPrepError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from None
-    return out
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) read from the header only; raises :class:`DataPrepError` when unreadable."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise DataPrepError(f"{path}: file not found") from None
-    except _READ_ERRORS as e:
-        raise DataPrepError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-
-
 def read_mask(path: str | os.PathLike, threshold: int | None = None) -> np.ndarray:
-    """Read a mask as a uint8 (H, W) array. Colour masks are converted to luminance.
-    With ``threshold``, return a binary 0/255 mask of ``value >= threshold``."""
-    im = read_image(path)
-    if im.mode not in ("L", "P", "I", "I;16"):
-        im = im.convert("L")
-    arr = np.asarray(im)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    """Read a mask as a uint8 (H, W) array (:func:`seggpt_lib.data.layout.read_label`: colour
+    masks become luminance). With ``threshold``, return a binary 0/255 mask of ``value >= threshold``."""
+    arr = read_label(path)
     if threshold is not None:
         arr = np.where(arr >= threshold, 255, 0).astype(np.uint8)
     return arr
@@ -155,48 +124,6 @@ def write_classes_csv(root: str | os.PathLike, rows: Sequence[dict]) -> Path:
     return path
 
 
-def read_classes_csv(root: str | os.PathLike) -> list[dict] | None:
-    """Rows of ``ROOT/classes.csv`` as dicts (None when the file is absent)."""
-    path = Path(root) / CLASSES_CSV
-    if not path.is_file():
-        return None
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "file" not in reader.fieldnames or "class" not in reader.fieldnames:
-            raise DataPrepError(f"{path}: needs a header with the columns 'file' and 'class'")
-        rows = [dict(r) for r in reader]
-    for i, r in enumerate(rows, start=2):
-        if not r.get("file") or not r.get("class"):
-            raise DataPrepError(f"{path}: line {i} has an empty 'file' or 'class'")
-    return rows
-
-
-def class_from_filename(name: str, known: Iterable[str] = ()) -> str:
-    """Recover the class from a file name's prefix.
-
-    With ``known`` class names, the longest one that prefixes ``<class>_`` wins. Otherwise the
-    leading run of purely alphabetic ``_``-separated tokens is taken (``mouse_bite_000518`` ->
-    ``mouse_bite``; ``crack_exp1_num_3191`` -> ``crack``)."""
-    stem = Path(name).stem
-    best = ""
-    for cls in known:
-        if (stem == cls or stem.startswith(cls + "_")) and len(cls) > len(best):
-            best = cls
-    if best:
-        return best
-    tokens = stem.split("_")
-    taken = []
-    for tok in tokens:
-        if tok.isalpha():
-            taken.append(tok)
-        else:
-            break
-    if not taken or len(taken) == len(tokens) and len(tokens) > 1:
-        # no alphabetic prefix, or nothing after it: fall back to "everything before the last _"
-        return stem.rsplit("_", 1)[0] if "_" in stem else stem
-    return "_".join(taken)
-
-
 def safe_name(text: str) -> str:
     """A file-name-safe version of a class or dataset name (spaces etc. become ``_``)."""
     out = "".join(c if (c.isalnum() or c in "-.") else "_" for c in text.strip())
@@ -225,7 +152,7 @@ class Problems:
             raise DataPrepError(text)
         self.skipped.append(text)
 
-    def catch(self, error: DataPrepError) -> None:
+    def catch(self, error: DatasetError) -> None:
         if not self.skip_bad:
             raise error
         self.skipped.append(str(error))
@@ -268,28 +195,21 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
         raise DataPrepError(f"{root}: source folder not found")
     if not img_dir.is_dir():
         raise DataPrepError(f"{root}: no images/ folder (expected ROOT/images and ROOT/labels)")
-    images: dict[str, Path] = {}
-    for p in sorted(img_dir.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        if p.stem in images:
-            problems.report(p, f"two images share the stem {p.stem!r} ({images[p.stem].name})")
-            continue
-        images[p.stem] = p
+    images = images_by_stem(img_dir, problems.report)
     if not images:
         raise DataPrepError(f"{img_dir}: empty source folder (no images)")
     labels = {p.stem: p for p in sorted(lbl_dir.glob("*.png"))} if lbl_dir.is_dir() else {}
 
     rows = read_classes_csv(root)
-    by_file: dict[str, dict] = {}
+    by_file: dict[str, dict] = {}  # classes.csv rows by their "file" (a file name or a stem)
     if rows is not None:
-        names = {p.name for p in images.values()}
+        names = {p.name for p in images.values()} | set(images)
         for r in rows:
             if r["file"] not in names:
                 problems.report(root / CLASSES_CSV, f"lists {r['file']!r}, which is not in images/")
                 continue
             by_file[r["file"]] = r
-    known = {r["class"] for r in by_file.values()}
+    csv_classes = {f: r["class"] for f, r in by_file.items()}
 
     samples: list[Sample] = []
     for stem, img in images.items():
@@ -301,15 +221,15 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
             try:
                 im = read_image(img)
                 lb = read_image(lbl)
-            except DataPrepError as e:
+            except DatasetError as e:
                 problems.catch(e)
                 continue
             if im.size != lb.size:
                 problems.report(lbl, f"label size {lb.size[0]}x{lb.size[1]} differs from its image "
                                      f"{img.name} ({im.size[0]}x{im.size[1]})")
                 continue
-        row = by_file.get(img.name)
-        cls = row["class"] if row else class_from_filename(img.name, known)
+        row = by_file.get(img.name) or by_file.get(stem)
+        cls = class_of(img.name, csv_classes)
         samples.append(Sample(stem, img, lbl, cls, dict(row) if row else {"file": img.name, "class": cls}))
     for stem, lbl in labels.items():
         if stem not in images:

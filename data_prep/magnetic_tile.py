@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (FREE_CLASS, IMAGE_EXTS, DataPrepError, Problems, check_output, copy_file,
+from .common import (FREE_CLASS, IMAGE_EXTS, DataPrepError, DatasetError, Problems, check_output, copy_file,
                      output_dir, progress, read_image, read_mask, write_classes_csv, write_label)
 
 MASK_THRESHOLD = 128
@@ -83,7 +83,7 @@ def convert_magnetic_tile(src, out, limit_per_class: int | None = None, skip_bad
             try:
                 size = read_image(img).size           # full decode: catches truncated files
                 mask = read_mask(mask_path, threshold=MASK_THRESHOLD)
-            except DataPrepError as e:
+            except DatasetError as e:
                 problems.catch(e)
                 continue
             if (mask.shape[1], mask.shape[0]) != size:

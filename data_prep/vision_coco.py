@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .common import (FREE_CLASS, DataPrepError, Problems, check_output, copy_file, output_dir, progress,
+from .common import (FREE_CLASS, DataPrepError, DatasetError, Problems, check_output, copy_file, output_dir, progress,
                      read_image, safe_name, write_classes_csv, write_label)
 
 ANNOTATION_FILE = "_annotations.coco.json"
@@ -294,7 +294,7 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             img_path = sp.ann_file.parent / str(info["file_name"])
             try:
                 im = read_image(img_path)
-            except DataPrepError as e:
+            except DatasetError as e:
                 problems.catch(e)
                 continue
             w, h = im.size

@@ -30,7 +30,7 @@
 results_dir = "results"  # tables/, figures/, work/ go here
 source = "synthetic"  # synthetic | coco | magnetic_tile | folder
 source_path = ""  # the folder to convert or use (not for synthetic)
-synthetic = {"per_class": 40, "size": 128, "n_free": None, "seed": 0}
+synthetic = {"per_class": 40, "size": 256, "n_free": None, "seed": 0}
 limit_per_class = None  # magnetic_tile: first N photos of each class
 split_seed = 0
 val = 0.15
@@ -40,8 +40,8 @@ preset = "vit_micro"  # the model size decides the pair layout shown below
 model = {}
 weights = ""  # with preset "auto" the architecture is read from these weights
 seed = 0
-train = {"mask_ratio": 0.75, "query_mask_share": 0.5, "defect_color": [255, 255, 255], "negative_target": "empty",
-         "fg_weight": 10.0}
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+         "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}  # the pipeline's recipe (pair layout, colouring)
 
 # %%
 from pathlib import Path
@@ -109,13 +109,6 @@ fig = V.pair_samples_figure(ds, range(min(4, len(ds))))
 RES.save_figure(fig, R, "01_pair_colouring");
 
 # %%
-train_row = stats[stats["split"] == "train"].iloc[0]
-RES.write_fragment(R, "01_data_transformation", {
-    **info,
-    "classes": [c for c in counts["class"] if c != "all"],
-    "images": {c: int(counts[c].iloc[-1]) for c in counts.columns if c not in ("class",)},
-    "mean": [train_row["mean_r"], train_row["mean_g"], train_row["mean_b"]],
-    "std": [train_row["std_r"], train_row["std_g"], train_row["std_b"]],
-})
+RES.write_fragment(R, RES.DataFragment.build(info, counts, stats))
 display(Markdown(f"**{int(counts['total'].iloc[-1])} images**, {len(counts) - 1} classes, split into "
                  + ", ".join(f"{c} {int(counts[c].iloc[-1])}" for c in counts.columns[1:-1])))

@@ -40,7 +40,7 @@ device = "cpu"
 precision = "auto"
 seed = 0
 normalize = "imagenet"  # imagenet | dataset
-train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 10.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
          "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
 eval_every = 50  # validation and checkpoints every N steps
 val_pairs = 64
@@ -59,21 +59,18 @@ from seggpt_lib.experiments import viz as V
 from seggpt_lib.model.checkpoint import build_from_checkpoint, save_weights
 
 R = Path(results_dir)
-data = RES.read_fragment(R, "01_data_transformation")
-split_root = Path(data["split_root"])
+params = CFG.notebook_config("02_training", globals())  # this cell's parameters as the typed config
+data = RES.load_fragment(R, RES.DataFragment)
+split_root = Path(data.split_root)
 run_dir = RUN.training_run_dir(R)
-dev = CFG.resolve_device_name(device)
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
 # ## The training configuration
 
 # %%
-mean_std = (data["mean"], data["std"]) if normalize == "dataset" else None
-cfg = TR.training_config(split_root, run_dir, preset=preset, model=model, weights=weights, steps=steps,
-                        train_minutes=train_minutes, device=dev, precision=precision, seed=seed,
-                        normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
-                        val_pairs=val_pairs)
+cfg = TR.training_config(split_root, run_dir, params.train_settings(), mean_std=data.mean_std())
+dev = cfg.device
 shown = {k: v for k, v in cfg.to_dict().items() if k not in ("image_mean", "image_std")}
 display(Markdown("```json\n" + json.dumps(shown, indent=1) + "\n```"))
 
@@ -134,13 +131,5 @@ summary = pd.DataFrame([{
     "lr": cfg.lr, "batch_size": cfg.batch_size, "init_weights": Path(weights).name if weights else "random",
 }])
 RES.write_table(summary, R, "02_training", title="Training")
-try:
-    label = str(Path(eval_weights).resolve().relative_to(R.resolve()))
-except ValueError:
-    label = str(eval_weights)
-RES.write_fragment(R, "02_training", {
-    "weights": str(Path(eval_weights).resolve()), "weights_label": label, "preset": cfg.preset, "model": cfg.model,
-    "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": trained, "steps_done": res["steps_done"],
-    "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"], "device": dev, "n_parameters": n_params,
-})
+RES.write_fragment(R, RES.TrainingFragment.build(R, cfg, res, eval_weights, trained, n_params))
 summary

@@ -1,4 +1,4 @@
-"""Tests for seggpt_lib.data.dataset: index, cache, pair sampling, colouring, masks, augmentation."""
+"""Tests for seggpt_lib.data (layout, cache, pairs, transforms, stats): index, cache, pair sampling, colouring, masks, augmentation."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seggpt_lib.data import dataset as D
+from seggpt_lib import data as D
 from seggpt_lib.utils.colors import denormalize
 from seggpt_lib.utils.masking import query_half_mask
 
@@ -94,10 +94,10 @@ def fake_index(n_classes: int = 5, per_class: int = 20, n_free: int = 10, sizes=
     return D.DefectIndex(files, classes, free)
 
 
-def dataset(index, **kw) -> D.PairDataset:
+def dataset(index, cache=None, pairs=None, **kw) -> D.PairDataset:
     kw.setdefault("image_size", IMG)
     kw.setdefault("patch_size", PATCH)
-    return D.PairDataset(index, **kw)
+    return D.PairDataset(index, D.PairConfig.from_dict(kw), cache=cache, pairs=pairs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,6 +124,44 @@ def test_class_from_filename_without_csv(tmp_path):
     assert idx.class_names == ["free", "mouse_bite", "open_circuit"]
     # a defect class whose mask is empty still counts as defect-free
     assert idx.is_free[idx.find("free_0000")]
+
+
+def test_readers_and_resize(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    assert D.header_size(tmp_path / "a.png") == (30, 20) and D.decoded_size(tmp_path / "a.png") == (30, 20)
+    assert np.array_equal(D.read_rgb(tmp_path / "a.png"), img)
+    with pytest.raises(D.DatasetError, match=r"b\.png: file not found"):
+        D.header_size(tmp_path / "b.png")
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 10:20] = 255
+    small, m = D.resize_pair(img, mask, (8, 12))  # image bilinear, mask nearest
+    assert small.shape == (8, 12, 3) and m.shape == (8, 12) and set(np.unique(m)) == {0, 255}
+    assert np.array_equal(m, D.resize_image(mask, (8, 12), nearest=True))
+    same, m2 = D.resize_pair(img, mask, (20, 30))
+    assert same is img and m2 is mask  # already that size: untouched
+
+
+def test_pair_config(index):
+    with pytest.raises(ValueError, match=r"unknown PairConfig keys \['mask_ration'\]; valid keys"):
+        D.PairConfig.from_dict({"mask_ration": 0.5})
+    with pytest.raises(TypeError, match="PairConfig"):
+        D.PairDataset(index, {"image_size": IMG, "patch_size": PATCH})
+    with pytest.raises(ValueError, match="image_size and patch_size"):
+        D.PairDataset(index, D.PairConfig())
+    cfg = D.PairConfig.for_model(type("M", (), {"image_size": IMG, "patch_size": PATCH})(), train=False, seed=3)
+    ds = D.PairDataset(index, cfg)
+    assert ds.image_size == IMG and ds.patch_size == PATCH and not ds.train and ds.seed == 3 and ds.config is cfg
+
+
+def test_transforms_are_module_level_classes():
+    from seggpt_lib.data import transforms as T
+
+    assert not hasattr(T, "__getattr__")
+    for c in (T.ChannelGain, T.Resize, T.RandomResizedCrop):
+        assert c.__module__ == T.__name__ and getattr(T, c.__qualname__) is c
+    aug = pickle.loads(pickle.dumps(T.build_augment(T.AugmentConfig(), (16, 16))))
+    assert {type(t).__name__ for t in aug.transforms} >= {"ChannelGain", "RandomResizedCrop"}
 
 
 def test_subset_and_pickle(index):
@@ -533,7 +571,7 @@ def test_batch_runs_through_seggpt(index):
     from seggpt_lib.model.seggpt import build_seggpt
 
     model = build_seggpt("vit_micro", depth=3, out_indices=(2,), merge_index=1, embed_dim=32, num_heads=2)
-    ds = D.PairDataset(index, model.cfg, train=True, fg_weight=2.0, length=2)
+    ds = D.PairDataset(index, D.PairConfig.for_model(model.cfg, train=True, fg_weight=2.0, length=2))
     batch = D.collate([ds[0], ds[1]])
     loss, pred, mask = model(**D.model_inputs(batch))
     assert torch.isfinite(loss) and pred.shape[0] == 2 and mask.shape == batch["bool_masked_pos"].shape

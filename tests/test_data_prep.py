@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import csv
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import data_prep
 from data_prep import common, synthetic
 from data_prep.common import DataPrepError, DataPrepWarning, class_from_filename, scan_dataset
 from data_prep.magnetic_tile import convert_magnetic_tile
@@ -21,6 +25,8 @@ from data_prep.synthetic import DEFECT_CLASSES, FAMILIES, generate_synthetic, re
 from data_prep.vision_coco import (convert_vision_coco, decode_rle_string, encode_rle_string,
                                    mask_to_rle, rle_to_mask)
 from seggpt_lib.cli import main as cli_main
+from seggpt_lib.data import layout
+from seggpt_lib.data.layout import DatasetError
 
 
 def _magnetic_tile_root() -> Path | None:
@@ -325,7 +331,7 @@ def test_coco_bad_inputs(tmp_path):
     # a truncated image, then also an image whose size differs from the JSON
     img = src / "Cable" / "train" / "b.png"
     img.write_bytes(img.read_bytes()[:40])
-    with pytest.raises(DataPrepError, match=r"b\.png: unreadable or truncated"):
+    with pytest.raises(DatasetError, match=r"b\.png: unreadable or truncated"):
         convert_vision_coco(src, tmp_path / "o4")
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(src / "Cable" / "train" / "d.png")
     with pytest.warns(DataPrepWarning) as rec:
@@ -484,7 +490,7 @@ def test_split_bad_inputs(tmp_path):
         split_dataset(src, tmp_path / "o2")
     trunc = src / "images" / "free_0003.png"
     trunc.write_bytes(trunc.read_bytes()[:60])
-    with pytest.raises(DataPrepError, match=r"free_0003\.png: unreadable or truncated"):
+    with pytest.raises(DatasetError, match=r"free_0003\.png: unreadable or truncated"):
         split_dataset(src, tmp_path / "o2")
     pit_label.unlink()
     with pytest.warns(DataPrepWarning) as rec:
@@ -513,6 +519,44 @@ def test_scan_dataset_other_problems(tmp_path):
         scan_dataset(src)
     with pytest.raises(DataPrepError, match="no images/ folder"):
         scan_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("crack_exp1_num_3191.jpg", "crack"),  # magnetic tile: <class>_<source stem>
+    ("crack_exp1_num_3191", "crack"),
+    ("mouse_bite_000518.jpg", "mouse_bite"),  # synthetic: <class>_<index>
+    ("free_000003.png", "free"),
+    ("000123.png", "000123"),  # no class prefix: the stem
+    ("c0_00001.png", "c0"),  # no alphabetic first token: before the last "_"
+    ("front.png", "front"),  # no digits, one token
+    ("scratch_left.png", "scratch"),  # no digits, several tokens: before the last "_"
+    ("a_1_2.png", "a"),
+])
+def test_class_from_filename_one_rule(name, cls):
+    # one function, the layout's: data_prep re-exports it and defines no rule of its own
+    assert common.class_from_filename is layout.class_from_filename
+    assert layout.class_from_filename(name) == cls
+    assert layout.class_of(name, {}) == cls  # what DefectIndex.scan, read_manifest and scan_dataset use
+    for mod in pkgutil.iter_modules(data_prep.__path__):
+        m = importlib.import_module(f"data_prep.{mod.name}")
+        own = [n for n, f in inspect.getmembers(m, inspect.isfunction) if f.__module__ == m.__name__]
+        assert not [n for n in own if "class_from" in n or n in ("read_classes_csv", "image_size", "read_image")], m
+
+
+@pytest.mark.parametrize("header", ["name,label\n", "file;class\n", ""])
+def test_bad_classes_csv_one_error_type(tmp_path, header, capsys):
+    root = _tiny_dataset(tmp_path / "t", classes=("pit", "free"), n=2)
+    (root / "classes.csv").write_text(header + "pit_0000.png,pit\n")
+    errors = []
+    for read in (layout.DefectIndex.scan, scan_dataset, common.read_classes_csv, layout.read_classes_csv,
+                 lambda r: layout.read_manifest(r, labels=False)):
+        with pytest.raises(DatasetError, match=r"classes\.csv: needs the columns 'file,class") as e:
+            read(root)
+        errors.append(type(e.value))
+    assert set(errors) == {DatasetError}  # the same type from the library and data_prep
+    assert issubclass(DataPrepError, DatasetError)
+    assert cli_main(["prepare", "stats", "--src", str(root)]) == 2  # the CLI reports it
+    assert "classes.csv: needs the columns" in capsys.readouterr().err
 
 
 def test_class_from_filename_fallback(tmp_path):

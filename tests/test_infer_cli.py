@@ -44,7 +44,7 @@ def _argv(root, data, outdir, *extra, mapping="map.json"):
 def test_end_to_end_outputs(workdir, tmp_path, capsys):
     root, data, mapping = workdir
     out = tmp_path / "run"
-    rc = main(_argv(root, data, out, "--split", "2", "--work-size", "64", "--top-k", "1", "--max-batch", "6"))
+    rc = main(_argv(root, data, out, "--grid", "2", "--work-size", "64", "--top-k", "1", "--max-batch", "6"))
     assert rc == 0, capsys.readouterr().err
     for q in mapping:
         stem = q[:-4]
@@ -88,9 +88,12 @@ def test_refuses_to_overwrite(workdir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not empty" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    assert main(_argv(root, data, out, "--overwrite", "--kind", "positive")) == 0
+    # --split: the deprecated name of --grid, still accepted with a warning
+    assert main(_argv(root, data, out, "--overwrite", "--kind", "positive", "--split", "1")) == 0
+    assert "--split is deprecated" in capsys.readouterr().err
     assert (out / "notes.txt").exists() and (out / "summary.json").exists()
-    assert json.loads((out / "summary.json").read_text())["n_positive"] == 4
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_positive"] == 4 and s["settings"]["split"] == 1
 
 
 def test_missing_files_listed_in_one_error(workdir, tmp_path, capsys):
@@ -173,11 +176,12 @@ def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
     """``--learned-prompt``: every query is predicted from the learned prompt (seggpt tune-prompt);
     the mapping may list the queries only and the prompt folders are not needed."""
     from seggpt_lib.model.checkpoint import build_from_checkpoint
-    from seggpt_lib.engine.prompt_tuning import save_learned_prompt, tune_prompt
+    from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, tune_prompt
 
     root, data, mapping = workdir
     model = build_from_checkpoint(root / "w.safetensors")
-    prompt, _ = tune_prompt(model, data, "open", steps=1, batch_size=2, progress=False, device="cpu", evaluate=False)
+    prompt, _ = tune_prompt(model, data, "open", PromptTuningConfig(steps=1, batch_size=2, evaluate=False),
+                            progress=False, device="cpu")
     lp = save_learned_prompt(prompt, tmp_path / "open.safetensors")
     (tmp_path / "queries.json").write_text(json.dumps(["open_000000.png", "scratch_000001.png", "free_000000.png"]))
     base = ["infer", "--weights", str(root / "w.safetensors"), "--dataset-dir", str(data), "--device", "cpu",

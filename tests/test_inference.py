@@ -1,4 +1,6 @@
 """Prompted inference: sizes, batching equivalences, the per-group ensemble, snapping, validation."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,8 @@ from seggpt_lib.predict.predictor import (
     _Group,
     check_prompt_mask,
     forward_grouped,
-    plan_windows,
 )
+from seggpt_lib.predict.tiling import plan_windows
 from seggpt_lib.utils.masking import query_half_mask
 
 
@@ -45,11 +47,11 @@ def _query_half(pred_patches, model):
 
 
 # ------------------------------------------------------------------------------ sizes
-@pytest.mark.parametrize("split,pairing,seam", [(1, "all", False), (2, "all", False), (2, "aligned", True), (4, "aligned", False)])
-def test_mask_at_original_size(model, images, split, pairing, seam):
+@pytest.mark.parametrize("grid,pairing,seam", [(1, "all", False), (2, "all", False), (2, "aligned", True), (4, "aligned", False)])
+def test_mask_at_original_size(model, images, grid, pairing, seam):
     q, prompts, masks = images
     pred = SegGPTPredictor(model, max_batch=64).predict(
-        q, prompts, masks, split=split, tile_pairing=pairing, seam_pass=seam, work_size=96
+        q, prompts, masks, grid=grid, tile_pairing=pairing, seam_pass=seam, work_size=96
     )
     assert pred.mask.shape == (97, 131) and pred.mask.dtype == bool
     assert pred.color.shape == (97, 131, 3) and pred.color.dtype == np.uint8
@@ -57,8 +59,8 @@ def test_mask_at_original_size(model, images, split, pairing, seam):
     assert 0.0 <= pred.raw.min() and pred.raw.max() <= 255.0
     # colour output is exactly the palette: black where no defect, the defect colour elsewhere
     assert np.array_equal(pred.color.any(axis=2), pred.mask)
-    per_window = len(prompts) * (split * split if pairing == "all" else 1)
-    assert pred.n_pairs == len(plan_windows(split, (96, 96), seam)) * per_window
+    per_window = len(prompts) * (grid * grid if pairing == "all" else 1)
+    assert pred.n_pairs == len(plan_windows(grid, (96, 96), seam)) * per_window
     assert {"prepare_s", "model_s", "post_s", "total_s"} <= set(pred.timing)
 
 
@@ -73,17 +75,17 @@ def test_top_k_and_label(model, images):
 
 
 def test_plan_windows_cover_and_paste_inside():
-    for split in (2, 3, 4):
-        hw = (split * 20, split * 20)
-        wins = plan_windows(split, hw, seam_pass=True)
-        assert len(wins) == split * split + 2 * split * (split - 1) + (split - 1) ** 2
+    for grid in (2, 3, 4):
+        hw = (grid * 20, grid * 20)
+        wins = plan_windows(grid, hw, seam_pass=True)
+        assert len(wins) == grid * grid + 2 * grid * (grid - 1) + (grid - 1) ** 2
         cover = np.zeros(hw, bool)
         for w in wins:
             t, l, h, wd = w.box
             pt, pl, ph, pw = w.paste
             assert 0 <= t and 0 <= l and t + h <= hw[0] and l + wd <= hw[1]
             assert t <= pt and l <= pl and pt + ph <= t + h and pl + pw <= l + wd
-            if w.grid >= 0:
+            if w.tile >= 0:
                 cover[t : t + h, l : l + wd] = True
         assert cover.all()
     assert len(plan_windows(1, (64, 64), seam_pass=True)) == 1
@@ -92,7 +94,7 @@ def test_plan_windows_cover_and_paste_inside():
 # ------------------------------------------------------------------------------ batching
 def test_batched_equals_one_pair_at_a_time_no_ensemble(model, images):
     q, prompts, masks = images
-    kw = dict(split=2, ensemble=False, work_size=64)
+    kw = dict(grid=2, ensemble=False, work_size=64)
     one = SegGPTPredictor(model, max_batch=1).predict(q, prompts, masks, **kw)
     many = SegGPTPredictor(model, max_batch=7).predict(q, prompts, masks, **kw)  # groups split across passes
     np.testing.assert_allclose(many.raw, one.raw, atol=1e-3)
@@ -102,8 +104,8 @@ def test_forward_groups_matches_manual_loop(model, images):
     """Packed passes (several groups each) == a loop calling the model once per pair / per group."""
     q, prompts, masks = images
     pred = SegGPTPredictor(model, max_batch=5)
-    pp = pred.prompt_pairs(prompts, masks, split=2, work_size=64)  # 8 prompt tiles
-    tiles = pred.prompt_pairs([q], [np.zeros(q.shape[:2], np.uint8)], split=2, work_size=64).images  # 4 query tiles
+    pp = pred.prompt_pairs(prompts, masks, grid=2, work_size=64)  # 8 prompt tiles
+    tiles = pred.prompt_pairs([q], [np.zeros(q.shape[:2], np.uint8)], grid=2, work_size=64).images  # 4 query tiles
     groups = [_Group(i, PromptPairs(pp.images[i : i + 2 + i % 2], pp.targets[i : i + 2 + i % 2]), 0, i) for i in range(4)]
     hp_mask = query_half_mask(model.cfg.grid, 1)
     with torch.inference_mode():
@@ -163,7 +165,7 @@ def test_predict_batch_equals_single_predictions(model, images):
     q, prompts, masks = images
     q2 = np.ascontiguousarray(q[::-1, :100])
     pred = SegGPTPredictor(model, max_batch=6)
-    kw = dict(split=2, work_size=64)
+    kw = dict(grid=2, work_size=64)
     batch = pred.predict_batch([q, q2], [prompts, prompts[1:]], [masks, masks[1:]], **kw)
     for query, ps, ms, b in ((q, prompts, masks, batch[0]), (q2, prompts[1:], masks[1:], batch[1])):
         single = SegGPTPredictor(model, max_batch=1).predict(query, ps, ms, **kw)
@@ -254,6 +256,53 @@ def test_prompt_mask_validation(model, images, tmp_path):
     with pytest.raises(ValueError, match="prompt masks"):
         pred.predict(q, prompts, masks[:1])
     with pytest.raises(ValueError):
-        pred.predict(q, prompts, masks, split=0)
+        pred.predict(q, prompts, masks, grid=0)
     with pytest.raises(ValueError):
         pred.predict(q, prompts, masks, tile_pairing="diagonal")
+
+
+# ------------------------------------------------------------------------------ scoring a mapping
+def test_score_mapping_equals_direct_predictions(model, tmp_path):
+    """score_mapping (the one scoring path of infer, notebooks and study) == predictor calls."""
+    from PIL import Image
+
+    from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, score_mapping
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    files = []
+    for i, cls in enumerate(["pit", "pit", "dent", "dent"]):
+        f = f"{cls}_{i:06d}.png"
+        img = rng.integers(0, 256, (40 + 4 * i, 50, 3), dtype=np.uint8)
+        m = np.zeros(img.shape[:2], np.uint8)
+        m[5 : 15 + i, 10:30] = 255
+        Image.fromarray(img).save(tmp_path / "images" / f)
+        Image.fromarray(m).save(tmp_path / "labels" / f"{Path(f).stem}.png")
+        files.append(f)
+    folder = Folder.of_dataset(tmp_path)
+    mapping = {files[0]: [files[1], files[2]], files[2]: [files[3]], files[3]: [files[0]]}
+    pred = SegGPTPredictor(model, max_batch=4)
+    cfg = ScoringConfig(grid=2, top_k=1, work_size=64, tile_pairing="aligned", extra={"tag": 1},
+                        columns=("n_prompts", "seconds"))
+    seen = []
+    out = list(score_mapping(pred, folder, mapping, "auto", cfg, prompts=folder, progress=lambda d, t: seen.append((d, t))))
+    assert [s.result.query for s in out] == list(mapping) and seen[-1] == (3, 3)
+    assert [s.result.kind for s in out] == ["positive", "positive", "negative"]
+    for s in out:
+        q = s.result.query
+        p = mapping[q][0]
+        ref = pred.predict(tmp_path / "images" / q, [tmp_path / "images" / p], [tmp_path / "labels" / f"{Path(p).stem}.png"],
+                           grid=2, work_size=64, tile_pairing="aligned")
+        np.testing.assert_array_equal(s.result.pred, ref.mask)
+        assert s.result.prompts == [p] and s.result.query_class == q.split("_")[0]
+        assert list(s.result.extra) == ["tag", "n_prompts", "seconds"] and s.result.extra["n_prompts"] == 1
+        assert s.result.gt.shape == s.image.shape[:2] and s.result.gt.any()
+    # learned prompts by class: a positive query takes its class's, a negative one its prompt's class's
+    pairs = {c: pred.prompt_pairs([tmp_path / "images" / f], [tmp_path / "labels" / f"{Path(f).stem}.png"])
+             for c, f in (("pit", files[1]), ("dent", files[3]))}
+    got = {s.result.query: s.result for s in score_mapping(pred, folder, {files[0]: [files[2]]}, "negative",
+                                                            prompts=folder, learned=LearnedPrompts(pairs))}
+    assert got[files[0]].prompts == ["learned:dent"]
+    ref = pred.predict(tmp_path / "images" / files[0], prompt_pairs=pairs["dent"])
+    np.testing.assert_array_equal(got[files[0]].pred, ref.mask)

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from seggpt_lib import cli
+from seggpt_lib.data import layout as L
 from seggpt_lib.eval import mapping as MP
 
 
@@ -31,16 +32,21 @@ def dataset(tmp_path):
     return root
 
 
-def test_class_from_name():
-    assert MP.class_from_name("mouse_bite_000518.jpg") == "mouse_bite"
-    assert MP.class_from_name("Porosity_12.png") == "Porosity"
-    assert MP.class_from_name("front.png") == "front"
-    assert MP.class_from_name("a_1_2.png") == "a_1"
+def test_mapping_uses_the_layout_rules():
+    # no copy of the layout's rules here: the class rule and the manifest are seggpt_lib.data.layout's
+    for name in ("class_from_name", "IMAGE_EXTENSIONS", "_read_classes_csv"):
+        assert not hasattr(MP, name), name
+    assert MP.read_manifest is L.read_manifest and MP.image_dir is L.image_dir
+    assert MP.FREE == L.FREE_CLASS
+    assert L.class_from_filename("mouse_bite_000518.jpg") == "mouse_bite"
+    assert L.class_from_filename("Porosity_12.png") == "Porosity"
+    assert L.class_from_filename("front.png") == "front"
+    assert L.class_from_filename("a_1_2.png") == "a"  # the leading alphabetic tokens
 
 
 def test_read_manifest_names_and_labels(dataset):
-    df = MP.read_manifest(dataset)
-    assert list(df.columns) == ["file", "class", "label"]
+    df = L.read_manifest(dataset, labels=False)  # the listing the mappings read
+    assert list(df.columns) == ["file", "class", "is_free", "image", "label"]
     assert df["file"].tolist() == sorted(df["file"])
     cls = dict(zip(df["file"], df["class"]))
     assert cls["short_000001.jpg"] == "short"
@@ -53,7 +59,7 @@ def test_read_manifest_names_and_labels(dataset):
 def test_read_manifest_classes_csv(dataset):
     (dataset / "classes.csv").write_text(
         "file,class,surface\nmouse_bite_000001.png,open_circuit,top\nspur_000001,free,top\n")
-    cls = dict(zip(*MP.read_manifest(dataset)[["file", "class"]].T.values))
+    cls = dict(zip(*L.read_manifest(dataset, labels=False)[["file", "class"]].T.values))
     assert cls["mouse_bite_000001.png"] == "open_circuit"  # by file name
     assert cls["spur_000001.png"] == "free"  # by stem
     assert cls["short_000002.jpg"] == "short"  # not listed: name rule
@@ -66,7 +72,7 @@ def test_positive(dataset):
     assert all(not q.startswith("free") for q in m)
     for q, ps in m.items():
         assert len(ps) == 1 and ps[0] != q
-        assert MP.class_from_name(ps[0]) == MP.class_from_name(q)
+        assert L.class_from_filename(ps[0]) == L.class_from_filename(q)
 
 
 def test_positive_error_names_class_and_folder(dataset):
@@ -87,7 +93,7 @@ def test_negative(dataset):
     for q, ps in m.items():
         assert len(ps) == 2 and len(set(ps)) == 2
         for p in ps:
-            assert MP.class_from_name(p) not in (MP.class_from_name(q), "free")
+            assert L.class_from_filename(p) not in (L.class_from_filename(q), "free")
 
 
 def test_free(dataset):

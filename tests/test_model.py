@@ -62,7 +62,7 @@ def test_official_state_dict_names_and_count():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_build_and_run(preset):
-    overrides = {} if preset in ("vit_micro", "vit_tiny") else {"depth": 4, "out_indices": (3,)}
+    overrides = {} if preset in ("vit_micro", "vit_tiny", "vit_nano") else {"depth": 4, "out_indices": (3,)}
     if preset == "vit_large":
         overrides.update(img_size=(256, 128))
     model = build_seggpt(preset, **overrides).eval()

@@ -18,7 +18,7 @@ import jupytext  # noqa: E402
 import pandas as pd  # noqa: E402
 import papermill as pm  # noqa: E402
 
-from seggpt_lib.experiments import config as CFG, results as RES, evaluation as EV, runner as RUN# noqa: E402
+from seggpt_lib.experiments import config as CFG, results as RES, evaluation as EV, runner as RUN  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -91,12 +91,22 @@ def test_parameters_cell(name):
     assert set(declared) == assigned, f"{name}: papermill sees {sorted(declared)}, the cell assigns {sorted(assigned)}"
     missing = set(CFG.NOTEBOOK_PARAMETERS[name]) - set(declared)
     assert not missing, f"{name}: the pipeline passes {sorted(missing)}, which the notebook does not declare"
-    # the notebook's own defaults are the pipeline's (it runs the same by hand)
-    values = {t.id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body
-              if isinstance(node, ast.Assign) for t in node.targets}
-    for k, v in values.items():
-        if k in CFG.DEFAULTS and k not in ("results_dir", "train", "synthetic"):
-            assert v == CFG.DEFAULTS[k], f"{name}: default {k}={v!r} differs from the pipeline's {CFG.DEFAULTS[k]!r}"
+    # the cell's values against the config's defaults: tests/test_defaults.py
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_private_library_names(name):
+    """Notebooks call the library's public names only (no ``X._name``)."""
+    tree = ast.parse((NB_DIR / f"{name}.py").read_text())
+    private = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")})
+    assert not private, f"{name} uses private names {private}"
+
+
+def test_notebooks_numbered_in_pipeline_order():
+    assert [int(n[:2]) for n in CFG.NOTEBOOKS] == list(range(1, len(CFG.NOTEBOOKS) + 1))
+    assert not CFG.EXPLORER_NOTEBOOK[:1].isdigit()  # the explorer is not a stage
+    on_disk = {p.stem for p in NB_DIR.glob("*.py")}
+    assert on_disk == set(ALL) == set(CFG.NOTEBOOK_PARAMETERS)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -126,15 +136,15 @@ def test_01_data_transformation(results):
     _unit(stats[["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "defect_fraction"]].to_numpy().ravel())
     for f in ("01_samples", "01_pair_colouring"):
         _png(results, f)
-    frag = RES.read_fragment(results, "01_data_transformation")
-    assert Path(frag["split_root"], "train", "images").is_dir() and len(frag["mean"]) == 3
+    frag = RES.load_fragment(results, RES.DataFragment)
+    assert Path(frag.split_root, "train", "images").is_dir() and len(frag.mean) == 3
     assert (results / "work" / "01_data_transformation.ipynb").is_file()
 
 
 def test_02_training(results):
-    frag = RES.read_fragment(results, "02_training")
-    assert frag["trained"] and frag["steps_done"] == 3
-    assert Path(frag["weights"]).is_file()
+    frag = RES.load_fragment(results, RES.TrainingFragment)
+    assert frag.trained and frag.steps_done == 3
+    assert Path(frag.weights).is_file()
     metrics = pd.read_csv(RUN.training_run_dir(results) / "metrics.csv")
     assert metrics["step"].max() == 3 and metrics["loss"].notna().all()
     _unit(metrics["val_miou"].dropna())  # the smoke split has validation pairs
@@ -144,10 +154,10 @@ def test_02_training(results):
         _png(results, f)
 
 
-def test_03_split_ablation(results):
-    tab = _table(results, "03_split_miou")
+def test_03_grid_ablation(results):
+    tab = _table(results, "03_grid_miou")
     top1 = tab[tab["top_k"] == 1]
-    assert list(top1["split"]) == [1, 2, 4]
+    assert list(top1["split"]) == [1, 2, 4]  # the library's tables keep the original's column name
     assert (tab["queries"] == 9).all()
     _unit(tab["mIoU"])
     _unit(tab["catch_rate"])
@@ -158,8 +168,10 @@ def test_03_split_ablation(results):
     _unit(per_class[["split_1", "split_2", "split_4"]].to_numpy().ravel())
     per_image = _table(results, "03_per_image")
     assert len(per_image) == 4 * 9
-    for f in ("03_split_miou", "03_per_class_iou", "03_best_cases", "03_worst_cases"):
+    for f in ("03_grid_miou", "03_per_class_iou", "03_best_cases", "03_worst_cases"):
         _png(results, f)
+    frag = RES.load_fragment(results, RES.GridAblationFragment)
+    assert frag.miou_by_grid().keys() == {1, 2, 4} and frag.best_grid in (1, 2, 4) and frag.queries == 9
 
 
 def test_04_pair_evaluation(results):
@@ -181,8 +193,9 @@ def test_04_pair_evaluation(results):
     assert len(_table(results, "04_original_per_image")) == 11
     for f in ("04_summary", "04_rates", "04_positive_worst", "04_negative_strongest"):
         _png(results, f)
-    frag = RES.read_fragment(results, "04_pair_evaluation")
-    s = frag["summary"]
+    frag = RES.load_fragment(results, RES.PairEvaluationFragment)
+    assert frag.grid == CFG.DEFAULTS["eval_grid"]
+    s = frag.summary
     assert s["n_positive"] == 9 and abs(s["pes"] - (0.5 * s["catch_rate"] + 0.5 * s["yield_rate"])) < 1e-12
 
 
@@ -196,9 +209,9 @@ def test_reports_rendered(results):
 # ------------------------------------------------------------------------------------------
 # the explorer
 # ------------------------------------------------------------------------------------------
-def test_05_explorer_notebook_runs(results, tmp_path):
-    params = RUN.notebook_parameters("05_explorer", CFG.load_config(None, {"results_dir": str(results)}))
-    out = RUN.execute_notebook("05_explorer", tmp_path / "05_explorer.ipynb", params)
+def test_explorer_notebook_runs(results, tmp_path):
+    params = RUN.notebook_parameters(CFG.EXPLORER_NOTEBOOK, CFG.load_config(None, {"results_dir": str(results)}))
+    out = RUN.execute_notebook(CFG.EXPLORER_NOTEBOOK, tmp_path / "explorer.ipynb", params)
     import nbformat
 
     nb = nbformat.read(str(out), as_version=4)
@@ -214,7 +227,7 @@ def test_explorer_callbacks_from_python(results):
     from seggpt_lib.experiments.viz import Explorer
 
     em = EV.load_eval_model(results, device="cpu")
-    split_root = Path(RES.read_fragment(results, "01_data_transformation")["split_root"])
+    split_root = Path(RES.load_fragment(results, RES.DataFragment).split_root)
     q_root, p_root = EV.eval_roots(split_root)
     ex = Explorer(em.predictor, q_root, p_root, work_size=64)
     q = next(f for f in ex.queries if ex.query_class(f) != "free")

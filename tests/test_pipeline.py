@@ -1,4 +1,4 @@
-"""``seggpt reproduce`` and the helpers of seggpt_lib.experiments.pipeline / seggpt_lib.experiments.viz: config handling,
+"""``seggpt reproduce`` and the helpers of seggpt_lib.experiments (config, results, report, runner) and viz: config handling,
 tables, fragments, summary and index, a failing stage's message, the end-to-end tiny run, and
 the HTML pages in headless Chromium (skipped where no browser is on PATH)."""
 from __future__ import annotations
@@ -38,13 +38,13 @@ def test_config_file_and_overrides(tmp_path):
     cfg = CFG.load_config(REPO / "configs" / "pipeline.json")
     assert cfg["preset"] == "vit_micro" and cfg["data"] == "synthetic" and cfg["device"] == "cpu"
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["negative_target"] == "empty" and cfg["train"]["batch_size"] == 16
-    assert cfg["train_minutes"] and cfg["steps"] > 0 and cfg["splits"] == [1, 2, 4]
+    assert cfg["train_minutes"] and cfg["steps"] > 0 and cfg["grids"] == [1, 2, 4]
     cfg = CFG.load_config(REPO / "configs" / "pipeline.json",
-                        ["steps=0", "device=cuda", "weights=w.pth", "train.lr=1e-4", "splits=[1,2]", "data=coco:/x"])
+                        ["steps=0", "device=cuda", "weights=w.pth", "train.lr=1e-4", "grids=[1,2]", "data=coco:/x"])
     assert cfg["steps"] == 0 and cfg["device"] == "cuda" and cfg["weights"] == "w.pth"
     assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 16  # nested keys merge
-    assert cfg["splits"] == [1, 2] and cfg["data"] == "coco:/x"
-    assert set(cfg["_explicit"]) == {"steps", "device", "weights", "train", "splits", "data"}
+    assert cfg["grids"] == [1, 2] and cfg["data"] == "coco:/x"
+    assert set(cfg["_explicit"]) == {"steps", "device", "weights", "train", "grids", "data"}
     with pytest.raises(CFG.PipelineError, match="unknown key 'stepz'"):
         CFG.load_config(None, ["stepz=3"])
     with pytest.raises(CFG.PipelineError, match="key=value"):
@@ -53,6 +53,12 @@ def test_config_file_and_overrides(tmp_path):
         CFG.load_config(None, {"steps": -1})
     with pytest.raises(CFG.PipelineError, match="tile_pairing"):
         CFG.load_config(None, {"tile_pairing": "some"})
+    with pytest.raises(CFG.PipelineError, match="unknown key 'splits'.*grids"):  # renamed: tiling is a grid
+        CFG.load_config(None, {"splits": [1]})
+    with pytest.raises(CFG.PipelineError, match="val_pairs must be"):  # typed
+        CFG.load_config(None, {"val_pairs": "many"})
+    with pytest.raises(CFG.PipelineError, match="unknown TrainConfig key"):
+        CFG.load_config(None, ["train.lrr=1"])
     with pytest.raises(CFG.PipelineError, match="not found"):
         CFG.load_config(tmp_path / "missing.json")
     smoke = CFG.load_config(None, ["steps=5"], smoke=True)
@@ -82,8 +88,8 @@ def test_notebook_parameters():
     assert p1["source"] == "synthetic" and p1["source_path"] == ""
     for name in CFG.NOTEBOOKS:  # evaluation notebooks take the weights notebook 02 wrote, not the initial ones
         assert ("weights" in RUN.notebook_parameters(name, cfg)) == (name in ("01_data_transformation", "02_training",
-                                                                            "06_beyond"))  # 06 trains from them too
-    p6 = RUN.notebook_parameters("06_beyond", cfg)
+                                                                            "05_beyond"))  # 05 trains from them too
+    p6 = RUN.notebook_parameters("05_beyond", cfg)
     assert p6["preset"] == "auto" and p6["beyond_minutes"] is None and p6["train_minutes"] == cfg["train_minutes"]
 
 
@@ -93,7 +99,7 @@ def test_resolve_preset(tmp_path):
     model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
     w = save_weights(model, tmp_path / "m.safetensors")
     name, ov = CFG.resolve_preset(str(w), "auto")
-    assert name == "vit_micro" and ov["embed_dim"] == 64 and ov["depth"] == 3
+    assert name in CFG.PRESETS and CFG.preset_config(name, **ov).to_dict() == model.cfg.to_dict()  # closest preset + overrides
     assert CFG.model_config("auto", weights=str(w)).embed_dim == 64
     assert CFG.resolve_preset("", "vit_tiny") == ("vit_tiny", {})
     with pytest.raises(CFG.PipelineError, match="needs weights"):
@@ -168,12 +174,12 @@ def _fake_fragments(results: Path) -> None:
             PairResult("a_1.png", ["b_2.png"], "negative", "a", np.zeros_like(gt), gt),
             PairResult("free_1.png", ["a_2.png"], "free", "free", gt, np.zeros_like(gt))]
     _, summary = evaluate(recs)
-    RES.write_fragment(results, "01_data_transformation", {"source": "synthetic", "images": {"total": 3}, "classes": ["a"]})
-    RES.write_fragment(results, "02_training", {"preset": "vit_micro", "weights_label": "w.safetensors", "steps_done": 7,
-                                              "trained": True})
-    RES.write_fragment(results, "03_split_ablation", {"top_k": 1, "table": [
-        {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]})
-    RES.write_fragment(results, "04_pair_evaluation", {"summary": summary, "split": 2, "top_k": 1, "device": "cpu"})
+    RES.write_fragment(results, RES.DataFragment(source="synthetic", images={"total": 3}, classes=["a"]))
+    RES.write_fragment(results, RES.TrainingFragment(preset="vit_micro", weights_label="w.safetensors", steps_done=7,
+                                                     trained=True))
+    RES.write_fragment(results, RES.GridAblationFragment(top_k=1, table=[
+        {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]))
+    RES.write_fragment(results, RES.PairEvaluationFragment(summary=summary, grid=2, top_k=1, device="cpu"))
 
 
 def test_summary_and_index(tmp_path):
@@ -182,17 +188,18 @@ def test_summary_and_index(tmp_path):
     (tmp_path / "reports" / "01_data_transformation.html").write_text("<html></html>")
     s = REP.build_summary(tmp_path, CFG.load_config(None), {"01_data_transformation": 1.0}, 12.5)
     h = s["headline"]
-    assert h["miou_split_1"] == 0.25 and h["miou_split_2"] == 0.5 and h["miou_split_2_top3"] == 0.6
+    assert h["miou_grid_1"] == 0.25 and h["miou_grid_2"] == 0.5 and h["miou_grid_2_top3"] == 0.6
     assert h["positive_miou"] == 1.0 and h["catch_rate"] == 1.0 and h["yield_rate"] == 1.0
     assert h["free_yield_rate"] == 0.0 and h["pes"] == 1.0 and h["negative_miou"] == 0.0
-    assert s["published"]["pes"] == 0.546 and s["published"]["miou_split_2"] == 0.538
+    assert s["published"]["pes"] == 0.546 and s["published"]["miou_grid_2"] == 0.538
+    assert s["eval_grid"] == 2 and set(s["fragments"]) == {f.NAME for f in RES.FRAGMENTS[:4]}
     assert s["baselines"]["paint_nothing"]["pes"] == 0.5
     for k in ("data", "preset", "weights", "device", "wall_time_s", "git_commit", "steps"):
         assert k in s
     assert s["preset"] == "vit_micro" and s["steps"] == 7 and s["wall_time_s"] == 12.5
     json.dumps(s, allow_nan=False)  # strict JSON: no NaN
     table = REP.headline_table(s)
-    assert list(table["metric"])[:3] == ["mIoU split 1", "mIoU split 2", "mIoU split 2, top-3"]
+    assert list(table["metric"])[:3] == ["mIoU grid 1", "mIoU grid 2", "mIoU grid 2, top-3"]
     assert table.set_index("metric").loc["PES", "original"] == 0.546
     page = REP.write_index_html(tmp_path, s).read_text()
     assert "reports/01_data_transformation.html" in page and "paint_nothing" in page and "<script" not in page
@@ -267,15 +274,16 @@ def test_viz_helpers():
 def test_model_panel_rows(tmp_path):
     from data_prep.synthetic import generate_synthetic
     from seggpt_lib import build_seggpt
-    from seggpt_lib.data.dataset import DefectIndex, PairDataset
+    from seggpt_lib.data.layout import DefectIndex
+    from seggpt_lib.data.pairs import PairConfig, PairDataset
 
     root = generate_synthetic(tmp_path / "syn", per_class=2, size=32, classes=["pit", "stain"], n_free=0)
     model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
-    ds = PairDataset(DefectIndex.scan(root), cfg=model.cfg, train=False, length=2)
+    ds = PairDataset(DefectIndex.scan(root), PairConfig.for_model(model.cfg, train=False, length=2))
     rows = V.model_panel_rows(model, ds, [0, 1])
     assert len(rows) == 2 and all(len(p) == 5 and p[0].shape == (64, 32, 3) for p, _ in rows)
     assert "IoU" in rows[0][1]
-    ds_train = PairDataset(DefectIndex.scan(root), cfg=model.cfg, train=True, length=2)
+    ds_train = PairDataset(DefectIndex.scan(root), PairConfig.for_model(model.cfg, train=True, length=2))
     assert isinstance(V.pair_samples_figure(ds_train, [0, 1]), object)
 
 
@@ -293,7 +301,7 @@ def test_reproduce_end_to_end(results):
     """``seggpt reproduce --smoke`` (runs in about a minute on 2 free cores): every output."""
     s = json.loads((results / "summary.json").read_text())
     assert s["status"] == "complete"
-    for k in ("miou_split_1", "miou_split_2", "miou_split_4", "positive_miou", "catch_rate", "negative_miou",
+    for k in ("miou_grid_1", "miou_grid_2", "miou_grid_4", "positive_miou", "catch_rate", "negative_miou",
               "yield_rate", "free_yield_rate", "pes"):
         v = s["headline"][k]
         assert v is not None and 0.0 <= v <= 1.0, (k, v)
@@ -310,7 +318,7 @@ def test_reproduce_end_to_end(results):
     for name in CFG.NOTEBOOKS:
         assert f"reports/{name}.html" in page
     assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
-    assert "Beyond the original" in page and "tables/06_beyond.csv" in page and "figures/06_beyond.png" in page
+    assert "Beyond the original" in page and "tables/05_beyond.csv" in page and "figures/05_beyond.png" in page
     rows = s["beyond"]["rows"]
     assert len(rows) == 7 and rows[-1]["prompt"] == "paint nothing"  # 2 recipes x 3 prompts + the baseline
     for r in rows:
@@ -337,13 +345,13 @@ def test_official_format_weights_without_training(results, tmp_path):
     cfg = CFG.load_config(None, ["steps=0", f"weights={w}", f"results_dir={res}", "heartbeat_s=0", "echo=false",
                                "n_panels=1"])
     RUN.reproduce(cfg, stages=["02_training"], log=lambda m: None)
-    frag = RES.read_fragment(res, "02_training")
-    assert frag["trained"] is False and frag["steps_done"] == 0 and frag["preset"] == "vit_micro"
-    assert frag["weights"] == str(w.resolve()) and frag["model"] == {}
+    frag = RES.load_fragment(res, RES.TrainingFragment)
+    assert frag.trained is False and frag.steps_done == 0 and frag.preset == "vit_micro"
+    assert frag.weights == str(w.resolve()) and frag.model == {}
     assert (res / "reports" / "02_training.html").is_file() and not (res / "work" / "train" / "run").exists()
     em = EV.load_eval_model(res)
     assert em.preset == "vit_micro" and em.predictor.image_size == (64, 64)
-    ev = EV.pair_evaluation(em, RES.read_fragment(res, "01_data_transformation")["split_root"], split=1, max_queries=2,
+    ev = EV.pair_evaluation(em, RES.load_fragment(res, RES.DataFragment).split_root, grid=1, max_queries=2,
                            log=lambda m: None)
     assert ev["summary"]["n_positive"] == 2 and ev["summary"]["n_negative"] == 2
 
@@ -390,5 +398,5 @@ def test_reports_render_in_headless_chromium(results, tmp_path):
     assert "Headline" in dom and "paint_nothing" in dom and "positive mIoU" in dom and "PES" in dom
     dom = _dump_dom(browser, results / "reports" / "04_pair_evaluation.html", tmp_path / "profile")
     assert "paint nothing" in dom and "catch" in dom and "PES" in dom  # the summary table rendered
-    dom = _dump_dom(browser, results / "reports" / "03_split_ablation.html", tmp_path / "profile")
+    dom = _dump_dom(browser, results / "reports" / "03_grid_ablation.html", tmp_path / "profile")
     assert "original_mIoU" in dom

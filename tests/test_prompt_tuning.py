@@ -11,10 +11,11 @@ import torch
 
 from seggpt_lib import build_seggpt
 from seggpt_lib.model.checkpoint import save_weights
-from seggpt_lib.data.dataset import DefectIndex, read_label, read_rgb
+from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 from seggpt_lib.engine.prompt_tuning import (
     LearnedPrompt,
     LearnedPromptError,
+    PromptTuningConfig,
     load_learned_prompt,
     predictor_kwargs,
     prompt_loss,
@@ -75,7 +76,7 @@ def test_tuning_lowers_loss_and_leaves_seggpt_untouched(synth):
     init = _real_prompt(synth, model)
     loss0 = prompt_loss(model, init, synth, "pit")
 
-    prompt, history = tune_prompt(model, synth, "pit", steps=20, init=init, progress=False)
+    prompt, history = tune_prompt(model, synth, "pit", PromptTuningConfig(steps=20), start_from=init, progress=False)
 
     loss1 = prompt_loss(model, prompt, synth, "pit")
     assert loss1 < loss0 * 0.99, (loss0, loss1)
@@ -99,28 +100,31 @@ def test_tuning_lowers_loss_and_leaves_seggpt_untouched(synth):
 
 def test_options_and_determinism(synth):
     model = _model()
-    kw = dict(steps=3, batch_size=3, init="random", mask="query+random", negative_share=0.34, fg_weight=3.0,
-              progress=False, seed=5)
-    a, ha = tune_prompt(model, synth, "scratch", **kw)
-    b, hb = tune_prompt(model, synth, "scratch", **kw)
+    cfg = PromptTuningConfig(steps=3, batch_size=3, init="random", mask="query+random", negative_share=0.34,
+                             fg_weight=3.0, seed=5)
+    a, ha = tune_prompt(model, synth, "scratch", cfg, progress=False)
+    b, hb = tune_prompt(model, synth, "scratch", cfg, progress=False)
     assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
     assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
     assert a.info["init"] == "random" and a.class_name == "scratch"
-    c, _ = tune_prompt(model, synth, "scratch", steps=2, batch_size=2, init="real", init_file="scratch_000003",
-                       progress=False, evaluate=False, warmup_steps=1)
+    c, _ = tune_prompt(model, synth, "scratch", PromptTuningConfig(steps=2, batch_size=2, init="real",
+                       init_file="scratch_000003", evaluate=False, warmup_steps=1), progress=False)
     assert c.info["init_file"].startswith("scratch_000003") and c.final_loss is not None
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="not in the dataset"):
-        tune_prompt(model, synth, "dent", steps=1, progress=False)
+        tune_prompt(model, synth, "dent", PromptTuningConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="mask must be"):
-        tune_prompt(model, synth, "pit", steps=1, mask="all", progress=False)
+        tune_prompt(model, synth, "pit", PromptTuningConfig(steps=1, mask="all"), progress=False)
     with pytest.raises(ValueError, match="not a defect image of class"):
-        tune_prompt(model, synth, "pit", steps=1, init_file="scratch_000000", progress=False)
+        tune_prompt(model, synth, "pit", PromptTuningConfig(steps=1, init_file="scratch_000000"), progress=False)
+    with pytest.raises(ValueError, match="precision must be"):
+        PromptTuningConfig(precision="fp16")
+    assert PromptTuningConfig(steps=3).to_dict()["steps"] == 3
 
 
 def test_save_load_gives_identical_predictions(synth, tmp_path):
     model = _model()
-    prompt, _ = tune_prompt(model, synth, "pit", steps=2, batch_size=2, progress=False)
+    prompt, _ = tune_prompt(model, synth, "pit", PromptTuningConfig(steps=2, batch_size=2), progress=False)
     path = save_learned_prompt(prompt, tmp_path / "pit.safetensors")
     again = load_learned_prompt(path, model=model)
     assert torch.equal(prompt.image, again.image) and torch.equal(prompt.label, again.label)

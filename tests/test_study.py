@@ -1,4 +1,4 @@
-"""Beyond the original (seggpt_lib.experiments.study, notebook 06) and the magnetic-tile study.
+"""Beyond the original (seggpt_lib.experiments.study, notebook 05) and the magnetic-tile study.
 
 Everything runs on a tiny synthetic set (3 defect classes, 64 px) with the 235 k-parameter
 smoke model trained a couple of steps; the magnetic-tile study runs its ``--quick``
@@ -42,9 +42,10 @@ def _unit(values) -> None:
 
 
 def test_compare_recipes_table(tiny, tmp_path):
-    res = S.compare_recipes(tiny, "vit_micro", TINY_MODEL, None, "cpu", 0, recipe=TINY_RECIPE, steps=2, eval_every=2,
-                            val_pairs=4, top_k=2, max_queries=3, tune_steps=2, work_dir=tmp_path / "work",
-                            results_dir=tmp_path / "res", table_name="cmp", log=lambda m: None)
+    cfg = CFG.BeyondConfig(preset="vit_micro", model=TINY_MODEL, budget_minutes=None, recipe=TINY_RECIPE, steps=2,
+                           eval_every=2, val_pairs=4, top_k=2, max_queries=3, tune_steps=2)
+    res = S.compare_recipes(tiny, cfg, work_dir=tmp_path / "work", results_dir=tmp_path / "res", table_name="cmp",
+                            log=lambda m: None)
     t = res["table"]
     assert list(t.columns[:4]) == ["recipe", "negative_target", "prompt", "steps"]
     assert {*RATES, "negative_mIoU", "n_positive", "n_negative", "n_free"} <= set(t.columns)
@@ -79,16 +80,16 @@ def test_compare_recipes_table(tiny, tmp_path):
     assert S.example_panels(res, n=1) is not None and S.prompt_previews(res) is not None
 
     # an already trained model stands in for a recipe (notebook 02's)
-    again = S.compare_recipes(tiny, "vit_micro", TINY_MODEL, None, "cpu", 0, recipe=TINY_RECIPE,
-                              reuse={"empty": res["models"]["empty"]["weights"]}, negative_targets=("empty",),
-                              methods=("top1",), max_queries=3, work_dir=tmp_path / "work2", log=lambda m: None)
+    again = S.compare_recipes(tiny, cfg.replace(methods=("top1",)), reuse={"empty": res["models"]["empty"]["weights"]},
+                              negative_targets=("empty",), work_dir=tmp_path / "work2", log=lambda m: None)
     assert len(again["table"]) == 2 and bool(again["training"]["reused"].iloc[0])
     top1 = t[(t["negative_target"] == "empty") & (t["method"] == "top1")].iloc[0]
     assert math.isclose(again["table"]["mIoU"].iloc[0], top1["mIoU"])  # the same model, the same pairs
 
 
 def test_negative_pairs_under_empty_target_are_all_background(tiny):
-    from seggpt_lib.data.dataset import DefectIndex, PairDataset
+    from seggpt_lib.data.layout import DefectIndex
+    from seggpt_lib.data.pairs import PairConfig, PairDataset
     from seggpt_lib.model.seggpt import preset_config
 
     cfg = preset_config("vit_micro", **TINY_MODEL)
@@ -97,7 +98,8 @@ def test_negative_pairs_under_empty_target_are_all_background(tiny):
     with_defect = {"empty": 0, "query_mask": 0}
     for target in ("empty", "query_mask"):
         for train in (True, False):
-            ds = PairDataset(index, cfg=cfg, train=train, negative_target=target, negative_share=1.0, length=12, seed=0)
+            ds = PairDataset(index, PairConfig.for_model(cfg, train=train, negative_target=target, negative_share=1.0,
+                                                            length=12, seed=0))
             for i in range(len(ds)):
                 item = ds[i]
                 assert item["kind"] == "negative" and item["prompt_class"] != item["query_class"]
@@ -112,7 +114,7 @@ def test_negative_pairs_under_empty_target_are_all_background(tiny):
 
 def test_holdout_eval_folder(tiny, tmp_path):
     from data_prep.split import split_dataset
-    from seggpt_lib.data.dataset import DefectIndex
+    from seggpt_lib.data.layout import DefectIndex
 
     split = split_dataset(tiny.parent / "syn", tmp_path / "split", seed=0, val=0.2, test=0.3,
                           holdout_classes=["stain"], show_progress=False)
@@ -132,39 +134,38 @@ def test_holdout_eval_folder(tiny, tmp_path):
 
 def _tiny_results(tiny: Path, results: Path) -> None:
     """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
-    RES.write_fragment(results, "01_data_transformation", {"split_root": str(tiny), "mean": [0.5] * 3, "std": [0.25] * 3})
+    RES.write_fragment(results, RES.DataFragment(split_root=str(tiny), mean=[0.5] * 3, std=[0.25] * 3))
     run_dir = RUN.training_run_dir(results)
-    cfg = TR.training_config(tiny, run_dir, preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
-                            train={**TINY_RECIPE, "negative_target": "empty"}, log=lambda m: None)
+    settings = CFG.TrainSettings(preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
+                                 recipe={**TINY_RECIPE, "negative_target": "empty"})
+    cfg = TR.training_config(tiny, run_dir, settings, log=lambda m: None)
+    assert cfg.fg_weight == CFG.PIPELINE_RECIPE["fg_weight"]  # the recipe over the pipeline's
     res = TR.run_training(cfg, run_dir, log=lambda m: None)
-    RES.write_fragment(results, "02_training", {
-        "weights": str(TR.trained_weights(run_dir)), "preset": cfg.preset, "model": cfg.model,
-        "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color, "trained": True,
-        "steps_done": res["steps_done"], "wall_s": res["wall_s"], "best_val_miou": res["best_val_miou"]})
+    RES.write_fragment(results, RES.TrainingFragment.build(results, cfg, res, TR.trained_weights(run_dir), True, 0))
 
 
-def test_06_notebook_with_papermill(tiny, tmp_path):
+def test_05_notebook_with_papermill(tiny, tmp_path):
     pytest.importorskip("papermill")
     results = tmp_path / "results"
     _tiny_results(tiny, results)
     cfg = CFG.load_config(None, {"results_dir": str(results), "model": TINY_MODEL, "steps": 2, "train_minutes": None,
                                "train": TINY_RECIPE, "eval_every": 2, "val_pairs": 4, "beyond_tune_steps": 2,
                                "beyond_max_queries": 3, "beyond_top_k": 2, "n_panels": 1})
-    params = RUN.notebook_parameters("06_beyond", cfg)
-    out = RUN.execute_notebook("06_beyond", results / "work" / "06_beyond.ipynb", params)
+    params = RUN.notebook_parameters("05_beyond", cfg)
+    out = RUN.execute_notebook("05_beyond", results / "work" / "05_beyond.ipynb", params)
     assert out.is_file()
-    t = pd.read_csv(results / "tables" / "06_beyond.csv")
+    t = pd.read_csv(results / "tables" / "05_beyond.csv")
     assert len(t) == 7 and t["recipe"].iloc[-1] == "baseline"
     for c in RATES:
         _unit(t[c])
-    for f in ("06_beyond", "06_examples", "06_learned_prompts"):
+    for f in ("05_beyond", "05_examples", "05_learned_prompts"):
         assert (results / "figures" / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
-    frag = RES.read_fragment(results, "06_beyond")
-    assert len(frag["rows"]) == 7 and frag["budget_minutes"] is None and frag["top_k"] == 2
-    trained = {r["negative_target"]: r for r in frag["training"]}
+    frag = RES.load_fragment(results, RES.BeyondFragment)
+    assert len(frag.rows) == 7 and frag.budget_minutes is None and frag.top_k == 2 and frag.grid == 1
+    trained = {r["negative_target"]: r for r in frag.training}
     assert trained["empty"]["reused"] and not trained["query_mask"]["reused"]  # 02's model, the other trained here
     assert trained["query_mask"]["steps"] == 2 == trained["empty"]["steps"]
-    # the pipeline merges 06's rows into summary.json and index.html
+    # the pipeline merges 05's rows into summary.json and index.html
     s = REP.build_summary(results, cfg)
     assert len(s["beyond"]["rows"]) == 7 and s["beyond"]["tune_steps"] == 2
     json.dumps(s, allow_nan=False)
@@ -172,14 +173,32 @@ def test_06_notebook_with_papermill(tiny, tmp_path):
     assert "Beyond the original" in page and "class-aware negatives" in page and "learned prompt" in page
 
 
-def test_06_notebook_sources_in_sync():
+def test_05_notebook_sources_in_sync():
     jupytext = pytest.importorskip("jupytext")
-    a, b = jupytext.read(REPO / "notebooks" / "06_beyond.py"), jupytext.read(REPO / "notebooks" / "06_beyond.ipynb")
+    a, b = jupytext.read(REPO / "notebooks" / "05_beyond.py"), jupytext.read(REPO / "notebooks" / "05_beyond.ipynb")
     cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
-    assert cells(a) == cells(b), "run `jupytext --sync notebooks/06_beyond.py`"
-    raw = json.loads((REPO / "notebooks" / "06_beyond.ipynb").read_text())
+    assert cells(a) == cells(b), "run `jupytext --to ipynb notebooks/05_beyond.py`"
+    raw = json.loads((REPO / "notebooks" / "05_beyond.ipynb").read_text())
     assert not any(c.get("outputs") for c in raw["cells"] if c["cell_type"] == "code")
-    assert "06_beyond" in CFG.NOTEBOOKS and CFG.NOTEBOOKS.index("06_beyond") == 4  # stage 5/5 of seggpt reproduce
+    assert "05_beyond" in CFG.NOTEBOOKS and CFG.NOTEBOOKS.index("05_beyond") == 4  # stage 5/5 of seggpt reproduce
+
+
+def test_beyond_config_from_pipeline():
+    p = CFG.PipelineConfig.from_dict({"train_minutes": 2.0, "beyond_grid": 2, "train": {"lr": 5e-4}})
+    b = p.beyond()
+    assert b.budget_minutes == 2.0 and b.grid == 2 and b.top_k == p.beyond_top_k and b.tune_steps == p.beyond_tune_steps
+    assert b.full_recipe()["lr"] == 5e-4 and b.full_recipe()["fg_weight"] == CFG.PIPELINE_RECIPE["fg_weight"]
+    assert b.catch_iou == CFG.CATCH_IOU and b.yield_response == CFG.YIELD_RESPONSE
+    assert CFG.PipelineConfig.from_dict({"beyond_minutes": 1.0}).beyond().budget_minutes == 1.0
+    assert b.train_settings("query_mask").recipe["negative_target"] == "query_mask"
+
+
+def test_study_settings():
+    assert S.FULL.with_overrides({"train": {"lr": 1e-4}}).train["batch_size"] == S.FULL.train["batch_size"]
+    with pytest.raises(ValueError, match="unknown study setting 'stepz'"):
+        S.FULL.with_overrides({"stepz": 1})
+    for st in (S.QUICK, S.FULL):
+        CFG.check_recipe({**CFG.PIPELINE_RECIPE, **st.train})
 
 
 def test_budget_defaults():

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import torch
+from seggpt_lib.utils.device import resolve_device_name, resolve_precision
 from seggpt_lib.experiments.bench import CPU_DEFAULT, CUDA_DEFAULT, attention_parity, bench_attention, format_attention, format_parity, format_table, run_benchmark
 
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device_name(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.device(device).type == "cuda"
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
         preset, default_over = (args.preset, {}) if args.preset else (CUDA_DEFAULT if cuda else CPU_DEFAULT)
         cfg = preset_config(preset, **{**default_over, **overrides})
-        precision = args.precision or ("bf16" if cuda else "fp32")
+        precision = resolve_precision(args.precision, device, ("fp32", "bf16"))
         res = bench_attention(device, torch.bfloat16 if precision == "bf16" else torch.float32,
                               batch=2 * args.batch_infer, heads=cfg.num_heads, grid=cfg.grid,
                               head_dim=cfg.embed_dim // cfg.num_heads, iters=iters, warmup=warmup)

@@ -4,7 +4,7 @@
 
     seggpt infer --weights W.safetensors --mapping positive.json \\
         --prompt-img-dir DATA/images --prompt-label-dir DATA/labels --dataset-dir DATA \\
-        --top-k 1 --split 2 --outdir runs/pos_split2
+        --top-k 1 --grid 2 --outdir runs/pos_grid2
 
 Inputs: the mapping ``{query_file: [prompt_file, ...]}`` (the original's format); queries are
 ``DATASET/images/<file>`` (or ``DATASET/<file>``) with optional ground truth
@@ -54,13 +54,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from seggpt_lib.cli import parse_triple as _triple
+from seggpt_lib.data.layout import DatasetError, class_lookup, header_size, image_dir
+from seggpt_lib.engine.prompt_tuning import (LearnedPromptError, load_learned_prompt, predictor_kwargs,
+                                             to_prompt_pairs)
+from seggpt_lib.eval.mapping import validate_mapping
+from seggpt_lib.eval.metrics import PairResult, evaluate, summary_markdown
+from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, pair_kind, score_mapping
+from seggpt_lib.model.checkpoint import CheckpointError
+from seggpt_lib.predict.predictor import (TILE_PAIRINGS, PromptMaskError, SegGPTPredictor, check_prompt_mask,
+                                          load_mask_file)
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+from seggpt_lib.utils.device import PRECISIONS, resolve_device, resolve_precision
+
+__all__ = ["InferInputError", "add_arguments", "infer", "pair_kind", "results_text", "run"]
 
 OUTPUT_DIRS = ("color", "label", "concat")
 OUTPUT_FILES = ("per_image.csv", "summary.json", "results.txt")
 KIND_CHOICES = ("auto", "positive", "negative", "free")
-FREE = "free"
 
 
 class InferInputError(ValueError):
@@ -71,13 +84,12 @@ class InferInputError(ValueError):
 # arguments
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from seggpt_lib.predict.predictor import PRECISIONS, TILE_PAIRINGS
-
     g = parser.add_argument_group("model")
     g.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (safetensors, official .pth, HF folder)")
     g.add_argument("--preset", help="architecture preset when the checkpoint does not record it (e.g. vit_large)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast precision (default fp32)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS + ("auto",),
+                   help="autocast precision (default fp32; auto: bf16 on CUDA, else fp32)")
     g.add_argument("--max-batch", type=int, default=8, metavar="N", help="(query tile, prompt tile) pairs per forward pass (default 8)")
     g = parser.add_argument_group("data")
     g.add_argument("--mapping", required=True, metavar="JSON", help="{query_file: [prompt_file, ...]}")
@@ -91,8 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kind", default="auto", choices=KIND_CHOICES, help="pair kind for the metrics (default auto)")
     g = parser.add_argument_group("procedure")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="use the first K prompts of each entry (default: all)")
-    g.add_argument("--split", type=int, default=1, metavar="N", help="N x N tiles of the work canvas (default 1: no tiling)")
-    g.add_argument("--work-size", type=int, default=1024, metavar="PX", help="side of the square work canvas for split > 1 (default 1024)")
+    g.add_argument("--grid", type=int, default=None, metavar="N", help="N x N tiles of the work canvas (default 1: no tiling)")
+    g.add_argument("--split", type=int, default=None, dest="split_alias", help=argparse.SUPPRESS)  # deprecated: --grid
+    g.add_argument("--work-size", type=int, default=1024, metavar="PX", help="side of the square work canvas for grid > 1 (default 1024)")
     g.add_argument("--tile-pairing", default="all", choices=TILE_PAIRINGS, help="query tile with every prompt tile (all, the original) or the same tile (aligned)")
     g.add_argument("--seam-pass", action="store_true", help="re-predict windows centred on the tile seams")
     g.add_argument("--no-ensemble", action="store_true", help="average per-prompt outputs instead of the feature ensemble")
@@ -161,20 +174,15 @@ def _label_path(label_dir: Path, file: str) -> Path | None:
     return None
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` from the image header (no decoding)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
+def _header_hw(path: Path) -> tuple[int, int]:
+    """``(H, W)`` from the image header (no decoding): :func:`seggpt_lib.data.layout.header_size`."""
+    w, h = header_size(path)
+    return h, w
 
 
 def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: Path | None, gt_dir: Path):
     """Every missing file in one error; then every bad prompt mask / gt size in one error.
     Without ``p_dir`` (a learned prompt) only the queries and their ground truths are checked."""
-    from seggpt_lib.predict.predictor import PromptMaskError, check_prompt_mask, load_mask_file
-    from seggpt_lib.eval.mapping import validate_mapping
-
     problems = []
     if p_dir is None:
         missing_q = sorted(q for q in mapping if not (q_dir / q).is_file())
@@ -210,8 +218,8 @@ def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: P
     for p in prompts:
         lp = prompt_labels[p]
         try:
-            check_prompt_mask(load_mask_file(lp), _header_size(p_dir / p), name=str(lp))
-        except PromptMaskError as e:
+            check_prompt_mask(load_mask_file(lp), _header_hw(p_dir / p), name=str(lp))
+        except (PromptMaskError, DatasetError) as e:
             bad.append(str(e))
         except OSError as e:
             bad.append(f"{lp}: unreadable ({e})")
@@ -221,9 +229,9 @@ def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: P
         gts[q] = g
         if g is not None:
             try:
-                gh, qh = _header_size(g), _header_size(q_dir / q)
-            except OSError as e:
-                bad.append(f"{g}: unreadable ({e})")
+                gh, qh = _header_hw(g), _header_hw(q_dir / q)
+            except DatasetError as e:
+                bad.append(str(e))
                 continue
             if gh != qh:
                 bad.append(f"{g}: ground truth is {gh[0]}x{gh[1]} (HxW) but its image {q} is {qh[0]}x{qh[1]}")
@@ -235,40 +243,8 @@ def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: P
 # ------------------------------------------------------------------------------------------
 # classes and kinds
 # ------------------------------------------------------------------------------------------
-def _class_lookup(*roots: Path):
-    """file name -> class, from the manifests of ``roots`` (classes.csv or name prefix)."""
-    from seggpt_lib.eval.mapping import class_from_name, read_manifest
-
-    table: dict[str, str] = {}
-    for root in roots:
-        if root is None or not root.is_dir():
-            continue
-        try:
-            df = read_manifest(root)
-        except (OSError, ValueError):
-            continue
-        for f, c in zip(df["file"], df["class"]):
-            table.setdefault(f, c)
-
-    def lookup(file: str) -> str:
-        return table.get(file) or class_from_name(file)
-
-    return lookup
-
-
 def _prompt_root(p_img_dir: Path) -> Path:
     return p_img_dir.parent if p_img_dir.name == "images" else p_img_dir
-
-
-def pair_kind(kind: str, query_class: str, prompt_classes: list[str], gt: np.ndarray | None) -> str:
-    """The pair kind of one entry (see the module docstring for ``auto``)."""
-    if kind != "auto":
-        return kind
-    if query_class == FREE or (gt is not None and not gt.any()):
-        return "free"
-    if all(c != query_class for c in prompt_classes):
-        return "negative"
-    return "positive"
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,8 +260,6 @@ def _overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int,
 
 
 def _write_outputs(outdir: Path, stem: str, image: np.ndarray, gt: np.ndarray | None, pred, concat: bool) -> None:
-    from PIL import Image
-
     Image.fromarray(pred.color).save(outdir / "color" / f"{stem}.png", compress_level=1)
     Image.fromarray(pred.label, mode="L").save(outdir / "label" / f"{stem}.png", compress_level=6)
     if concat:
@@ -317,7 +291,7 @@ def _fmt(x: Any, digits: int) -> str:
 def results_text(table, summary: dict, settings: dict) -> str:
     """The original's text report: one line per image (IoU, response rate), then the means."""
     lines = [
-        f"# seggpt infer: split {settings['split']}, top-k {settings['top_k'] or 'all'}, "
+        f"# seggpt infer: grid {settings['split']}, top-k {settings['top_k'] or 'all'}, "
         f"tile pairing {settings['tile_pairing']}, seam pass {settings['seam_pass']}, weights {settings['weights']}",
     ]
     width = max([len(str(f)) for f in table["file"]] + [4])
@@ -344,38 +318,22 @@ def results_text(table, summary: dict, settings: dict) -> str:
 # ------------------------------------------------------------------------------------------
 # run
 # ------------------------------------------------------------------------------------------
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Null:
-            def update(self, n=1): ...
-            def close(self): ...
-        return _Null()
-    return tqdm(total=total, desc="infer", unit="img")
-
-
-def _read_gt(path: Path | None) -> np.ndarray | None:
-    if path is None:
-        return None
-    from seggpt_lib.predict.predictor import load_mask_file
-
-    return load_mask_file(path) != 0
+def _grid(args: argparse.Namespace) -> int:
+    """``--grid``, or the deprecated ``--split`` (with a warning); default 1."""
+    alias = getattr(args, "split_alias", None)
+    if alias is not None:
+        print("warning: --split is deprecated, use --grid (N x N tiles)", file=sys.stderr)
+        if args.grid is not None and args.grid != alias:
+            raise InferInputError(f"--grid {args.grid} and --split {alias} disagree (--split is the old name of --grid)")
+        return alias
+    return 1 if args.grid is None else args.grid
 
 
 def infer(args: argparse.Namespace) -> dict:
     """Do the work of ``seggpt infer``; returns the summary. Raises InferInputError on bad input."""
-    import torch
-
-    from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
-    from seggpt_lib.predict.predictor import SegGPTPredictor, load_rgb
-    from seggpt_lib.eval.mapping import image_dir
-    from seggpt_lib.eval.metrics import PairResult, evaluate, summary_markdown
-
     t_start = time.perf_counter()
-    for name, v, lo in (("--split", args.split, 1), ("--max-batch", args.max_batch, 1), ("--work-size", args.work_size, 8)):
+    grid = _grid(args)
+    for name, v, lo in (("--grid", grid, 1), ("--max-batch", args.max_batch, 1), ("--work-size", args.work_size, 8)):
         if v < lo:
             raise InferInputError(f"{name} must be >= {lo}, got {v}")
     if args.top_k is not None and args.top_k < 1:
@@ -385,8 +343,6 @@ def infer(args: argparse.Namespace) -> dict:
 
     learned = None
     if args.learned_prompt:
-        from seggpt_lib.engine.prompt_tuning import load_learned_prompt
-
         try:
             learned = load_learned_prompt(args.learned_prompt)
         except FileNotFoundError as e:
@@ -403,95 +359,76 @@ def infer(args: argparse.Namespace) -> dict:
     q_dir, gt_dir = image_dir(dataset), dataset / "labels"
     p_dir = image_dir(args.prompt_img_dir) if learned is None else None
     p_label_dir = Path(args.prompt_label_dir) if learned is None else None
-    prompt_labels, gt_paths = _check_inputs(mapping, args, q_dir, p_dir, p_label_dir, gt_dir)
-    classes = _class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)) if args.prompt_img_dir else None)
+    _check_inputs(mapping, args, q_dir, p_dir, p_label_dir, gt_dir)
+    classes = class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)) if args.prompt_img_dir else None)
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     look = {"mean": args.mean, "std": args.std, "defect_color": args.defect_color}
     if learned is not None:  # the prompt's normalisation and colour unless given (then they must match)
-        from seggpt_lib.engine.prompt_tuning import predictor_kwargs
-
         pk = predictor_kwargs(learned)
         look = {k: v if v is not None else pk[k] for k, v in look.items()}
     try:
         predictor = SegGPTPredictor.from_checkpoint(
-            args.weights, preset=args.preset, device=device, precision=args.precision,
+            args.weights, preset=args.preset, device=device, precision=precision,
             max_batch=args.max_batch, defect_color=look["defect_color"] or (255, 255, 255),
             mean=look["mean"] or IMAGENET_MEAN, std=look["std"] or IMAGENET_STD,
         )
     except FileNotFoundError as e:
         raise InferInputError(str(e)) from None
-    learned_pairs = None
+    prompts = learned_prompts = None
     if learned is not None:
-        from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
-
         learned.check_fits(predictor.model, source=str(args.learned_prompt))
-        learned_pairs = to_prompt_pairs(learned, predictor)
-        learned_name = f"learned:{learned.class_name or Path(args.learned_prompt).stem}"
+        name = f"learned:{learned.class_name or Path(args.learned_prompt).stem}"
+        learned_prompts = LearnedPrompts({learned.class_name: to_prompt_pairs(learned, predictor)},
+                                         names={learned.class_name: name})
+    else:
+        prompts = Folder(p_dir, p_label_dir, classes)
     t_loaded = time.perf_counter()
 
     _clear_outputs(outdir)
     for d in OUTPUT_DIRS if not args.no_concat else OUTPUT_DIRS[:2]:
         (outdir / d).mkdir(parents=True, exist_ok=True)
-    kw = dict(split=args.split, ensemble=not args.no_ensemble, tile_pairing=args.tile_pairing,
-              seam_pass=args.seam_pass, work_size=args.work_size, keep_raw=False)
-    queries = list(mapping)
     k_max = 1 if learned is not None else max(len(ps[: args.top_k]) for ps in mapping.values())
-    per_query = predictor.pairs_per_query(k_max, args.split, args.tile_pairing, args.seam_pass)
-    per_call = max(1, math.ceil(4 * args.max_batch / per_query))
+    per_query = predictor.pairs_per_query(k_max, grid, args.tile_pairing, args.seam_pass)
+    cfg = ScoringConfig(
+        grid=grid, top_k=args.top_k if learned is None else None, work_size=args.work_size,
+        tile_pairing=args.tile_pairing, seam_pass=args.seam_pass, ensemble=not args.no_ensemble,
+        queries_per_call=max(1, math.ceil(4 * args.max_batch / per_query)),  # about four full passes per call
+        columns=("n_prompts", "n_pairs", "seconds"),
+    )
 
     records: list[PairResult] = []
     model_s = 0.0
-    bar = _progress(len(queries), enabled=not args.no_progress and sys.stderr.isatty())
     with ThreadPoolExecutor(max_workers=2) as pool:
         writes = []
-        for start in range(0, len(queries), per_call):
-            chunk = queries[start : start + per_call]
-            images = [load_rgb(q_dir / q) for q in chunk]
-            if learned is not None:
-                prompt_files = [[learned_name] for _ in chunk]
-                preds = predictor.predict_batch(images, prompt_pairs=learned_pairs, **kw)
-            else:
-                prompt_files = [mapping[q][: args.top_k] for q in chunk]
-                preds = predictor.predict_batch(
-                    images,
-                    [[p_dir / p for p in ps] for ps in prompt_files],
-                    [[prompt_labels[p] for p in ps] for ps in prompt_files],
-                    **kw,
-                )
-            for q, image, ps, pred in zip(chunk, images, prompt_files, preds):
-                model_s += pred.timing["model_s"]
-                gt = _read_gt(gt_paths[q])
-                q_class = classes(q)
-                p_classes = [learned.class_name] if learned is not None else [classes(p) for p in ps]
-                kind = pair_kind(args.kind, q_class, p_classes, gt)
-                records.append(PairResult(
-                    query=q, prompts=ps, kind=kind, query_class=q_class, pred=pred.mask, gt=gt,
-                    extra={"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": round(pred.timing["total_s"], 4)},
-                ))
-                writes.append(pool.submit(_write_outputs, outdir, Path(q).stem, image, gt, pred, not args.no_concat))
-            bar.update(len(chunk))
+        for scored in score_mapping(predictor, Folder(q_dir, gt_dir, classes), mapping, args.kind, cfg,
+                                    prompts=prompts, learned=learned_prompts, desc="infer",
+                                    progress=not args.no_progress and sys.stderr.isatty()):
+            r, pred = scored.result, scored.prediction
+            model_s += pred.timing["model_s"]
+            r.extra["seconds"] = round(r.extra["seconds"], 4)
+            records.append(r)
+            writes.append(pool.submit(_write_outputs, outdir, Path(r.query).stem, scored.image, r.gt, pred,
+                                      not args.no_concat))
         for w in writes:
             w.result()
-    bar.close()
     t_done = time.perf_counter()
 
     table, summary = evaluate(records, catch_iou=args.catch_iou, yield_response=args.yield_response)
     settings = {
         "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
         "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
-        "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "split": args.split,
+        "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "split": grid,
         "top_k": args.top_k if learned is None else None, "tile_pairing": args.tile_pairing, "seam_pass": args.seam_pass,
         "learned_prompt": str(args.learned_prompt) if learned is not None else None,
         "learned_prompt_class": learned.class_name if learned is not None else None,
-        "work_size": args.work_size, "ensemble": not args.no_ensemble, "precision": args.precision,
+        "work_size": args.work_size, "ensemble": not args.no_ensemble, "precision": precision,
         "device": str(predictor.device), "max_batch": args.max_batch,
         "defect_color": list(predictor.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
         "model": predictor.model.cfg.to_dict(),
     }
-    n = len(queries)
+    n = len(mapping)
     timing = {
         "total_s": round(t_done - t_start, 3), "load_s": round(t_loaded - t_start, 3),
         "predict_s": round(t_done - t_loaded, 3), "model_s": round(model_s, 3),
@@ -509,10 +446,6 @@ def infer(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.model.checkpoint import CheckpointError
-    from seggpt_lib.predict.predictor import PromptMaskError
-    from seggpt_lib.engine.prompt_tuning import LearnedPromptError
-
     try:
         infer(args)
     except (InferInputError, PromptMaskError, CheckpointError, LearnedPromptError) as e:

@@ -1,10 +1,11 @@
 """`seggpt reproduce`: command-line arguments -> library call."""
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import json
 import sys
+from pathlib import Path
+
 from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PipelineError, load_config
 from seggpt_lib.experiments.runner import reproduce
 
@@ -14,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable; JSON values; train.lr=1e-4 for nested keys)")
     parser.add_argument("--stages", default=None,
-                        help="comma-separated stages to run (numbers or names; default: 1,2,3,4,6; 5 is the "
-                             "interactive explorer); a partial run keeps the other stages' results")
+                        help="comma-separated stages to run (numbers or names; default: all, 1-5; the "
+                             "interactive explorer by name); a partial run keeps the other stages' results")
     parser.add_argument("--smoke", action="store_true",
                         help="a one-minute check of the whole pipeline: tiny synthetic set, tiny model, 3 steps "
                              "(applied after --config, before --set)")
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _resolve_stages(text: str | None) -> list[str] | None:
     if not text:
         return None
-    names = list(NOTEBOOK_PARAMETERS)
+    names = list(NOTEBOOK_PARAMETERS)  # the stages in order (number i: the i-th), then the explorer
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -36,7 +37,7 @@ def _resolve_stages(text: str | None) -> list[str] | None:
         elif part in names:
             out.append(part)
         else:
-            raise PipelineError(f"unknown stage {part!r}; stages: 1-{len(names)} or {', '.join(names)}")
+            raise PipelineError(f"unknown stage {part!r}; stages: numbers or {', '.join(names)}")
     return out
 
 

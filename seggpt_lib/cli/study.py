@@ -1,9 +1,11 @@
 """`seggpt study`: command-line arguments -> library call."""
 from __future__ import annotations
 
-from typing import Any
 import argparse
 import sys
+from typing import Any
+
+from seggpt_lib.experiments.config import parse_set
 from seggpt_lib.experiments.study import run_study
 
 
@@ -19,13 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-n", type=int, default=2, help="else this many, drawn with --seed (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a study setting (preset, model, steps, minutes, eval_every, val_pairs, "
-                             "tune_steps, max_queries, top_k, limit_per_class, train.<TrainConfig key>)")
+                        help="override a study setting (StudySettings: preset, model, steps, minutes, eval_every, "
+                             "val_pairs, tune_steps, max_queries, top_k, limit_per_class, val, test, "
+                             "train.<TrainConfig key>)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.experiments.config import parse_set
-
     try:
         ov: dict[str, Any] = {}
         for k, v in parse_set(args.set).items():

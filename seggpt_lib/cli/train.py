@@ -1,17 +1,20 @@
 """`seggpt train`: command-line arguments -> library call."""
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
 import torch.distributed as dist
+
 from seggpt_lib.engine.trainer import NonFiniteLoss, TrainConfig, parse_set, resume, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="training config JSON (keys: see TrainConfig)")
+    parser.add_argument("--config", help="training config JSON (keys: see TrainConfig; a key not given keeps "
+                                             "TrainConfig's default, the original project's recipe, e.g. fg_weight 1)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys (repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")

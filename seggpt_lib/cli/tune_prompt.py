@@ -1,16 +1,23 @@
 """`seggpt tune-prompt`: command-line arguments -> library call."""
 from __future__ import annotations
 
-from pathlib import Path
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 import argparse
+import csv
 import sys
-from seggpt_lib.engine.prompt_tuning import DEFAULT_DEFECT_COLOR, INITS, MASKS, _resolve_device, save_learned_prompt, tune_prompt
+from pathlib import Path
+
+from PIL import Image
+
+from seggpt_lib.cli import parse_triple
+from seggpt_lib.data.layout import DatasetError
+from seggpt_lib.engine.prompt_tuning import (DEFAULT_DEFECT_COLOR, INITS, MASKS, PRECISIONS, PromptTuningConfig,
+                                             save_learned_prompt, tune_prompt)
+from seggpt_lib.model.checkpoint import CheckpointError, atomic_write, build_from_checkpoint
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+from seggpt_lib.utils.device import resolve_device
 
 
 def _parse_triple(kind=float):
-    from seggpt_lib.cli import parse_triple
-
     return lambda text: parse_triple(text, kind)
 
 
@@ -22,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", required=True, metavar="PATH", help="SegGPT checkpoint (kept frozen)")
     g.add_argument("--preset", help="architecture preset when the checkpoint does not record it (e.g. vit_large)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="autocast precision (default: bf16 on CUDA, else fp32)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="DIR", help="dataset root (images/, labels/, classes.csv)")
@@ -57,10 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    from seggpt_lib.model.checkpoint import CheckpointError, build_from_checkpoint
-    from seggpt_lib.data.dataset import DatasetError
+def tuning_config(args: argparse.Namespace) -> PromptTuningConfig:
+    """The recipe the arguments ask for (precision ``auto`` is resolved on the device)."""
+    return PromptTuningConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init, init_file=args.init_file,
+        seed=args.seed, mask=args.mask, prompt_mask_ratio=args.prompt_mask_ratio, fg_weight=args.fg_weight,
+        flip=not args.no_flip, negative_share=args.negative_share, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, clamp=not args.no_clamp, precision=args.precision,
+        defect_color=args.defect_color, mean=args.mean, std=args.std, evaluate=not args.no_eval,
+    )
 
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         if out.exists() and not args.overwrite:
@@ -70,24 +85,13 @@ def run(args: argparse.Namespace) -> int:
         data = Path(args.data)
         if not data.is_dir():
             raise FileNotFoundError(f"--data not found: {data}")
-        device = _resolve_device(args.device)
-        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        device = resolve_device(args.device)
+        cfg = tuning_config(args)
         model = build_from_checkpoint(args.weights, preset=args.preset)
-        prompt, history = tune_prompt(
-            model, data, args.class_name, steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
-            seed=args.seed, device=device, mask=args.mask, progress=not args.no_progress, fg_weight=args.fg_weight,
-            prompt_mask_ratio=args.prompt_mask_ratio, flip=not args.no_flip, negative_share=args.negative_share,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clamp=not args.no_clamp,
-            precision=precision, defect_color=args.defect_color, mean=args.mean, std=args.std,
-            init_file=args.init_file, evaluate=not args.no_eval,
-        )
+        prompt, history = tune_prompt(model, data, args.class_name, cfg, device=device, progress=not args.no_progress)
         prompt.info["weights"] = Path(args.weights).name
         save_learned_prompt(prompt, out)
         if args.history:
-            import csv
-
-            from seggpt_lib.model.checkpoint import atomic_write
-
             def write(tmp: str) -> None:
                 with open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
@@ -96,10 +100,6 @@ def run(args: argparse.Namespace) -> int:
 
             atomic_write(args.history, write)
         if args.preview:
-            from PIL import Image
-
-            from seggpt_lib.model.checkpoint import atomic_write
-
             arr = prompt.preview()
             atomic_write(args.preview, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError, DatasetError) as e:

@@ -29,8 +29,8 @@ Command line: ``seggpt tune-prompt --weights W --data DIR --class NAME --out FIL
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,24 +38,35 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize, normalize
-from seggpt_lib.utils.masking import query_half_mask
+from seggpt_lib.data.cache import ImageCache
+from seggpt_lib.data.layout import DefectIndex, resize_pair
+from seggpt_lib.model.checkpoint import atomic_write
 from seggpt_lib.model.seggpt import SegGPT
+from seggpt_lib.predict.predictor import PromptPairs
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize, normalize
+from seggpt_lib.utils.device import autocast, resolve_device, resolve_precision
+from seggpt_lib.utils.masking import query_half_mask
 
 __all__ = [
     "DEFAULT_DEFECT_COLOR",
     "FORMAT",
     "INITS",
     "MASKS",
+    "PRECISIONS",
     "LearnedPrompt",
     "LearnedPromptError",
+    "PromptTuningConfig",
     "frozen",
     "load_learned_prompt",
     "predictor_kwargs",
@@ -75,6 +86,7 @@ FORMAT_VERSION = "1"
 DEFAULT_DEFECT_COLOR: tuple[int, int, int] = (255, 255, 255)
 INITS = ("real", "random")
 MASKS = ("query", "query+random")
+PRECISIONS = ("fp32", "bf16")
 # config keys that do not change what the network computes (for the "other model" warning)
 _RUNTIME_KEYS = ("attn_impl", "use_act_checkpoint", "drop_path_rate")
 
@@ -160,7 +172,7 @@ class LearnedPrompt(nn.Module):
         m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
         if m.ndim != 2 or m.shape != img.shape[:2]:
             raise ValueError(f"the prompt mask must be (H, W) = {img.shape[:2]}, got shape {m.shape}")
-        img, m = _resize_pair(img, (m != 0).astype(np.uint8), image_size)
+        img, m = resize_pair(img, (m != 0).astype(np.uint8), image_size)
         img_t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
         lbl_t = _colour(torch.from_numpy(np.array(m, dtype=np.uint8)), defect_color)
         return cls(normalize(img_t, mean, std), normalize(lbl_t, mean, std), class_name,
@@ -255,18 +267,6 @@ def _as_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _resize_pair(img: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Image bilinear, mask nearest, to ``size = (H, W)`` (what the training cache does)."""
-    from PIL import Image
-
-    h, w = int(size[0]), int(size[1])
-    if img.shape[:2] != (h, w):
-        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-    if mask.shape != (h, w):
-        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
-    return img, mask
-
-
 def _colour(mask: torch.Tensor, defect_color: Sequence[int]) -> torch.Tensor:
     """Binary ``(..., H, W)`` -> ``(..., 3, H, W)`` float on 0..255: black / ``defect_color``."""
     c = torch.tensor([float(v) for v in defect_color], device=mask.device).view(3, 1, 1)
@@ -291,10 +291,6 @@ def weights_fingerprint(model: SegGPT) -> str:
 def save_learned_prompt(prompt: LearnedPrompt, path: str | os.PathLike[str]) -> Path:
     """Write ``prompt`` as safetensors (``image``, ``label``) with its metadata as JSON strings;
     atomic (a crash never leaves a half file)."""
-    from safetensors.torch import save_file
-
-    from seggpt_lib.model.checkpoint import atomic_write
-
     tensors = {"image": prompt.image.detach().to("cpu", torch.float32).contiguous(),
                "label": prompt.label.detach().to("cpu", torch.float32).contiguous()}
     meta = {
@@ -320,8 +316,6 @@ def load_learned_prompt(path: str | os.PathLike[str], model: SegGPT | Any | None
     truncated file, a file that is not a learned prompt (e.g. model weights), and, when ``model``
     (or its config) is given, a prompt whose size is not the model's.
     """
-    from safetensors import SafetensorError, safe_open
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"learned prompt not found: {p}")
@@ -380,8 +374,6 @@ def to_prompt_pairs(prompt: LearnedPrompt, predictor: Any | None = None):
     """A :class:`seggpt_lib.predict.predictor.PromptPairs` of one pair for ``predictor.predict(...,
     prompt_pairs=...)``. With ``predictor``, checks that it takes the prompt's size and uses
     its normalisation and defect colour (else :class:`LearnedPromptError`)."""
-    from seggpt_lib.predict.predictor import PromptPairs
-
     if predictor is not None:
         prompt.check_fits(predictor.model)
         mine = predictor_kwargs(prompt)
@@ -423,8 +415,6 @@ class _Images:
     """uint8 images ``(N, 3, H, W)`` and binary labels ``(N, H, W)`` at model size (CPU)."""
 
     def __init__(self, index, rows: Sequence[int], size: tuple[int, int]) -> None:
-        from seggpt_lib.data.dataset import ImageCache
-
         rows = [int(r) for r in rows]
         self.files = [index.files[r] for r in rows]
         if rows:
@@ -440,8 +430,6 @@ class _Images:
 
 
 def _as_index(index_or_root):
-    from seggpt_lib.data.dataset import DefectIndex
-
     if isinstance(index_or_root, DefectIndex):
         return index_or_root
     return DefectIndex.scan(index_or_root, verify=False)
@@ -493,18 +481,11 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+def _device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``None``: where the model is; otherwise :func:`seggpt_lib.utils.device.resolve_device`."""
     if device is None:
         return next(model.parameters()).device if model is not None else torch.device("cpu")
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device)
 
 
 def _eval_loss(model: SegGPT, p_img: torch.Tensor, p_lbl: torch.Tensor, data: _Images, batch_size: int,
@@ -523,7 +504,7 @@ def _eval_loss(model: SegGPT, p_img: torch.Tensor, p_lbl: torch.Tensor, data: _I
             imgs, tgts = _stack(p_img, p_lbl, q_img, q_tgt)
             valid = _valid(tgts, q_lbl, h, fg_weight)
             mask = query_half_mask(model.cfg.grid, len(rows), device=device)
-            with _autocast(precision, device):
+            with autocast(device, precision):
                 loss = model(imgs, tgts, mask, valid, first_row=model.cfg.grid[0] // 2)[0]
             total += float(loss) * len(rows)
             n += len(rows)
@@ -567,7 +548,8 @@ def prompt_loss(
     prompt.check_fits(model)
     index = _as_index(index_or_root)
     pos, _ = _class_rows(index, class_name or prompt.class_name)
-    dev = _resolve_device(device, model)
+    dev = _device(device, model)
+    precision = resolve_precision(precision, dev, PRECISIONS)
     data = _Images(index, pos, prompt.image_size)
     model.to(dev)
     with frozen(model):
@@ -575,71 +557,101 @@ def prompt_loss(
                           fg_weight, prompt.defect_color, prompt.mean, prompt.std, precision, dev)
 
 
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """The prompt-tuning recipe (see the module docstring); its choices are recorded in the
+    learned prompt's ``info``.
+
+    ``init``: ``"real"`` (one of the class's images and its mask: ``init_file``, else one drawn
+    with ``seed``) or ``"random"`` (pixel noise). ``mask``: ``"query"`` hides the query half;
+    ``"query+random"`` also ``prompt_mask_ratio`` of the prompt-half label patches.
+    ``negative_share``: that share of each batch are other images (other classes, defect-free)
+    with an all-background target, so the prompt also learns to paint nothing on them.
+    ``fg_weight``: loss weight of the queries' defect pixels. ``flip``: random flips of the
+    queries. ``clamp``: keep the prompt in the range of real pixels after each step.
+    ``warmup_steps``: linear warm-up, then cosine to 0. ``precision``: ``"fp32"``, ``"bf16"``
+    (autocast; the prompt tensors stay float32) or ``"auto"`` (bf16 on CUDA, else fp32).
+    ``defect_color``, ``mean``, ``std``: the palette and the normalisation (those of the
+    predictor that will use the prompt). ``evaluate``: measure the loss over all the class's
+    images before and after tuning (no flips), in batches of ``eval_batch_size`` (default
+    ``batch_size``): ``info["initial_loss"]`` and ``final_loss``.
+    """
+
+    steps: int = 100
+    lr: float = 1e-1
+    batch_size: int = 4
+    init: str = "real"
+    init_file: str | None = None
+    seed: int = 0
+    mask: str = "query"
+    prompt_mask_ratio: float = 0.25
+    fg_weight: float = 1.0
+    flip: bool = True
+    negative_share: float = 0.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clamp: bool = True
+    precision: str = "fp32"
+    defect_color: Sequence[int] = DEFAULT_DEFECT_COLOR
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    evaluate: bool = True
+    eval_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        if not 0.0 <= self.prompt_mask_ratio <= 1.0:
+            raise ValueError(f"prompt_mask_ratio must lie in [0, 1], got {self.prompt_mask_ratio}")
+        if not 0.0 <= self.negative_share < 1.0:
+            raise ValueError(f"negative_share must lie in [0, 1), got {self.negative_share}")
+        if self.fg_weight <= 0:
+            raise ValueError(f"fg_weight must be positive, got {self.fg_weight}")
+        if self.precision not in PRECISIONS + ("auto",):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r} "
+                             "(to continue from a learned prompt: tune_prompt(..., start_from=prompt))")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def tune_prompt(
     model: SegGPT,
     index_or_root,
     class_name: str,
-    steps: int = 100,
-    lr: float = 1e-1,
-    batch_size: int = 4,
-    init: str | LearnedPrompt = "real",
-    seed: int = 0,
-    device: str | torch.device | None = "cpu",
-    mask: str = "query",
-    progress: bool = True,
+    config: PromptTuningConfig | None = None,
     *,
-    fg_weight: float = 1.0,
-    prompt_mask_ratio: float = 0.25,
-    flip: bool = True,
-    negative_share: float = 0.0,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    clamp: bool = True,
-    precision: str = "fp32",
-    defect_color: Sequence[int] = DEFAULT_DEFECT_COLOR,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    init_file: str | None = None,
-    evaluate: bool = True,
-    eval_batch_size: int | None = None,
+    start_from: LearnedPrompt | None = None,
+    device: str | torch.device | None = "cpu",
+    progress: bool = True,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[LearnedPrompt, list[dict[str, Any]]]:
     """Learn a prompt image + label for ``class_name`` with SegGPT frozen (see the module docstring).
 
-    ``index_or_root``: a :class:`~seggpt_lib.data.dataset.DefectIndex` or a dataset folder. Queries are
-    the class's images with a defect; with ``negative_share > 0`` that share of each batch are
-    other images (other classes, defect-free) whose target is all background, so the prompt
-    also learns to paint nothing on them (class-aware prompts, fewer overkills).
-    ``init``: ``"real"`` (one of the class's images and its mask: ``init_file``, else one drawn
-    with ``seed``), ``"random"`` (pixel noise) or a :class:`LearnedPrompt` to continue from.
-    ``mask``: ``"query"`` hides the query half; ``"query+random"`` also ``prompt_mask_ratio``
-    of the prompt-half label patches. ``device=None`` keeps the model where it is; the model is
-    moved to ``device`` and its ``requires_grad`` flags and train/eval mode are restored after.
-    ``precision``: ``"fp32"`` or ``"bf16"`` (autocast; the prompt tensors stay float32).
-    ``evaluate``: measure the loss over all the class's images before and after tuning (no
-    flips): ``info["initial_loss"]`` and ``final_loss``.
+    ``index_or_root``: a :class:`~seggpt_lib.data.layout.DefectIndex` or a dataset folder. Queries
+    are the class's images with a defect (and, with ``config.negative_share``, other images).
+    ``config``: the recipe (:class:`PromptTuningConfig`; default: its defaults). ``start_from``: a
+    :class:`LearnedPrompt` to continue from instead of ``config.init`` (its palette and
+    normalisation are kept). ``device=None`` keeps the model where it is; the model is moved to
+    ``device`` and its ``requires_grad`` flags and train/eval mode are restored after.
+    ``callback`` is called with each step's history row.
 
     Returns the prompt (on ``device``) and the history: one dict per step with ``step``,
     ``loss`` (the batch loss before the update), ``lr`` and ``seconds``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-    if not 0.0 <= prompt_mask_ratio <= 1.0:
-        raise ValueError(f"prompt_mask_ratio must lie in [0, 1], got {prompt_mask_ratio}")
-    if not 0.0 <= negative_share < 1.0:
-        raise ValueError(f"negative_share must lie in [0, 1), got {negative_share}")
-    if fg_weight <= 0:
-        raise ValueError(f"fg_weight must be positive, got {fg_weight}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    if isinstance(init, str) and init not in INITS:
-        raise ValueError(f"init must be one of {INITS} or a LearnedPrompt, got {init!r}")
+    cfg = config or PromptTuningConfig()
+    steps, lr, batch_size, seed, mask = cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, cfg.mask
+    fg_weight, flip, negative_share, clamp = cfg.fg_weight, cfg.flip, cfg.negative_share, cfg.clamp
+    prompt_mask_ratio, warmup_steps, evaluate = cfg.prompt_mask_ratio, cfg.warmup_steps, cfg.evaluate
+    eval_batch_size, defect_color, mean, std = cfg.eval_batch_size, cfg.defect_color, cfg.mean, cfg.std
 
     size = tuple(int(v) for v in model.cfg.image_size)
     index = _as_index(index_or_root)
@@ -648,7 +660,8 @@ def tune_prompt(
     if n_neg and not neg:
         raise ValueError(f"negative_share={negative_share} but the dataset has no image outside class {class_name!r}")
     n_neg = min(n_neg, batch_size - 1)
-    dev = _resolve_device(device, model)
+    dev = _device(device, model)
+    precision = resolve_precision(cfg.precision, dev, PRECISIONS)
     gen = torch.Generator().manual_seed(int(seed))
     data = _Images(index, pos, size)
     negs = _Images(index, neg, size) if n_neg else None
@@ -658,15 +671,17 @@ def tune_prompt(
                             "n_images": len(data), "weights_fingerprint": weights_fingerprint(model)}
     if mask == "query+random":
         info["prompt_mask_ratio"] = prompt_mask_ratio
-    if isinstance(init, LearnedPrompt):
+    if start_from is not None:
+        init = start_from
         init.check_fits(model)
         prompt = LearnedPrompt(init.image, init.label, class_name, model.cfg.to_dict(), init.defect_color, init.mean,
                                init.std, init.steps, init.final_loss, {**init.info, **info, "init": "continued"})
         defect_color, mean, std = prompt.defect_color, prompt.mean, prompt.std
-    elif init == "random":
+    elif cfg.init == "random":
         prompt = LearnedPrompt.random(size, gen, class_name, defect_color, mean, std, model_config=model.cfg.to_dict(),
                                       info={**info, "init": "random"})
     else:
+        init_file = cfg.init_file
         if init_file is not None:
             try:
                 row = index.find(init_file)
@@ -705,10 +720,8 @@ def tune_prompt(
             prompt.info["initial_loss"] = _eval_loss(model, prompt.image.detach(), prompt.label.detach(), data,
                                                      eval_batch_size or batch_size, fg_weight, defect_color,
                                                      prompt.mean, prompt.std, precision, dev)
-        opt = torch.optim.AdamW([prompt.image, prompt.label], lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        opt = torch.optim.AdamW([prompt.image, prompt.label], lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=steps, desc=f"tune-prompt {class_name}", unit="step", dynamic_ncols=True, file=sys.stderr)
         rows_it = draw_rows()
         try:
@@ -732,7 +745,7 @@ def tune_prompt(
                 imgs, tgts = _stack(prompt.image, prompt.label, q_img, q_tgt)
                 hidden = _hidden(grid, batch_size, mask, prompt_mask_ratio, gen, dev)
                 valid = _valid(tgts.detach(), q_lbl, h, fg_weight)
-                with _autocast(precision, dev):
+                with autocast(dev, precision):
                     # valid is 0 on the prompt half: decoding only the query half gives the same loss
                     loss = model(imgs, tgts, hidden, valid, first_row=grid[0] // 2)[0]
                 loss_value = loss.detach().item()

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from seggpt_lib.model.checkpoint import load_weights, save_weights
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
 from seggpt_lib.model.seggpt import SegGPT, build_seggpt
+from seggpt_lib.utils.device import autocast, precision_dtype, resolve_device, resolve_precision
 
 
 @dataclass
@@ -78,7 +79,7 @@ class TrainConfig:
     fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
-    augment: dict[str, Any] | None = None  # seggpt_lib.data.dataset.AugmentConfig fields; None = defaults
+    augment: dict[str, Any] | None = None  # seggpt_lib.data.transforms.AugmentConfig fields; None = defaults
     val_pairs: int = 64
     log_interval: int = 10
     device: str = "auto"
@@ -193,21 +194,6 @@ def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -
     return t.tolist()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 # ------------------------------------------------------------------------------------------
 # model, optimiser
 # ------------------------------------------------------------------------------------------
@@ -307,14 +293,15 @@ def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> tor
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False) -> None:
-        from seggpt_lib.data import dataset as D
+        from seggpt_lib import data as D
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.info = init_distributed(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.dtype = precision_dtype(self.precision)
         torch.manual_seed(cfg.seed)
 
         self.model = build_model(cfg).to(self.device)
@@ -323,15 +310,16 @@ class Trainer:
         self.val_index = D.DefectIndex.scan(cfg.val_dataset_dir) if cfg.val_dataset_dir else None
         aug = D.AugmentConfig.from_dict(cfg.augment) if cfg.augment is not None else None
         common = dict(
-            cfg=self.mcfg, mask_ratio=cfg.mask_ratio, negative_target=cfg.negative_target, n_classes=cfg.n_classes,
+            mask_ratio=cfg.mask_ratio, negative_target=cfg.negative_target, n_classes=cfg.n_classes,
             mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed, fg_weight=cfg.fg_weight,
             negative_share=cfg.negative_share, free_share=cfg.free_share, defect_color=cfg.defect_color,
         )
         self.data_count = int(cfg.data_count or len(self.train_index))
-        self.train_ds = D.PairDataset(self.train_index, train=True, augment=aug, length=self.data_count,
-                                      query_mask_share=cfg.query_mask_share, **common)
+        self.train_ds = D.PairDataset(self.train_index, D.PairConfig.for_model(
+            self.mcfg, train=True, augment=aug, length=self.data_count, query_mask_share=cfg.query_mask_share, **common))
         self.val_ds = (
-            D.PairDataset(self.val_index, train=False, length=cfg.val_pairs, **common) if self.val_index is not None else None
+            D.PairDataset(self.val_index, D.PairConfig.for_model(self.mcfg, train=False, length=cfg.val_pairs, **common))
+            if self.val_index is not None else None
         )
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
         self.steps_per_epoch = max(1, self.data_count // self.global_batch)
@@ -453,7 +441,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation with the query half hidden: loss, mIoU (pairs with a defect to find), fg share."""
-        from seggpt_lib.data import dataset as D
+        from seggpt_lib import data as D
         from seggpt_lib.eval.metrics import iou
 
         if self.val_ds is None:
@@ -467,7 +455,7 @@ class Trainer:
         last = None
         for batch in loader:
             inputs = D.model_inputs(batch, self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with autocast(self.device, self.precision):
                 loss, pred, _ = self.model(**inputs)
             pred_img = self.model.unpatchify(pred.float())
             lbl = _snap_query(pred_img, batch["palette"].to(self.device), mean, std).cpu()
@@ -494,7 +482,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> DataLoader:
-        from seggpt_lib.data import dataset as D
+        from seggpt_lib import data as D
 
         self.train_ds.set_epoch(epoch)
         sampler = self.train_ds.make_sampler(rank=self.info.rank, world_size=self.info.world_size, start=start, drop_last=True)
@@ -505,7 +493,7 @@ class Trainer:
         )
 
     def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
-        from seggpt_lib.data import dataset as D
+        from seggpt_lib import data as D
 
         cfg = self.cfg
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
@@ -534,7 +522,7 @@ class Trainer:
                     sync = micro == cfg.grad_accum_steps - 1 or self.info.world_size == 1
                     ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) else _nullcontext()
                     with ctx:
-                        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                        with autocast(self.device, self.precision):
                             loss, pred, _ = self.forward_model(**inputs)
                         self.scaler.scale(loss / cfg.grad_accum_steps).backward()
                     loss_acc += loss.detach().float().item() / cfg.grad_accum_steps

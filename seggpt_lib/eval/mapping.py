@@ -19,15 +19,13 @@ Sampling is seeded per query (from ``seed`` and the query's file name), so the
 same seed always gives the same JSON, and adding a query does not change the
 prompts drawn for the others. Keys are sorted.
 
-Dataset layout read here: ``ROOT/images/<stem>.<png|jpg|bmp>`` (or the images
-directly in ``ROOT`` when there is no ``images`` folder), ``ROOT/labels/<stem>.png``
-and optionally ``ROOT/classes.csv`` with columns ``file,class[,surface]``. Without
-classes.csv an image's class is its stem minus a trailing ``_<digits>``.
+Datasets are read with :func:`seggpt_lib.data.layout.read_manifest` (``labels=False``: no
+image is decoded, labels are optional): the layout, ``classes.csv`` and the file-name class
+rule are :mod:`seggpt_lib.data.layout`'s.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import random
@@ -37,17 +35,15 @@ from typing import Any
 
 import numpy as np
 
-FREE = "free"
+from seggpt_lib.data.layout import FREE_CLASS as FREE
+from seggpt_lib.data.layout import IMAGE_EXTS, image_dir, read_manifest
+
 KINDS = ("positive", "negative", "free", "retrieval")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 THUMB_SIZE = 32
 
 __all__ = [
     "FREE",
     "KINDS",
-    "read_manifest",
-    "class_from_name",
-    "image_dir",
     "build_mapping",
     "validate_mapping",
     "save_mapping",
@@ -56,74 +52,6 @@ __all__ = [
     "add_arguments",
     "run",
 ]
-
-
-# --------------------------------------------------------------------------- dataset
-
-def class_from_name(file_name: str) -> str:
-    """Class from a file name: the stem without a trailing ``_<digits>`` (see :func:`seggpt_lib.data.dataset.class_from_filename`)."""
-    from seggpt_lib.data.dataset import class_from_filename
-
-    return class_from_filename(file_name)
-
-
-def image_dir(root: str | Path) -> Path:
-    """The folder holding a dataset's images: ``root/images`` if present, else ``root``."""
-    root = Path(root)
-    sub = root / "images"
-    return sub if sub.is_dir() else root
-
-
-def _read_classes_csv(path: Path) -> dict[str, str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        if "file" not in fields or "class" not in fields:
-            raise ValueError(f"{path}: expected columns 'file,class[,surface]', found {fields}")
-        out: dict[str, str] = {}
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            if row["file"]:
-                out[row["file"]] = row["class"]
-    return out
-
-
-def read_manifest(root: str | Path):
-    """Images of a dataset as a DataFrame with columns ``file, class, label``.
-
-    ``file`` is the image file name, ``class`` comes from ``classes.csv`` (matched
-    by file name or by stem) or else from :func:`class_from_name`, and ``label`` is
-    the path of ``labels/<stem>.png`` or ``None`` when it does not exist. Rows are
-    sorted by file name. Raises ``FileNotFoundError`` for a missing folder and
-    ``ValueError`` for two images sharing a stem.
-    """
-    import pandas as pd
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
-    images = image_dir(root)
-    files = sorted(p for p in images.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    stems: dict[str, str] = {}
-    for p in files:
-        if p.stem in stems:
-            raise ValueError(f"{images}: {stems[p.stem]} and {p.name} share the stem {p.stem!r}")
-        stems[p.stem] = p.name
-    classes_csv = root / "classes.csv"
-    classes = _read_classes_csv(classes_csv) if classes_csv.is_file() else {}
-    rows = []
-    for p in files:
-        cls = classes.get(p.name, classes.get(p.stem))
-        if not cls:
-            cls = class_from_name(p.name)
-        label = root / "labels" / f"{p.stem}.png"
-        rows.append({"file": p.name, "class": cls, "label": str(label) if label.is_file() else None})
-    return pd.DataFrame({
-        "file": [r["file"] for r in rows],
-        "class": [r["class"] for r in rows],
-        "label": pd.Series([r["label"] for r in rows], dtype=object),  # keep None, not NaN
-    })
 
 
 # --------------------------------------------------------------------------- embedding
@@ -147,12 +75,14 @@ def _rng(seed: int, query: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def _load(root: str | Path, role: str):
-    df = read_manifest(root)
-    if df.empty:
-        raise ValueError(f"no {role} images found in {image_dir(root)} "
-                         f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return df
+def _load(root: Path, role: str):
+    """The ``role`` dataset's listing; ``FileNotFoundError`` / ``ValueError`` naming the role."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{role} dataset folder not found: {root}")
+    folder = image_dir(root)
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()):
+        raise ValueError(f"no {role} images found in {folder} (extensions: {', '.join(IMAGE_EXTS)})")
+    return read_manifest(root, labels=False)
 
 
 def _sample(candidates: list[str], k: int, query: str, what: str, seed: int,

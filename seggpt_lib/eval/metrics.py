@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
 CATCH_IOU = 0.3
 YIELD_RESPONSE = 0.000239
@@ -285,8 +286,6 @@ def evaluate(
     "paint_everything": {...}}`` each with ``miou, catch_rate, negative_miou,
     yield_rate, free_yield_rate, pes``, computed on the same pairs.
     """
-    import pandas as pd
-
     rows = [_row(r, catch_iou, yield_response) for r in records]
     table = pd.DataFrame(rows)
     if table.empty:

@@ -37,6 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from seggpt_lib.model.attention import _IMPLS, ATTENTION_IMPLS, OPTIONAL_IMPLS, resolve_impl
+from seggpt_lib.model.checkpoint import hf_config_kwargs, official_to_hf
+from seggpt_lib.model.seggpt import build_seggpt
+from seggpt_lib.utils.device import autocast, resolve_precision
+from seggpt_lib.utils.masking import query_half_mask, random_patch_mask
 
 GiB = 1024**3
 
@@ -61,12 +69,6 @@ class Setup:
     step_theirs: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,10 +76,7 @@ def _sync(device: torch.device) -> None:
 
 def build_models(preset: str, overrides: dict[str, Any], device: torch.device, seed: int = 0):
     """Ours and the HF twin with identical weights, on ``device``."""
-    import transformers
-
-    from seggpt_lib.model.checkpoint import hf_config_kwargs, official_to_hf
-    from seggpt_lib.model.seggpt import build_seggpt
+    import transformers  # heavy and optional (tests and benchmarks only): imported when a benchmark runs
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -169,8 +168,6 @@ def _rate(job: Job) -> float:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -194,10 +191,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the comparison and return the raw numbers and ratios (see the module doc)."""
-    import transformers
-
-    from seggpt_lib.model.attention import resolve_impl
-    from seggpt_lib.utils.masking import query_half_mask, random_patch_mask
+    import transformers  # heavy and optional (tests and benchmarks only): imported when a benchmark runs
 
     say = log or (lambda s: None)
     dev = torch.device(device)
@@ -207,9 +201,7 @@ def run_benchmark(
         preset, default_over = CUDA_DEFAULT if dev.type == "cuda" else CPU_DEFAULT
         overrides = {**default_over, **(overrides or {})}
     overrides = dict(overrides or {})
-    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    precision = resolve_precision(precision, dev, ("fp32", "bf16"))
     if ckpt_extra is None:
         ckpt_extra = dev.type == "cuda" and not act_ckpt
     if dev.type == "cuda":
@@ -220,7 +212,7 @@ def run_benchmark(
     cfg = ours.cfg
     say(f"built {preset} {overrides or ''} on {dev} in {time.perf_counter() - t_build:.1f} s "
         f"({sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M parameters each)")
-    amp = lambda: _autocast(dev, precision)  # noqa: E731
+    amp = lambda: autocast(dev, precision)  # noqa: E731
     if compile not in (False, True, "blocks", "full"):
         raise ValueError(f"compile must be False, 'blocks' or 'full', got {compile!r}")
     full_compile = compile is True or compile == "full"
@@ -377,8 +369,6 @@ def run_benchmark(
 # ------------------------------------------------------------------------------------------
 def _with_backend(fn: Callable[..., torch.Tensor], backend: str) -> Callable[..., torch.Tensor]:
     def run(*args: Any) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel([getattr(SDPBackend, backend)]):
             return fn(*args)
 
@@ -405,8 +395,6 @@ def bench_attention(
     cuDNN, memory-efficient) and the experimental FlexAttention path; each entry also gets its
     largest forward deviation from the reference (computed in float32).
     """
-    from seggpt_lib.model.attention import ATTENTION_IMPLS, _IMPLS
-
     dev = torch.device(device)
     length = grid[0] * grid[1]
     g = torch.Generator().manual_seed(0)
@@ -493,8 +481,6 @@ def attention_parity(
     ``fp32_tol * max(1, max|ref|)``, bf16 within ``bf16_tol * max|ref|``. The same check as
     ``tests/test_attention.py``, without pytest, for a lent GPU.
     """
-    from seggpt_lib.model.attention import ATTENTION_IMPLS, OPTIONAL_IMPLS, _IMPLS
-
     dev = torch.device(device)
     rows = []
     ok = True

@@ -1,78 +1,292 @@
-"""The pipeline's parameters: defaults, the smoke configuration, the notebooks and their parameters, loading and checking a config file, the model preset they resolve to."""
+"""The pipeline's parameters: the typed configuration (the one place of every default), the smoke
+configuration, the notebooks and their parameters, loading and checking a config file, the model
+preset they resolve to.
+
+:class:`PipelineConfig` holds every parameter of ``seggpt reproduce`` under the flat key names the
+notebooks' parameters cells, ``configs/*.json`` and ``--set`` use, grouped by the notebook that
+reads them. ``configs/pipeline.json`` is :class:`PipelineConfig`'s defaults written out
+(``PipelineConfig().save(path)``; ``tests/test_defaults.py`` checks that every key agrees, and
+that every notebook's parameters cell agrees with it). :class:`BeyondConfig` is what
+:func:`seggpt_lib.experiments.study.compare_recipes` needs (notebook 05 and ``seggpt study``).
+
+The training recipe: :class:`~seggpt_lib.engine.trainer.TrainConfig`'s defaults are the original
+project's recipe (``seggpt train`` without a key: e.g. ``fg_weight`` 1, the original loss);
+:data:`PIPELINE_RECIPE` is the pipeline's recipe on top of it (``fg_weight`` 30, one fixed defect
+colour, half the samples hiding the whole query half, class-aware negatives), the default of the
+config's ``train`` key.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
 import copy
+import dataclasses
 import json
 import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
 import torch
 
+from seggpt_lib.utils.device import resolve_device_name as device_name
+from seggpt_lib.engine.trainer import TrainConfig
+from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE
 from seggpt_lib.model.checkpoint import read_state_dict
 from seggpt_lib.model.seggpt import PRESETS, preset_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS: tuple[str, ...] = ("01_data_transformation", "02_training", "03_split_ablation", "04_pair_evaluation",
-                              "06_beyond")
-BEYOND_NOTEBOOK = "06_beyond"
-EXPLORER_NOTEBOOK = "05_explorer"
+CONFIG_DIR = REPO_ROOT / "configs"
+# the pipeline's stages, in the order seggpt reproduce runs them (numbered so); the explorer apart
+NOTEBOOKS: tuple[str, ...] = ("01_data_transformation", "02_training", "03_grid_ablation", "04_pair_evaluation",
+                              "05_beyond")
+BEYOND_NOTEBOOK = "05_beyond"
+EXPLORER_NOTEBOOK = "explorer"  # interactive, not a stage of the pipeline
 
 # ------------------------------------------------------------------------------------------
-# parameters
+# defaults
 # ------------------------------------------------------------------------------------------
-DEFAULTS: dict[str, Any] = {
-    # data (01)
-    "data": "synthetic",  # synthetic | <folder> | magnetic_tile:<path> | coco:<path> | folder:<path>
-    "synthetic": {"per_class": 40, "size": 256, "n_free": None, "seed": 0},
-    "limit_per_class": None,  # magnetic_tile: first N photos of each class
-    "split_seed": 0,
-    "val": 0.15,
-    "test": 0.15,
-    "rebuild_data": False,  # False: reuse RESULTS/work/data when it was built from the same settings
-    # model and training (02)
-    "preset": "vit_micro",  # "auto": from the checkpoint given as weights
-    "model": {},  # preset overrides (official constructor names)
-    "weights": "",  # initial weights; with steps 0 the weights evaluated
-    "steps": 100000,  # training steps (0: no training)
-    "train_minutes": 4.5,  # wall-clock budget of the training loop (None/0: none); whichever comes first
-    "device": "cpu",  # cpu | cuda | auto
-    "precision": "auto",  # training: bf16 on CUDA, fp32 on CPU; inference likewise
-    "seed": 0,
-    "normalize": "imagenet",  # imagenet (the official weights') | dataset (the training split's own mean/std)
-    "train": {  # any seggpt_lib.engine.trainer.TrainConfig keys: the recipe
-        "lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
-        "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
-    },
-    "eval_every": 50,  # validation (and a checkpoint) every N steps
-    "val_pairs": 64,
-    "checkpoint": "best",  # which checkpoint the evaluation uses: best (val mIoU) | last
-    "n_panels": 3,  # rows of the five-panel figures
-    # evaluation (03, 04)
-    "splits": [1, 2, 4],
-    "top_k": 1,
-    "extra_top_k": 3,  # one more row in 03 at eval_split with this many prompts (0: none)
-    "eval_split": 2,  # the split of 04 (the original's best)
-    "work_size": "auto",  # canvas of split >= 2 (the original: 1024); auto: the test images' median side, <= 1024
-    "tile_pairing": "aligned",  # aligned: a tile with the prompts' same tile; all: with every prompt tile (the original)
-    "max_batch": 64,  # pairs per forward pass
-    "max_queries": None,  # at most N queries per run (spread over the classes); None: the whole test split
-    "mapping_seed": 0,
-    "catch_iou": 0.3,
-    "yield_response": 0.000239,
-    # beyond the original (06): the other negatives recipe, trained with the same budget, and prompt tuning
-    "beyond_minutes": None,  # training budget of 06's model; None: train_minutes (the same as 02's)
-    "beyond_tune_steps": 30,  # prompt-tuning steps per class
-    "beyond_max_queries": 18,  # queries per kind (positive, negative, defect-free) in 06
-    "beyond_top_k": 3,  # prompts of 06's ensemble row
-    "beyond_split": 1,  # 06 scores every row at this split
-    # where things go
-    "results_dir": "results",
-    "kernel": "python3",
-    "html": True,
-    "heartbeat_s": 30,  # a "still running" line every N seconds (0: none)
-    "echo": True,  # show what the notebooks print, as they print it
+# the synthetic set of notebook 01 (data_prep.synthetic.generate_synthetic's arguments)
+SYNTHETIC: dict[str, Any] = {"per_class": 40, "size": 256, "n_free": None, "seed": 0}
+
+# the pipeline's training recipe: TrainConfig keys over TrainConfig's own defaults (the original's
+# recipe). The sweep in benchmarks/README.md: a fixed defect colour, half the samples hiding the
+# whole query half and defect pixels weighted up learn on a CPU where the original recipe stays
+# at mIoU 0.
+PIPELINE_RECIPE: dict[str, Any] = {
+    "lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+    "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
 }
+
+
+@dataclass
+class PipelineConfig:
+    """Every parameter of the notebook pipeline, with its default (flat keys, grouped by notebook).
+
+    ``to_dict()`` / ``from_dict()`` (unknown keys raise :class:`PipelineError` listing the valid
+    ones; values are type-checked), ``save()`` writes the JSON of ``configs/``."""
+
+    # --- data (01) -----------------------------------------------------------------------
+    data: str = "synthetic"  # synthetic | <folder> | magnetic_tile:<path> | coco:<path> | folder:<path>
+    synthetic: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(SYNTHETIC))
+    limit_per_class: int | None = None  # magnetic_tile: first N photos of each class
+    split_seed: int = 0  # the train/val/test split (data split, not tiling)
+    val: float = 0.15
+    test: float = 0.15
+    rebuild_data: bool = False  # False: reuse RESULTS/work/data when it was built from the same settings
+    # --- model (01, 02, 05) ----------------------------------------------------------------
+    preset: str = "vit_micro"  # "auto": from the checkpoint given as weights
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides (official constructor names)
+    weights: str = ""  # initial weights; with steps 0 the weights evaluated
+    # --- training (02, 05) -----------------------------------------------------------------
+    steps: int = 100000  # training steps (0: no training)
+    train_minutes: float | None = 4.5  # wall-clock budget of the training loop (None/0: none); whichever comes first
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    precision: str = "auto"  # training: bf16 on CUDA, fp32 on CPU; inference likewise
+    seed: int = 0
+    normalize: str = "imagenet"  # imagenet (the official weights') | dataset (the training split's own mean/std)
+    train: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(PIPELINE_RECIPE))  # TrainConfig keys: the recipe
+    eval_every: int = 50  # validation (and a checkpoint) every N steps
+    val_pairs: int = 64
+    checkpoint: str = "best"  # which checkpoint the evaluation uses: best (val mIoU) | last
+    n_panels: int = 3  # rows of the five-panel figures
+    # --- evaluation (03, 04) ---------------------------------------------------------------
+    grids: list[int] = field(default_factory=lambda: [1, 2, 4])  # tiling: n x n tiles per image (03)
+    top_k: int = 1
+    extra_top_k: int = 3  # one more row in 03 at eval_grid with this many prompts (0: none)
+    eval_grid: int = 2  # the tiling of 04 (the original's best)
+    work_size: int | str = "auto"  # canvas of grid >= 2 (the original: 1024); auto: the test images' median side, <= 1024
+    tile_pairing: str = "aligned"  # aligned: a tile with the prompts' same tile; all: with every prompt tile (the original)
+    max_batch: int = 64  # pairs per forward pass
+    max_queries: int | None = None  # at most N queries per run (spread over the classes); None: the whole test split
+    mapping_seed: int = 0
+    catch_iou: float = CATCH_IOU  # good catch: IoU >= this (the protocol's threshold)
+    yield_response: float = YIELD_RESPONSE  # correct yield: response rate < this (the protocol's threshold)
+    # --- beyond the original (05): the other negatives recipe, same budget, and prompt tuning
+    beyond_minutes: float | None = None  # training budget of 05's model; None: train_minutes (the same as 02's)
+    beyond_tune_steps: int = 30  # prompt-tuning steps per class
+    beyond_max_queries: int | None = 18  # queries per kind (positive, negative, defect-free) in 05
+    beyond_top_k: int = 3  # prompts of 05's ensemble row
+    beyond_grid: int = 1  # 05 scores every row at this tiling (learned prompts are tuned at the model's size)
+    # --- output and the runner ---------------------------------------------------------------
+    results_dir: str = "results"
+    kernel: str = "python3"
+    html: bool = True
+    heartbeat_s: float = 30  # a "still running" line every N seconds (0: none)
+    echo: bool = True  # show what the notebooks print, as they print it
+
+    # keys whose dict value is merged key by key by a config file / --set (model is replaced whole)
+    MERGED: typing.ClassVar[tuple[str, ...]] = ("train", "synthetic")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "PipelineConfig":
+        """A config from (some of) its keys, the rest defaults; ``train`` and ``synthetic`` merged
+        over their defaults. Unknown keys and values of the wrong type raise :class:`PipelineError`."""
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise PipelineError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(cls.keys()))}")
+        base = cls()
+        kw = {}
+        for k, v in d.items():
+            kw[k] = {**getattr(base, k), **v} if k in cls.MERGED and isinstance(v, dict) else copy.deepcopy(v)
+        cfg = cls(**kw)
+        cfg.check(source)
+        return cfg
+
+    def save(self, path: str | os.PathLike, comments: Mapping[str, str] | None = None) -> Path:
+        """The config as JSON (``comments``: ``_key`` entries first)."""
+        p = Path(path)
+        p.write_text(json.dumps({**{f"_{k}": v for k, v in (comments or {}).items()}, **self.to_dict()}, indent=2) + "\n")
+        return p
+
+    def check(self, source: str = "config") -> None:
+        """Types (from the annotations) and ranges; raises :class:`PipelineError` naming the key."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not type_matches(v, hints[f.name]):
+                raise PipelineError(f"{source}: {f.name} must be {type_name(hints[f.name])}, got {v!r}")
+        _check_values(self.to_dict(), source)
+
+    def train_settings(self) -> TrainSettings:
+        """Notebook 02's training run."""
+        return TrainSettings(preset=self.preset, model=copy.deepcopy(self.model), weights=self.weights, steps=self.steps,
+                             train_minutes=self.train_minutes, device=resolve_device_name(self.device),
+                             precision=self.precision, seed=self.seed, normalize=self.normalize,
+                             recipe=copy.deepcopy(self.train), eval_every=self.eval_every, val_pairs=self.val_pairs)
+
+    def beyond(self) -> "BeyondConfig":
+        """The :class:`BeyondConfig` of notebook 05: 02's model and recipe, 05's budget and scoring."""
+        return BeyondConfig(
+            preset=self.preset, model=copy.deepcopy(self.model), weights=self.weights, steps=self.steps,
+            budget_minutes=self.beyond_minutes if self.beyond_minutes is not None else self.train_minutes,
+            device=self.device, precision=self.precision, seed=self.seed, normalize=self.normalize,
+            recipe=copy.deepcopy(self.train), eval_every=self.eval_every, val_pairs=self.val_pairs,
+            checkpoint=self.checkpoint, top_k=self.beyond_top_k, grid=self.beyond_grid, work_size=self.work_size,
+            tile_pairing=self.tile_pairing, max_queries=self.beyond_max_queries, mapping_seed=self.mapping_seed,
+            catch_iou=self.catch_iou, yield_response=self.yield_response, tune_steps=self.beyond_tune_steps,
+            max_batch=self.max_batch)
+
+
+@dataclass
+class TrainSettings:
+    """What :func:`seggpt_lib.experiments.training.training_config` needs: the model, the budget and
+    the recipe of one training run (notebook 02, each model of notebook 05 and ``seggpt study``)."""
+
+    preset: str = PipelineConfig.preset
+    model: dict[str, Any] = field(default_factory=dict)
+    weights: str = PipelineConfig.weights
+    steps: int = PipelineConfig.steps
+    train_minutes: float | None = PipelineConfig.train_minutes
+    device: str = PipelineConfig.device
+    precision: str = PipelineConfig.precision
+    seed: int = PipelineConfig.seed
+    normalize: str = PipelineConfig.normalize
+    recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys over PIPELINE_RECIPE
+    eval_every: int = PipelineConfig.eval_every
+    val_pairs: int = PipelineConfig.val_pairs
+
+    def full_recipe(self) -> dict[str, Any]:
+        """:data:`PIPELINE_RECIPE` updated by ``recipe``."""
+        return {**copy.deepcopy(PIPELINE_RECIPE), **copy.deepcopy(self.recipe)}
+
+
+# the study's prompt-scoring methods (seggpt_lib.experiments.study.METHODS)
+BEYOND_METHODS: tuple[str, ...] = ("top1", "topk", "learned")
+
+
+@dataclass
+class BeyondConfig:
+    """What :func:`seggpt_lib.experiments.study.compare_recipes` needs: the models (trained with the
+    same recipe and budget, ``negative_target`` aside) and how they are scored."""
+
+    # --- the models
+    preset: str = PipelineConfig.preset
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides
+    weights: str = PipelineConfig.weights  # initial weights of the training
+    steps: int = PipelineConfig.steps
+    budget_minutes: float | None = PipelineConfig.train_minutes  # wall-clock budget per trained model (None: steps only)
+    device: str = PipelineConfig.device
+    precision: str = PipelineConfig.precision
+    seed: int = PipelineConfig.seed
+    normalize: str = PipelineConfig.normalize
+    recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys over PIPELINE_RECIPE
+    eval_every: int = PipelineConfig.eval_every
+    val_pairs: int = PipelineConfig.val_pairs
+    checkpoint: str = PipelineConfig.checkpoint
+    # --- the scoring
+    methods: tuple[str, ...] = BEYOND_METHODS
+    top_k: int = PipelineConfig.beyond_top_k  # prompts of the ensemble row
+    grid: int = PipelineConfig.beyond_grid  # tiling of every row
+    work_size: int | str = PipelineConfig.work_size
+    tile_pairing: str = PipelineConfig.tile_pairing
+    max_queries: int | None = PipelineConfig.beyond_max_queries  # queries per kind
+    mapping_seed: int = PipelineConfig.mapping_seed
+    catch_iou: float = PipelineConfig.catch_iou
+    yield_response: float = PipelineConfig.yield_response
+    tune_steps: int = PipelineConfig.beyond_tune_steps  # prompt-tuning steps per class
+    tune_lr: float = 0.1
+    tune_batch: int = 4
+    tune_negative_share: float = 0.25
+    max_batch: int = PipelineConfig.max_batch
+
+    def full_recipe(self) -> dict[str, Any]:
+        """The recipe both models train with: :data:`PIPELINE_RECIPE` updated by ``recipe``."""
+        return {**copy.deepcopy(PIPELINE_RECIPE), **copy.deepcopy(self.recipe)}
+
+    def train_settings(self, negative_target: str) -> TrainSettings:
+        """The training run of the ``negative_target`` recipe."""
+        return TrainSettings(preset=self.preset, model=copy.deepcopy(self.model), weights=self.weights, steps=self.steps,
+                             train_minutes=self.budget_minutes, device=resolve_device_name(self.device),
+                             precision=self.precision, seed=self.seed, normalize=self.normalize,
+                             recipe={**self.full_recipe(), "negative_target": negative_target},
+                             eval_every=self.eval_every, val_pairs=self.val_pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "BeyondConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def type_matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (as read from JSON) fits the annotation ``tp`` (bool is no number, an
+    int is a float, a JSON list a tuple)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(type_matches(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+DEFAULTS: dict[str, Any] = PipelineConfig().to_dict()  # derived: PipelineConfig is the one place of the defaults
 
 # a one-minute check of the whole pipeline (seggpt reproduce --smoke; the tests use it): a tiny
 # synthetic set (64 px, 7 images per class) and a 235 k-parameter model trained 3 steps
@@ -97,22 +311,33 @@ SMOKE: dict[str, Any] = {
     "beyond_top_k": 2,
 }
 
-# which parameters each notebook takes (the rest of its parameters cell keeps its defaults)
+# which parameters each notebook takes from the pipeline config (the rest of its parameters cell
+# keeps its defaults)
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
     "01_data_transformation": ("results_dir", "source", "source_path", "synthetic", "limit_per_class", "split_seed",
                                "val", "test", "rebuild_data", "preset", "model", "weights", "seed", "train"),
     "02_training": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "device", "precision", "seed",
                     "normalize", "train", "eval_every", "val_pairs", "checkpoint", "n_panels"),
-    "03_split_ablation": ("results_dir", "device", "precision", "splits", "top_k", "extra_top_k", "eval_split",
-                          "work_size", "tile_pairing", "max_batch", "max_queries", "mapping_seed", "catch_iou",
-                          "n_panels"),
-    "04_pair_evaluation": ("results_dir", "device", "precision", "eval_split", "top_k", "work_size", "tile_pairing",
+    "03_grid_ablation": ("results_dir", "device", "precision", "grids", "top_k", "extra_top_k", "eval_grid",
+                         "work_size", "tile_pairing", "max_batch", "max_queries", "mapping_seed", "catch_iou",
+                         "n_panels"),
+    "04_pair_evaluation": ("results_dir", "device", "precision", "eval_grid", "top_k", "work_size", "tile_pairing",
                            "max_batch", "max_queries", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
-    "05_explorer": ("results_dir", "device", "precision", "work_size", "tile_pairing", "max_batch"),
-    "06_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
+    "05_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
                   "precision", "seed", "normalize", "train", "eval_every", "val_pairs", "checkpoint",
-                  "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_split", "work_size",
+                  "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_grid", "work_size",
                   "tile_pairing", "max_batch", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
+    "explorer": ("results_dir", "device", "precision", "work_size", "tile_pairing", "max_batch"),
+}
+
+# notebook parameters that are not config keys, and why (tests/test_defaults.py: every other
+# parameter of a parameters cell is a config key with the config's default)
+NOTEBOOK_ONLY_PARAMETERS: dict[str, str] = {
+    "source": "01: the data source, derived from the config's data by parse_data_spec",
+    "source_path": "01: the data folder, derived from the config's data by parse_data_spec",
+    "split_dir": "explorer: a split dataset folder of one's own (default: notebook 01's)",
+    "query": "explorer: the query shown first",
+    "grid": "explorer: the tiling of the first prediction shown",
 }
 
 
@@ -149,25 +374,31 @@ def _apply(cfg: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A config JSON file's keys (``_``-prefixed keys are comments and left out)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"pipeline config not found: {p}")
+    try:
+        file_cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{p}: not valid JSON: {e}") from None
+    if not isinstance(file_cfg, dict):
+        raise PipelineError(f"{p}: expected a JSON object")
+    return {k: v for k, v in file_cfg.items() if not k.startswith("_")}
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | Sequence[str] | None = None,
                 smoke: bool = False) -> dict[str, Any]:
-    """:data:`DEFAULTS`, updated by the JSON file ``path`` (keys starting with ``_`` are
-    comments), then (``smoke``) by :data:`SMOKE`, then by ``overrides`` (a dict, or
-    ``key=value`` strings). Unknown top-level keys raise :class:`PipelineError` listing the
-    valid ones. The result records the keys set explicitly by ``overrides`` in ``_explicit``."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """:class:`PipelineConfig`'s defaults, updated by the JSON file ``path`` (keys starting with
+    ``_`` are comments), then (``smoke``) by :data:`SMOKE`, then by ``overrides`` (a dict, or
+    ``key=value`` strings). Unknown keys raise :class:`PipelineError` listing the valid ones;
+    the result is checked by :meth:`PipelineConfig.check` and returned as a dict of its keys,
+    plus ``_explicit``: the keys set explicitly by ``overrides``."""
+    cfg = PipelineConfig().to_dict()
     sources: list[tuple[str, dict[str, Any]]] = []
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise PipelineError(f"pipeline config not found: {p}")
-        try:
-            file_cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{p}: not valid JSON: {e}") from None
-        if not isinstance(file_cfg, dict):
-            raise PipelineError(f"{p}: expected a JSON object")
-        sources.append((str(p), {k: v for k, v in file_cfg.items() if not k.startswith("_")}))
+        sources.append((str(path), read_config_file(path)))
     if smoke:
         sources.append(("smoke", copy.deepcopy(SMOKE)))
     if overrides:
@@ -177,25 +408,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     for name, src in sources:
         for key, value in src.items():
             top = key.split(".")[0]
-            if top not in DEFAULTS:
-                raise PipelineError(f"{name}: unknown key {top!r}; valid keys: {', '.join(sorted(DEFAULTS))}")
+            if top not in cfg:
+                raise PipelineError(f"{name}: unknown key {top!r}; valid keys: {', '.join(sorted(PipelineConfig.keys()))}")
             if "." in key:
                 _apply(cfg, key, value)
-            elif isinstance(DEFAULTS[top], dict) and isinstance(value, dict) and top != "model":
+            elif top in PipelineConfig.MERGED and isinstance(value, dict):
                 cfg[top] = {**cfg[top], **value}  # train, synthetic: merged key by key
             else:
-                cfg[key] = value
+                cfg[key] = copy.deepcopy(value)
             if name == "--set":
                 explicit.append(top)
-    cfg["_explicit"] = sorted(set(explicit))
-    _check_config(cfg)
-    return cfg
+    out = PipelineConfig.from_dict(cfg).to_dict()
+    out["_explicit"] = sorted(set(explicit))
+    return out
 
 
-def _check_config(cfg: dict[str, Any]) -> None:
+def notebook_config(name: str, namespace: Mapping[str, Any]) -> PipelineConfig:
+    """The :class:`PipelineConfig` of a notebook's parameters: the config keys notebook ``name``
+    takes (:data:`NOTEBOOK_PARAMETERS`) from ``namespace`` (its ``globals()``), the rest defaults."""
+    keys = [k for k in NOTEBOOK_PARAMETERS[name] if k in PipelineConfig.keys() and k in namespace]
+    return PipelineConfig.from_dict({k: namespace[k] for k in keys}, source=f"notebook {name}")
+
+
+def _check_values(cfg: dict[str, Any], source: str = "config") -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
-            raise PipelineError(f"config: {msg}")
+            raise PipelineError(f"{source}: {msg}")
 
     need(isinstance(cfg["steps"], int) and cfg["steps"] >= 0, f"steps must be an integer >= 0, got {cfg['steps']!r}")
     tm = cfg["train_minutes"]
@@ -205,9 +443,10 @@ def _check_config(cfg: dict[str, Any]) -> None:
          f"beyond_minutes must be a number >= 0 or null (null: train_minutes), got {bm!r}")
     need(isinstance(cfg["beyond_tune_steps"], int) and cfg["beyond_tune_steps"] >= 1,
          f"beyond_tune_steps must be an integer >= 1, got {cfg['beyond_tune_steps']!r}")
-    need(isinstance(cfg["splits"], list) and cfg["splits"] and all(isinstance(s, int) and s >= 1 for s in cfg["splits"]),
-         f"splits must be a list of integers >= 1, got {cfg['splits']!r}")
-    need(isinstance(cfg["top_k"], int) and cfg["top_k"] >= 1, f"top_k must be an integer >= 1, got {cfg['top_k']!r}")
+    need(isinstance(cfg["grids"], list) and cfg["grids"] and all(isinstance(s, int) and s >= 1 for s in cfg["grids"]),
+         f"grids must be a list of integers >= 1, got {cfg['grids']!r}")
+    for k in ("eval_grid", "beyond_grid", "top_k", "beyond_top_k"):
+        need(isinstance(cfg[k], int) and cfg[k] >= 1, f"{k} must be an integer >= 1, got {cfg[k]!r}")
     need(cfg["tile_pairing"] in ("all", "aligned"), f"tile_pairing must be 'all' or 'aligned', got {cfg['tile_pairing']!r}")
     need(cfg["checkpoint"] in ("best", "last"), f"checkpoint must be 'best' or 'last', got {cfg['checkpoint']!r}")
     need(cfg["normalize"] in ("imagenet", "dataset"), f"normalize must be 'imagenet' or 'dataset', got {cfg['normalize']!r}")
@@ -216,7 +455,22 @@ def _check_config(cfg: dict[str, Any]) -> None:
     ws = cfg["work_size"]
     need(ws == "auto" or (isinstance(ws, int) and ws >= 8), f"work_size must be 'auto' or an integer >= 8, got {ws!r}")
     need(isinstance(cfg["train"], dict), "train must be an object of TrainConfig keys")
+    check_recipe(cfg["train"], source)
     need(isinstance(cfg["model"], dict), "model must be an object of preset overrides")
+    unknown = sorted(set(cfg["synthetic"]) - set(SYNTHETIC))
+    need(not unknown, f"synthetic: unknown key(s) {unknown}; valid keys: {', '.join(SYNTHETIC)}")
+
+
+def check_recipe(recipe: Mapping[str, Any], source: str = "config") -> None:
+    """A training recipe's keys are :class:`~seggpt_lib.engine.trainer.TrainConfig` fields and its
+    values fit their types."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(recipe) - set(hints))
+    if unknown:
+        raise PipelineError(f"{source}: train: unknown TrainConfig key(s) {unknown}; valid keys: {', '.join(sorted(hints))}")
+    for k, v in recipe.items():
+        if not type_matches(v, hints[k]):
+            raise PipelineError(f"{source}: train.{k} must be {type_name(hints[k])}, got {v!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,7 +507,6 @@ def parse_data_spec(data: str, base: str | os.PathLike | None = None) -> tuple[s
 # 02: model and training
 # ------------------------------------------------------------------------------------------
 def _match_preset(cfg) -> tuple[str, dict[str, Any]]:
-
     mine = cfg.to_dict()
 
     def diff(name: str) -> dict[str, Any]:
@@ -273,7 +526,6 @@ def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict |
         return preset, model
     if not weights:
         raise PipelineError("preset 'auto' needs weights to read the architecture from; give a preset (e.g. vit_micro)")
-
     sd, cfg = read_state_dict(weights)
     if cfg is not None:
         name, ov = _match_preset(cfg)
@@ -289,13 +541,9 @@ def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict |
 
 def model_config(preset: str = "vit_micro", model: dict | None = None, weights: str = ""):
     """The :class:`~seggpt_lib.model.seggpt.SegGPTConfig` of a preset (``auto``: from ``weights``)."""
-
     name, ov = resolve_preset(weights, preset, model)
     return preset_config(name, **ov)
 
 
 def resolve_device_name(name: str) -> str:
-    if name == "auto":
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return device_name(name)

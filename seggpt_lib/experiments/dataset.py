@@ -16,8 +16,9 @@ from data_prep.split import split_dataset
 from data_prep.stats import dataset_stats
 from data_prep.synthetic import generate_synthetic
 from data_prep.vision_coco import convert_vision_coco
-from seggpt_lib.data.dataset import DefectIndex, PairDataset
-from seggpt_lib.experiments.config import DATA_SOURCES, DEFAULTS, PipelineError, model_config
+from seggpt_lib.data.layout import DefectIndex
+from seggpt_lib.data.pairs import PairConfig, PairDataset
+from seggpt_lib.experiments.config import DATA_SOURCES, PIPELINE_RECIPE, SYNTHETIC, PipelineError, model_config
 
 
 def _is_root(p: Path) -> bool:
@@ -36,13 +37,12 @@ def prepare_data(work_dir: str | os.PathLike, source: str = "synthetic", source_
     already split into ``train/`` and ``test/`` (``val/`` optional) is used in place; a folder in
     our layout (``images/``, ``labels/``) is split. Reuses an earlier build of the same settings
     unless ``rebuild``. Returns ``{source, source_path, root, split_root, reused, seconds}``."""
-
     if source not in DATA_SOURCES:
         raise PipelineError(f"source must be one of {DATA_SOURCES}, got {source!r}")
     t0 = time.perf_counter()
     data_dir = Path(work_dir) / "data"
     src_dir, split_dir = data_dir / "source", data_dir / "split"
-    syn = {**DEFAULTS["synthetic"], **(synthetic or {})}
+    syn = {**SYNTHETIC, **(synthetic or {})}
     spec = {"source": source, "source_path": str(source_path), "split_seed": split_seed, "val": val, "test": test,
             "synthetic": syn if source == "synthetic" else None, "limit_per_class": limit_per_class}
     if source == "folder":
@@ -69,16 +69,13 @@ def prepare_data(work_dir: str | os.PathLike, source: str = "synthetic", source_
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
     if source == "synthetic":
-
         log(f"generating the synthetic set: {syn}")
         root = generate_synthetic(src_dir, seed=int(syn["seed"]), per_class=int(syn["per_class"]), size=int(syn["size"]),
                                   n_free=syn.get("n_free"), overwrite=True, show_progress=False)
     elif source == "coco":
-
         log(f"converting VISION COCO files under {source_path}")
         root = convert_vision_coco(source_path, src_dir, overwrite=True, show_progress=False)
     elif source == "magnetic_tile":
-
         log(f"converting the magnetic-tile set in {source_path}")
         root = convert_magnetic_tile(source_path, src_dir, limit_per_class=limit_per_class, overwrite=True,
                                      show_progress=False)
@@ -105,7 +102,6 @@ def scan_index(root: Path):
 
 def class_counts(split_root: str | os.PathLike):
     """Images per class and split (defect-free images under ``free``), with a total row."""
-
     counts: dict[str, dict[str, int]] = {}
     splits = list(split_roots(split_root))
     for sp, root in split_roots(split_root).items():
@@ -121,8 +117,6 @@ def class_counts(split_root: str | os.PathLike):
 
 def image_stats(split_root: str | os.PathLike):
     """Per split: images, per-channel mean / std (0..1), image sizes, mean defect fraction."""
-
-
     st = dataset_stats(split_root, show_progress=False)["splits"]
     rows = []
     for sp, s in st.items():
@@ -149,12 +143,12 @@ def has_positive_pairs(root: str | os.PathLike) -> bool:
 def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", model: dict | None = None,
                     weights: str = "", seed: int = 0, train: dict[str, Any] | None = None, n: int = 4):
     """A few training samples as the trainer builds them (for the pair-colouring figure)."""
-
     mcfg = model_config(preset, model, weights)
-    t = {**DEFAULTS["train"], **(train or {})}
+    t = {**PIPELINE_RECIPE, **(train or {})}
     idx = scan_index(Path(split_root) / "train")
-    ds = PairDataset(idx, cfg=mcfg, train=True, mask_ratio=float(t.get("mask_ratio", 0.75)),
-                     query_mask_share=float(t.get("query_mask_share", 0.0)), defect_color=t.get("defect_color"),
-                     negative_target=t.get("negative_target", "query_mask"), seed=seed, length=max(n, 1),
-                     fg_weight=float(t.get("fg_weight", 1.0)), negative_share=float(t.get("negative_share", 0.25)))
+    ds = PairDataset(idx, PairConfig.for_model(
+        mcfg, train=True, mask_ratio=float(t.get("mask_ratio", 0.75)),
+        query_mask_share=float(t.get("query_mask_share", 0.0)), defect_color=t.get("defect_color"),
+        negative_target=t.get("negative_target", "query_mask"), seed=seed, length=max(n, 1),
+        fg_weight=float(t.get("fg_weight", 1.0)), negative_share=float(t.get("negative_share", 0.25))))
     return ds

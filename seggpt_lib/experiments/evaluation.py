@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 import dataclasses
 import json
 import math
@@ -12,16 +12,18 @@ import time
 from PIL import Image
 import pandas as pd
 
-from seggpt_lib.data.dataset import read_label, read_rgb
+from seggpt_lib.data.layout import read_label, read_rgb
 from seggpt_lib.eval.mapping import build_mapping
 from seggpt_lib.eval.metrics import PairResult, evaluate
+from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
-from seggpt_lib.experiments.config import PipelineError, resolve_device_name, resolve_preset
+from seggpt_lib.experiments.config import PipelineError, resolve_preset
 from seggpt_lib.experiments.dataset import scan_index, split_roots
 from seggpt_lib.experiments.results import read_fragment
 from seggpt_lib.model.checkpoint import build_from_checkpoint
 from seggpt_lib.predict.predictor import SegGPTPredictor
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
+from seggpt_lib.utils.device import resolve_device_name, resolve_precision
 
 # ------------------------------------------------------------------------------------------
 # the original project's published figures (BRIEF §1.5; 11 queries, one per defect type)
@@ -90,7 +92,7 @@ def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: s
     name, ov = resolve_preset(weights, preset, model)
     net = build_from_checkpoint(weights, preset=name, **ov)
     dev = resolve_device_name(device)
-    prec = precision if precision != "auto" else ("bf16" if dev.startswith("cuda") else "fp32")
+    prec = resolve_precision(precision, dev)
     extra = {"defect_color": tuple(int(c) for c in defect_color)} if defect_color else {}
     pred = SegGPTPredictor(net, device=dev, precision=prec, mean=mean, std=std, max_batch=max_batch, **extra)
     return EvalModel(pred, str(weights), name, ov, mean, std, dev, prec)
@@ -156,64 +158,51 @@ def prompt_mapping(split_root: str | os.PathLike, kind: str, k: int = 1, seed: i
     return _limit(m, classes, max_queries)
 
 
+def _label_mask(path: Path) -> np.ndarray:
+    return read_label(path) != 0
+
+
+def index_folder(index) -> Folder:
+    """A scanned split as a :class:`seggpt_lib.eval.scoring.Folder` (its classes; labels read as
+    the data pipeline reads them, non-zero = defect)."""
+    return Folder.of_index(index, read_mask=_label_mask)
+
+
 def predict_mapping(em: EvalModel, split_root: str | os.PathLike, mapping: dict[str, list[str]], kind: str,
-                    split: int = 1, top_k: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                    grid: int = 1, top_k: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
                     keep: bool = False, log: Callable[[str], None] | None = None):
-    """Predict every query of ``mapping`` from its first ``top_k`` prompts; returns a list of
-    :class:`seggpt_lib.eval.metrics.PairResult` (extra columns ``split``, ``top_k``, ``seconds``) and,
-    with ``keep``, the :class:`~seggpt_lib.predict.predictor.Prediction` of each query (raw kept)."""
+    """Predict every query of ``mapping`` (``grid x grid`` tiles) from its first ``top_k`` prompts
+    (:func:`seggpt_lib.eval.scoring.score_mapping`); returns a list of
+    :class:`seggpt_lib.eval.metrics.PairResult` (extra columns ``split`` = the grid, ``top_k``,
+    ``seconds``) and, with ``keep``, the :class:`~seggpt_lib.predict.predictor.Prediction` of
+    each query (raw kept)."""
 
     q_root, p_root = eval_roots(split_root)
-    q_idx, p_idx = scan_index(q_root), scan_index(p_root)
     ws = work_size_of(work_size, q_root, em)
-    pred = em.predictor
-    per_q = pred.pairs_per_query(top_k, split, tile_pairing)
-    chunk = max(1, min(16, pred.max_batch // max(1, per_q)))
-    queries = sorted(mapping)
+    cfg = ScoringConfig(grid=grid, top_k=top_k, work_size=ws, tile_pairing=tile_pairing, keep_raw=keep,
+                        extra={"split": grid, "top_k": top_k})
     records, kept = [], {}
-    prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def prompt(f: str):
-        if f not in prompt_cache:
-            i = p_idx.find(f)
-            prompt_cache[f] = (read_rgb(p_idx.image_path(i)), read_label(p_idx.label_path(i)) != 0)
-        return prompt_cache[f]
-
     t_all = time.perf_counter()
-    for c0 in range(0, len(queries), chunk):
-        names = queries[c0 : c0 + chunk]
-        imgs, gts, ps, ms = [], [], [], []
-        for q in names:
-            i = q_idx.find(q)
-            imgs.append(read_rgb(q_idx.image_path(i)))
-            gts.append(read_label(q_idx.label_path(i)) != 0)
-            pp = [prompt(f) for f in mapping[q][:top_k]]
-            ps.append([a for a, _ in pp])
-            ms.append([b for _, b in pp])
-        t0 = time.perf_counter()
-        outs = pred.predict_batch(imgs, ps, ms, split=split, top_k=top_k, tile_pairing=tile_pairing, work_size=ws,
-                                  keep_raw=keep)
-        sec = (time.perf_counter() - t0) / len(names)
-        for q, o, g in zip(names, outs, gts):
-            i = q_idx.find(q)
-            records.append(PairResult(query=q, prompts=list(mapping[q][:top_k]), kind=kind, query_class=q_idx.class_of(i),
-                                      pred=o.mask, gt=g, extra={"split": split, "top_k": top_k, "seconds": sec}))
-            if keep:
-                kept[q] = o
+    for s in score_mapping(em.predictor, index_folder(scan_index(q_root)), {q: mapping[q] for q in sorted(mapping)},
+                           kind, cfg, prompts=index_folder(scan_index(p_root))):
+        records.append(s.result)
+        if keep:
+            kept[s.result.query] = s.prediction
     if log:
-        log(f"{kind} split {split} top-{top_k}: {len(queries)} queries in {time.perf_counter() - t_all:.1f} s")
+        log(f"{kind} grid {grid} top-{top_k}: {len(records)} queries in {time.perf_counter() - t_all:.1f} s")
     return (records, kept) if keep else records
 
 
-def split_ablation(em: EvalModel, split_root: str | os.PathLike, splits: Sequence[int] = (1, 2, 4), top_k: int = 1,
-                   extra_top_k: int = 0, eval_split: int = 2, work_size: int | str = "auto", tile_pairing: str = "aligned",
-                   catch_iou: float = 0.3, seed: int = 0, max_queries: int | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """mIoU by split on the positive pairs of the test split.
+def grid_ablation(em: EvalModel, split_root: str | os.PathLike, grids: Sequence[int] = (1, 2, 4), top_k: int = 1,
+                  extra_top_k: int = 0, eval_grid: int = 2, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                  catch_iou: float = 0.3, seed: int = 0, max_queries: int | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """mIoU by tiling grid (``grid x grid`` tiles) on the positive pairs of the test split.
 
-    Returns ``table`` (one row per (split, top_k): queries, mIoU, catch rate, the original's
-    mIoU at that split, seconds per query), ``per_class`` (class x split mean IoU), ``per_image``
-    (every scored pair), ``mapping`` and ``work_size``."""
+    Returns ``table`` (one row per (grid, top_k), the grid in column ``split`` as the original
+    named it: queries, mIoU, catch rate, the original's mIoU at that grid, seconds per query;
+    the ``extra_top_k`` row is at ``eval_grid``), ``per_class`` (class x grid mean IoU, columns
+    ``split_<grid>``), ``per_image`` (every scored pair), ``mapping`` and ``work_size``."""
 
 
     k_max = max(top_k, extra_top_k or 0)
@@ -225,14 +214,14 @@ def split_ablation(em: EvalModel, split_root: str | os.PathLike, splits: Sequenc
         log(f"no top-{extra_top_k} row: {e}")
         extra_top_k, k_max = 0, top_k
         mapping = prompt_mapping(split_root, "positive", k=top_k, seed=seed, max_queries=max_queries)
-    runs = [(int(s), int(top_k)) for s in splits]
+    runs = [(int(g), int(top_k)) for g in grids]
     if extra_top_k and extra_top_k != top_k:
-        runs.append((int(eval_split), int(extra_top_k)))
+        runs.append((int(eval_grid), int(extra_top_k)))
     rows, per_image = [], []
     q_root, _ = eval_roots(split_root)
     ws = work_size_of(work_size, q_root, em)
     for s, k in runs:
-        recs = predict_mapping(em, split_root, mapping, "positive", split=s, top_k=k, work_size=ws,
+        recs = predict_mapping(em, split_root, mapping, "positive", grid=s, top_k=k, work_size=ws,
                                tile_pairing=tile_pairing, log=log)
         table, summ = evaluate(recs, catch_iou=catch_iou)
         per_image.append(table)
@@ -250,11 +239,11 @@ def split_ablation(em: EvalModel, split_root: str | os.PathLike, splits: Sequenc
             "work_size": ws, "tile_pairing": tile_pairing}
 
 
-def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, split: int = 2, top_k: int = 1,
+def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, grid: int = 2, top_k: int = 1,
                     work_size: int | str = "auto", tile_pairing: str = "aligned", catch_iou: float = 0.3,
                     yield_response: float = 0.000239, seed: int = 0, max_queries: int | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Positive prompts, negative prompts and defect-free queries of the test split at ``split``.
+    """Positive prompts, negative prompts and defect-free queries of the test split, ``grid x grid`` tiles.
 
     Returns ``table`` (every pair, :func:`seggpt_lib.eval.metrics.evaluate`'s columns), ``summary``
     (its summary, with the paint-nothing / paint-everything baselines), ``mappings``,
@@ -269,7 +258,7 @@ def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, split: int = 2
         if not m:
             log(f"no {kind} pairs in the test split")
             continue
-        records += predict_mapping(em, split_root, m, kind, split=split, top_k=top_k, work_size=ws,
+        records += predict_mapping(em, split_root, m, kind, grid=grid, top_k=top_k, work_size=ws,
                                    tile_pairing=tile_pairing, log=log)
     table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response)
     return {"table": table, "summary": summary, "mappings": mappings, "work_size": ws, "tile_pairing": tile_pairing}
@@ -315,7 +304,7 @@ def comparison_table(summary: dict[str, Any], split_miou: dict[int, float] | Non
 
 
 def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: dict[str, list[str]], n: int = 3,
-                 worst: bool = False, split: int = 1, top_k: int = 1, work_size: int | str = "auto",
+                 worst: bool = False, grid: int = 1, top_k: int = 1, work_size: int | str = "auto",
                  tile_pairing: str = "aligned", kind: str = "positive", by: str = "iou") -> list[tuple[list[np.ndarray], str]]:
     """Five-panel rows (see :func:`seggpt_lib.experiments.viz.prediction_panel_row`) of the ``n`` best (or,
     with ``worst``, lowest) pairs of ``kind`` in ``table`` by column ``by`` (``iou``, or
@@ -328,7 +317,7 @@ def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: d
         return []
     t = t.sort_values([by, "file"], ascending=[worst, True]).head(n)
     sub = {q: mapping[q] for q in t["file"]}
-    _, preds = predict_mapping(em, split_root, sub, kind, split=split, top_k=top_k, work_size=work_size,
+    _, preds = predict_mapping(em, split_root, sub, kind, grid=grid, top_k=top_k, work_size=work_size,
                                tile_pairing=tile_pairing, keep=True)
     q_root, p_root = eval_roots(split_root)
     q_idx, p_idx = scan_index(q_root), scan_index(p_root)

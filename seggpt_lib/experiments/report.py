@@ -1,19 +1,21 @@
 """The run's summary: headline figures and the results index page."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
 import datetime as _dt
 import html
 import math
-import numpy as np
 import os
 import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pandas as pd
 
-from seggpt_lib.experiments.config import BEYOND_NOTEBOOK, NOTEBOOKS, REPO_ROOT
+from seggpt_lib.experiments.config import REPO_ROOT
 from seggpt_lib.experiments.evaluation import PUBLISHED
-from seggpt_lib.experiments.results import format_cell, jsonable, read_fragment, result_dirs
+from seggpt_lib.experiments.results import (BeyondFragment, DataFragment, GridAblationFragment, PairEvaluationFragment,
+                                            TrainingFragment, format_cell, jsonable, load_fragment, result_dirs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -38,64 +40,63 @@ HEADLINE_KEYS = ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "
 def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None = None,
                   stage_times: dict[str, float] | None = None, wall_s: float | None = None,
                   status: str = "complete") -> dict[str, Any]:
-    """Merge the notebooks' fragments into one summary: ``headline`` (mIoU per split, positive
-    mIoU, catch rate, negative mIoU, yield rate, defect-free yield, PES), ``published``,
+    """Merge the notebooks' typed fragments into one summary: ``headline`` (mIoU per tiling grid,
+    positive mIoU, catch rate, negative mIoU, yield rate, defect-free yield, PES), ``published``,
     ``baselines``, the run's settings (data, preset, weights, device, steps), wall time, git
     commit, and each notebook's fragment."""
     cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
-    frags = {n: read_fragment(results_dir, n, required=False) for n in NOTEBOOKS}
-    d01, d02, d03, d04 = (frags.get(n) or {} for n in NOTEBOOKS[:4])
-    d06 = frags.get(BEYOND_NOTEBOOK) or {}
+    d01 = load_fragment(results_dir, DataFragment, required=False)
+    d02 = load_fragment(results_dir, TrainingFragment, required=False)
+    d03 = load_fragment(results_dir, GridAblationFragment, required=False)
+    d04 = load_fragment(results_dir, PairEvaluationFragment, required=False)
+    d05 = load_fragment(results_dir, BeyondFragment, required=False)
     headline: dict[str, Any] = {}
-    for row in d03.get("table", []):
-        if row.get("top_k") == d03.get("top_k", 1):
-            headline[f"miou_split_{row['split']}"] = row.get("mIoU")
-    for row in d03.get("table", []):
-        if row.get("top_k") != d03.get("top_k", 1):
-            headline[f"miou_split_{row['split']}_top{row['top_k']}"] = row.get("mIoU")
-    s04 = d04.get("summary", {})
+    if d03 is not None:
+        headline.update({f"miou_grid_{g}": v for g, v in d03.miou_by_grid().items()})
+        headline.update({f"miou_grid_{g}_top{k}": v for (g, k), v in d03.extra_rows().items()})
+    s04 = d04.summary if d04 is not None else {}
     for k in HEADLINE_KEYS:
         headline[k] = s04.get("miou" if k == "positive_miou" else k)
+    published_grid = PUBLISHED["split_miou"]  # the original's mIoU by tiling grid
     summary = {
         "status": status,
         "headline": headline,
-        "published": {"miou_split_1": PUBLISHED["split_miou"][1], "miou_split_2": PUBLISHED["split_miou"][2],
-                      "miou_split_4": PUBLISHED["split_miou"][4],
+        "published": {**{f"miou_grid_{g}": published_grid[g] for g in (1, 2, 4)},
                       **{k: PUBLISHED[k] for k in ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "pes")}},
         "baselines": s04.get("baselines", {}),
         "counts": {k: s04.get(k) for k in ("n_positive", "n_catch", "n_negative", "n_yield", "n_free", "n_free_yield")},
         "thresholds": {"catch_iou": s04.get("catch_iou", cfg.get("catch_iou")),
                        "yield_response": s04.get("yield_response", cfg.get("yield_response"))},
-        "eval_split": d04.get("split", cfg.get("eval_split")),
-        "top_k": d04.get("top_k", cfg.get("top_k")),
-        "tile_pairing": d04.get("tile_pairing", cfg.get("tile_pairing")),
-        "work_size": d04.get("work_size"),
-        "data": cfg.get("data", d01.get("source")),
-        "dataset": {k: d01.get(k) for k in ("source", "images", "classes", "mean", "std")},
-        "preset": d02.get("preset", cfg.get("preset")),
-        "model": d02.get("model", cfg.get("model")),
-        "weights": d02.get("weights_label", cfg.get("weights")),
+        "eval_grid": d04.grid if d04 is not None else cfg.get("eval_grid"),
+        "top_k": d04.top_k if d04 is not None else cfg.get("top_k"),
+        "tile_pairing": d04.tile_pairing if d04 is not None else cfg.get("tile_pairing"),
+        "work_size": d04.work_size if d04 is not None else None,
+        "data": cfg.get("data", d01.source if d01 is not None else None),
+        "dataset": ({k: getattr(d01, k) for k in ("source", "images", "classes", "mean", "std")} if d01 is not None
+                    else dict.fromkeys(("source", "images", "classes", "mean", "std"))),
+        "preset": d02.preset if d02 is not None else cfg.get("preset"),
+        "model": d02.model if d02 is not None else cfg.get("model"),
+        "weights": d02.weights_label if d02 is not None else cfg.get("weights"),
         "init_weights": cfg.get("weights") or None,
-        "trained": d02.get("trained"),
-        "steps": d02.get("steps_done"),
-        "train_wall_s": d02.get("wall_s"),
-        "best_val_miou": d02.get("best_val_miou"),
-        "beyond": {k: d06.get(k) for k in ("rows", "training", "budget_minutes", "split", "top_k", "tune_steps",
-                                           "max_queries")} if d06 else {},
-        "device": d04.get("device", cfg.get("device")),
+        "trained": d02.trained if d02 is not None else None,
+        "steps": d02.steps_done if d02 is not None else None,
+        "train_wall_s": d02.wall_s if d02 is not None else None,
+        "best_val_miou": d02.best_val_miou if d02 is not None else None,
+        "beyond": ({k: getattr(d05, k) for k in ("rows", "training", "budget_minutes", "grid", "top_k", "tune_steps",
+                                                 "max_queries")} if d05 is not None else {}),
+        "device": d04.device if d04 is not None and d04.device else cfg.get("device"),
         "wall_time_s": wall_s,
         "stage_times_s": stage_times or {},
         "git_commit": git_commit(),
         "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         "parameters": cfg,
-        "fragments": frags,
+        "fragments": {f.NAME: f.to_dict() for f in (d01, d02, d03, d04, d05) if f is not None},
     }
     return jsonable(summary)
 
 
 def headline_table(summary: dict[str, Any]):
     """The headline as a table: metric, ours, original, paint nothing, paint everything."""
-
     h, pub, b = summary.get("headline", {}), summary.get("published", {}), summary.get("baselines", {})
     nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
     labels = {"positive_miou": "positive mIoU", "catch_rate": "catch rate", "negative_miou": "negative mIoU",
@@ -103,9 +104,9 @@ def headline_table(summary: dict[str, Any]):
     bkey = {"positive_miou": "miou"}
     rows = []
     for k, v in h.items():
-        if k.startswith("miou_split_"):
-            rest = k[len("miou_split_"):]
-            label = f"mIoU split {rest.replace('_top', ', top-')}"
+        if k.startswith("miou_grid_"):
+            rest = k[len("miou_grid_"):]
+            label = f"mIoU grid {rest.replace('_top', ', top-')}"
             rows.append({"metric": label, "ours": v, "original": pub.get(k), "paint_nothing": nothing.get("miou"),
                          "paint_everything": everything.get("miou")})
     for k in HEADLINE_KEYS:
@@ -140,9 +141,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
 
 
 def beyond_table(summary: dict[str, Any]):
-    """Notebook 06's rows from a summary: recipe, prompt, training steps, mIoU, catch, yield,
-    defect-free yield, PES (empty when 06 did not run)."""
-
+    """Notebook 05's rows from a summary: recipe, prompt, training steps, mIoU, catch, yield,
+    defect-free yield, PES (empty when 05 did not run)."""
     cols = ["recipe", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
     rows = (summary.get("beyond") or {}).get("rows") or []
     return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
@@ -156,11 +156,11 @@ def _beyond_html(summary: dict[str, Any]) -> list[str]:
     df = df.assign(steps=[("–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
                           for v in df["steps"]])
     return ["<h2>Beyond the original</h2>", _html_table(df),
-            f"<p><small>Notebook 06: the original's negatives (a negative pair paints the query's own defect) against "
+            f"<p><small>Notebook 05: the original's negatives (a negative pair paints the query's own defect) against "
             f"class-aware negatives (it paints nothing), trained with the same budget "
             f"({b.get('budget_minutes')} min), each with one image prompt, a top-{b.get('top_k')} ensemble and a "
-            f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); split "
-            f"{b.get('split')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
+            f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); grid "
+            f"{b.get('grid')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
 
 
 def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
@@ -174,7 +174,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
             ("weights evaluated", summary.get("weights")),
             ("initial weights", summary.get("init_weights") or "none (random initialisation)"),
             ("training steps", summary.get("steps")), ("device", summary.get("device")),
-            ("evaluation", f"split {summary.get('eval_split')}, top-{summary.get('top_k')}, "
+            ("evaluation", f"grid {summary.get('eval_grid')}, top-{summary.get('top_k')}, "
                            f"{summary.get('tile_pairing')} tile pairing, work size {summary.get('work_size')}"),
             ("thresholds", f"catch IoU ≥ {summary.get('thresholds', {}).get('catch_iou')}, "
                            f"yield response < {summary.get('thresholds', {}).get('yield_response')}"),
@@ -190,7 +190,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
         "<h1>SegGPT few-shot defect segmentation: results</h1>",
         "<h2>Headline</h2>",
         _html_table(headline_table(summary)),
-        "<p><small>original: the published figures of the project this one grows from (11 VISION queries, split 2; "
+        "<p><small>original: the published figures of the project this one grows from (11 VISION queries, grid 2; "
         "BRIEF §1.5). Paint nothing / paint everything: trivial baselines on the same pairs. "
         "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
         *_beyond_html(summary),

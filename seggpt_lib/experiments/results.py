@@ -1,14 +1,26 @@
-"""Where results go and how they are written: tables (CSV + Markdown), figures, per-notebook JSON fragments."""
+"""Where results go and how they are written: tables (CSV + Markdown), figures, and each
+notebook's one typed JSON fragment (:class:`DataFragment` ... :class:`BeyondFragment`, written with
+:func:`write_fragment`, read back by :func:`load_fragment` and merged by
+:func:`seggpt_lib.experiments.report.build_summary`)."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+import dataclasses
 import json
 import math
-import numpy as np
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
 
 from seggpt_lib.experiments import viz
+
+try:  # shown inline only inside IPython (a notebook); plain Python runs without it
+    from IPython import get_ipython
+    from IPython.display import Image, display
+except ImportError:  # pragma: no cover
+    get_ipython = None
 from seggpt_lib.experiments.config import PipelineError
 
 
@@ -69,15 +81,8 @@ def save_figure(fig, results_dir: str | os.PathLike, name: str, dpi: int = 110, 
     path = dirs["figures"] / f"{name}.png"
     data = viz.figure_png(fig, dpi)
     path.write_bytes(data)
-    if show:
-        try:
-            from IPython import get_ipython
-            from IPython.display import Image, display
-
-            if get_ipython() is not None:
-                display(Image(data=data))
-        except ImportError:  # pragma: no cover
-            pass
+    if show and get_ipython is not None and get_ipython() is not None:
+        display(Image(data=data))
     return path
 
 
@@ -98,20 +103,194 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def write_fragment(results_dir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
-    """``work/<name>.json``: a notebook's results for the pipeline's summary (NaN -> null)."""
+# ------------------------------------------------------------------------------------------
+# the notebooks' fragments: one typed record per notebook (every field has a default, so a
+# partial run's summary still reads)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Fragment:
+    """A notebook's results for the pipeline's summary (``work/<NAME>.json``)."""
+
+    NAME: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """The fragment of a JSON object; keys it does not know (an older run's) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class DataFragment(Fragment):
+    """Notebook 01: the dataset built and split."""
+
+    NAME: ClassVar[str] = "01_data_transformation"
+    source: str | None = None
+    source_path: str = ""
+    root: str | None = None
+    split_root: str | None = None
+    reused: bool = False
+    seconds: float | None = None
+    classes: list[str] = field(default_factory=list)
+    images: dict[str, int] = field(default_factory=dict)  # per split and total
+    mean: list[float] | None = None  # the training split's per-channel mean (0..1)
+    std: list[float] | None = None
+
+    @classmethod
+    def build(cls, info: dict[str, Any], counts, stats) -> "DataFragment":
+        """From :func:`~seggpt_lib.experiments.dataset.prepare_data`'s result, the class counts and
+        the image statistics tables."""
+        train = stats[stats["split"] == "train"].iloc[0]
+        return cls(**{k: info[k] for k in ("source", "source_path", "root", "split_root", "reused", "seconds")},
+                   classes=[c for c in counts["class"] if c != "all"],
+                   images={c: int(counts[c].iloc[-1]) for c in counts.columns if c != "class"},
+                   mean=[float(train[f"mean_{c}"]) for c in "rgb"], std=[float(train[f"std_{c}"]) for c in "rgb"])
+
+    def mean_std(self) -> tuple[list[float], list[float]] | None:
+        return (self.mean, self.std) if self.mean is not None and self.std is not None else None
+
+
+@dataclass
+class TrainingFragment(Fragment):
+    """Notebook 02: the weights the evaluation notebooks use and how they came about."""
+
+    NAME: ClassVar[str] = "02_training"
+    weights: str | None = None  # absolute path
+    weights_label: str | None = None  # relative to the results folder where it lies there
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    defect_color: list[int] | None = None
+    trained: bool = False
+    steps_done: int = 0
+    wall_s: float = 0.0
+    best_val_miou: float | None = None
+    device: str | None = None
+    n_parameters: int | None = None
+
+    @classmethod
+    def build(cls, results_dir: str | os.PathLike, cfg, run: dict[str, Any], weights: str | os.PathLike, trained: bool,
+              n_parameters: int) -> "TrainingFragment":
+        """From the run's TrainConfig ``cfg``, :func:`~seggpt_lib.experiments.training.run_training`'s
+        result ``run`` and the weights evaluated."""
+        w = Path(weights).resolve()
+        try:
+            label = str(w.relative_to(Path(results_dir).resolve()))
+        except ValueError:
+            label = str(weights)
+        return cls(weights=str(w), weights_label=label, preset=cfg.preset, model=dict(cfg.model),
+                   mean=list(cfg.image_mean), std=list(cfg.image_std), defect_color=cfg.defect_color, trained=trained,
+                   steps_done=int(run["steps_done"]), wall_s=float(run["wall_s"]), best_val_miou=run["best_val_miou"],
+                   device=cfg.device, n_parameters=int(n_parameters))
+
+
+@dataclass
+class GridAblationFragment(Fragment):
+    """Notebook 03: mIoU by tiling grid."""
+
+    NAME: ClassVar[str] = "03_grid_ablation"
+    table: list[dict[str, Any]] = field(default_factory=list)  # one row per (grid, top_k)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    top_k: int = 1
+    best_grid: int | None = None
+    work_size: int | None = None
+    tile_pairing: str | None = None
+    queries: int = 0
+    weights: str | None = None
+    device: str | None = None
+
+    @classmethod
+    def build(cls, abl: dict[str, Any], em, top_k: int, tile_pairing: str) -> "GridAblationFragment":
+        """From :func:`~seggpt_lib.experiments.evaluation.grid_ablation`'s result and the
+        :class:`~seggpt_lib.experiments.evaluation.EvalModel` scored; ``best_grid``: the grid of the
+        highest mIoU at ``top_k`` (the smaller grid on a tie)."""
+        table = abl["table"]
+        col = "grid" if "grid" in table.columns else "split"
+        t1 = table[table["top_k"] == top_k]
+        best = int(t1.sort_values(["mIoU", col], ascending=[False, True])[col].iloc[0])
+        return cls(table=table.to_dict("records"), per_class=abl["per_class"].to_dict("records"), top_k=top_k,
+                   best_grid=best, work_size=abl["work_size"], tile_pairing=tile_pairing, queries=len(abl["mapping"]),
+                   weights=em.weights, device=em.device)
+
+    def miou_by_grid(self) -> dict[int, float]:
+        """``{grid: mIoU}`` of the rows at ``top_k`` (the table's tiling column is ``grid``, or
+        ``split`` in an older run's)."""
+        return {int(r.get("grid", r.get("split"))): r.get("mIoU") for r in self.table if r.get("top_k") == self.top_k}
+
+    def extra_rows(self) -> dict[tuple[int, int], float]:
+        """``{(grid, k): mIoU}`` of the rows with another ``top_k``."""
+        return {(int(r.get("grid", r.get("split"))), int(r["top_k"])): r.get("mIoU") for r in self.table
+                if r.get("top_k") != self.top_k}
+
+
+@dataclass
+class PairEvaluationFragment(Fragment):
+    """Notebook 04: catch, yield and PES (``summary``: :func:`seggpt_lib.eval.metrics.evaluate`'s)."""
+
+    NAME: ClassVar[str] = "04_pair_evaluation"
+    summary: dict[str, Any] = field(default_factory=dict)
+    grid: int | None = None
+    top_k: int | None = None
+    work_size: int | None = None
+    tile_pairing: str | None = None
+    weights: str | None = None
+    device: str | None = None
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class BeyondFragment(Fragment):
+    """Notebook 05: the recipes and prompts compared."""
+
+    NAME: ClassVar[str] = "05_beyond"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
+    budget_minutes: float | None = None
+    grid: int | None = None
+    top_k: int | None = None
+    tune_steps: int | None = None
+    max_queries: int | None = None
+    device: str | None = None
+    seconds: float | None = None
+
+
+FRAGMENTS: tuple[type[Fragment], ...] = (DataFragment, TrainingFragment, GridAblationFragment, PairEvaluationFragment,
+                                         BeyondFragment)
+F = TypeVar("F", bound=Fragment)
+
+
+def write_fragment(results_dir: str | os.PathLike, fragment: Fragment | str, data: dict[str, Any] | None = None) -> Path:
+    """``work/<NAME>.json``: a notebook's :class:`Fragment` for the pipeline's summary (NaN -> null);
+    ``write_fragment(results_dir, name, data)`` writes a plain dict under ``name``."""
+    name, payload = (fragment.NAME, fragment.to_dict()) if isinstance(fragment, Fragment) else (fragment, data or {})
     path = result_dirs(results_dir)["work"] / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    tmp.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def read_fragment(results_dir: str | os.PathLike, name: str, required: bool = True) -> dict[str, Any] | None:
-    """A notebook's fragment; with ``required`` a missing one raises naming the notebook to run."""
+    """A notebook's fragment as a dict; with ``required`` a missing one raises naming the notebook to run."""
     path = Path(results_dir) / "work" / f"{name}.json"
     if not path.is_file():
         if required:
             raise PipelineError(f"{path} not found: run notebook {name} first (or give its results as parameters)")
         return None
     return json.loads(path.read_text())
+
+
+def grid_miou(results_dir: str | os.PathLike) -> dict[int, float]:
+    """Notebook 03's ``{grid: mIoU}`` at its ``top_k`` (empty when 03 did not run)."""
+    frag = load_fragment(results_dir, GridAblationFragment, required=False)
+    return frag.miou_by_grid() if frag is not None else {}
+
+
+def load_fragment(results_dir: str | os.PathLike, cls: type[F], required: bool = True) -> F | None:
+    """Notebook ``cls.NAME``'s fragment as a ``cls``; missing: raises (``required``) or None."""
+    d = read_fragment(results_dir, cls.NAME, required=required)
+    return None if d is None else cls.from_dict(d)

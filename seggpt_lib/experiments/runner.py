@@ -1,16 +1,21 @@
-"""The papermill runner behind ``seggpt reproduce``: executes the notebooks in order, renders them, writes the summary."""
+"""The papermill runner behind ``seggpt reproduce``: executes the notebooks in order, renders them, writes the summary.
+
+jupytext, nbformat, papermill, nbconvert, jupyter_client and zmq are imported inside the functions
+that use them: they are heavy (papermill and nbconvert take seconds) and only running or rendering a
+notebook needs them, not importing this module (the summary, the CLI's ``--print-config``)."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
 import copy
 import json
 import os
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from seggpt_lib.experiments.config import BEYOND_NOTEBOOK, NOTEBOOKS, NOTEBOOK_DIR, NOTEBOOK_PARAMETERS, PipelineError, REPO_ROOT, parse_data_spec
+from seggpt_lib.experiments.config import (BEYOND_NOTEBOOK, NOTEBOOK_DIR, NOTEBOOK_PARAMETERS, NOTEBOOKS, REPO_ROOT,
+                                           PipelineError, parse_data_spec)
 from seggpt_lib.experiments.report import build_summary, headline_table, write_index_html
 from seggpt_lib.experiments.results import result_dirs, write_table
 
@@ -21,7 +26,7 @@ from seggpt_lib.experiments.results import result_dirs, write_table
 def notebook_source(name: str, notebooks_dir: str | os.PathLike | None = None):
     """A notebook as an nbformat node, read from its percent-format ``.py`` (the source of
     truth; the paired ``.ipynb`` when there is no ``.py``)."""
-    import jupytext
+    import jupytext  # lazy: see the module docstring
 
     d = Path(notebooks_dir or NOTEBOOK_DIR)
     py, ipynb = d / f"{name}.py", d / f"{name}.ipynb"
@@ -67,7 +72,7 @@ def _kernel_manager_class():
     """A kernel manager that provisions CurveZMQ keys where jupyter_client, pyzmq and the
     kernelspec support it (encrypted kernel traffic, and no "running over TCP without
     encryption" warning on every stage); None keeps nbclient's default."""
-    try:
+    try:  # lazy: see the module docstring
         import zmq
         from jupyter_client.manager import AsyncKernelManager
     except ImportError:  # pragma: no cover
@@ -110,7 +115,7 @@ def execute_notebook(name: str, output: str | os.PathLike, parameters: dict[str,
     """Run notebook ``name`` with papermill, writing the executed copy to ``output``; what the
     notebook prints goes to ``echo`` (a text stream) too, line by line as it comes. A failing
     cell raises :class:`PipelineError` naming the notebook, the error and the partial copy."""
-    import nbformat
+    import nbformat  # lazy: see the module docstring
     import papermill as pm
     from jupyter_client.kernelspec import NoSuchKernel
 
@@ -152,7 +157,7 @@ def execute_notebook(name: str, output: str | os.PathLike, parameters: dict[str,
 
 def render_html(executed: str | os.PathLike, out_html: str | os.PathLike) -> Path:
     """An executed notebook as a standalone HTML page (images embedded)."""
-    import nbformat
+    import nbformat  # lazy: see the module docstring
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(executed), as_version=4)
@@ -207,7 +212,7 @@ def training_run_dir(results_dir: str | os.PathLike) -> Path:
 
 def _training_probe(results_dir: Path, beyond: bool = False) -> Callable[[], str]:
     def probe() -> str:
-        if beyond:  # notebook 06 trains in work/beyond/run_<negative_target>
+        if beyond:  # notebook 05 trains in work/beyond/run_<negative_target>
             found = sorted((Path(results_dir) / "work" / "beyond").glob("run_*/metrics.csv"),
                            key=lambda q: q.stat().st_mtime)
             p = found[-1] if found else Path(results_dir) / "missing"
@@ -245,7 +250,7 @@ def _clean_outputs(dirs: dict[str, Path]) -> None:
 
 
 def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the notebooks (all five, or ``stages``) with one set of parameters, render the
+    """Run the notebooks (all of :data:`NOTEBOOKS`, or ``stages``) with one set of parameters, render the
     reports, merge the summary, write ``summary.json`` and ``index.html``. Returns the summary.
     A failing stage raises :class:`PipelineError` (after writing a partial summary and index)."""
     stages = list(stages or NOTEBOOKS)

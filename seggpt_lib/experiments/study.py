@@ -26,27 +26,46 @@ data, and a query half). ``--quick`` is a sub-minute CPU check; the GPU configur
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
+
+from data_prep.magnetic_tile import convert_magnetic_tile
+from data_prep.split import split_dataset
+from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, to_prompt_pairs, tune_prompt
+from seggpt_lib.eval.metrics import evaluate
+from seggpt_lib.eval.scoring import LearnedPrompts, ScoringConfig, score_mapping
+from seggpt_lib.experiments import config as CFG
+from seggpt_lib.experiments import dataset as DS
+from seggpt_lib.experiments import evaluation as EV
+from seggpt_lib.experiments import report as REP
+from seggpt_lib.experiments import results as RES
+from seggpt_lib.experiments import training as TR
+from seggpt_lib.experiments import viz as V
+from seggpt_lib.experiments.config import BeyondConfig, PipelineConfig
 
 __all__ = [
+    "FULL",
     "METHODS",
+    "QUICK",
     "RECIPES",
+    "StudySettings",
     "compare_recipes",
     "evaluate_model",
     "learned_prompts",
     "machine_info",
     "make_holdout_eval",
+    "run_beyond",
     "run_study",
     "train_recipe",
 ]
@@ -55,7 +74,7 @@ RECIPES: dict[str, str] = {
     "query_mask": "original negatives (query mask)",
     "empty": "class-aware negatives (empty)",
 }
-METHODS = ("top1", "topk", "learned")
+METHODS = CFG.BEYOND_METHODS  # ("top1", "topk", "learned")
 FREE = "free"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,15 +99,13 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
     ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
     ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-
     if negative_target not in RECIPES:
         raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
     train = {**(recipe or {}), "negative_target": negative_target}
-    cfg = TR.training_config(split_root, run_dir, preset=preset, model=model_overrides, weights=weights, steps=steps,
-                            train_minutes=budget_minutes, device=CFG.resolve_device_name(device), precision=precision, seed=seed,
-                            normalize=normalize, mean_std=mean_std, train=train, eval_every=eval_every,
-                            val_pairs=val_pairs, log=log)
+    cfg = TR.training_config(split_root, run_dir, CFG.TrainSettings(
+        preset=preset, model=dict(model_overrides or {}), weights=weights, steps=steps, train_minutes=budget_minutes,
+        device=device, precision=precision, seed=seed, normalize=normalize, recipe=train, eval_every=eval_every,
+        val_pairs=val_pairs), mean_std=mean_std, log=log)
     res = TR.run_training(cfg, run_dir, log=log)
     return {"negative_target": negative_target, "weights": str(TR.trained_weights(run_dir, checkpoint)),
             "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_miou": res["best_val_miou"],
@@ -108,21 +125,18 @@ def learned_prompts(em, prompt_root: str | os.PathLike, classes: Sequence[str], 
     or defect-free ones with an empty target. Returns ``{class: LearnedPrompt}``; with
     ``save_dir`` each is also written as ``<class>.safetensors`` (for ``seggpt infer
     --learned-prompt``)."""
-    from seggpt_lib.engine.prompt_tuning import save_learned_prompt, tune_prompt
-
     pred = em.predictor
     index = _scan(prompt_root)
     has_other = bool(index.is_free.any()) or len(set(index.class_names) - {FREE}) > 1
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
+    recipe = PromptTuningConfig(
+        steps=int(steps), lr=float(lr), batch_size=int(batch_size), init="real", seed=int(seed),
+        fg_weight=float(fg_weight), negative_share=float(negative_share) if has_other else 0.0, precision="auto",
+        defect_color=pred.defect_color, mean=pred.mean, std=pred.std, evaluate=True,
+    )
     for cls in sorted(set(classes)):
-        prompt, _ = tune_prompt(
-            pred.model, index, cls, steps=int(steps), lr=float(lr), batch_size=int(batch_size), init="real",
-            seed=int(seed), device=pred.device, progress=False, fg_weight=float(fg_weight),
-            negative_share=float(negative_share) if has_other else 0.0,
-            precision="bf16" if pred.device.type == "cuda" else "fp32", defect_color=pred.defect_color,
-            mean=pred.mean, std=pred.std, evaluate=True,
-        )
+        prompt, _ = tune_prompt(pred.model, index, cls, recipe, device=pred.device, progress=False)
         out[cls] = prompt
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -138,7 +152,7 @@ _SCANS: dict[tuple[str, int, int], Any] = {}
 def _scan(root: str | os.PathLike):
     """``DefectIndex.scan(root)`` (labels decoded, images not verified), kept while the folder's
     image and label listings are unchanged (a study scans the same folders many times)."""
-    from seggpt_lib.data.dataset import DefectIndex
+    from seggpt_lib.data.layout import DefectIndex
 
     root = Path(root)
     key = (str(root.resolve()), (root / "images").stat().st_mtime_ns if (root / "images").is_dir() else 0,
@@ -151,39 +165,16 @@ def _scan(root: str | os.PathLike):
 
 
 def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, prompts: dict[str, Any],
-                     split: int, work_size: int, tile_pairing: str, method: str):
+                     grid: int, work_size: int, tile_pairing: str, method: str):
     """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
     class (positive) or of the first mapped prompt's class (negative, free)."""
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-    from seggpt_lib.data.dataset import read_label, read_rgb
-    from seggpt_lib.eval.metrics import PairResult
-    from seggpt_lib.engine.prompt_tuning import to_prompt_pairs
-
     q_root, p_root = EV.eval_roots(eval_root)
-    q_idx, p_idx = _scan(q_root), _scan(p_root)
     pred = em.predictor
-    pairs = {c: to_prompt_pairs(p, pred) for c, p in prompts.items()}
-    chunk = max(1, min(16, pred.max_batch // max(1, pred.pairs_per_query(1, split, tile_pairing))))
-    out = []
-    queries = sorted(mapping)
-    for c0 in range(0, len(queries), chunk):
-        names = queries[c0:c0 + chunk]
-        imgs, gts, classes, q_classes = [], [], [], []
-        for q in names:
-            i = q_idx.find(q)
-            imgs.append(read_rgb(q_idx.image_path(i)))
-            gts.append(read_label(q_idx.label_path(i)) != 0)
-            qc = q_idx.class_of(i)
-            q_classes.append(qc)
-            classes.append(qc if kind == "positive" else p_idx.class_of(p_idx.find(mapping[q][0])))
-        t0 = time.perf_counter()
-        outs = pred.predict_batch(imgs, prompt_pairs=[pairs[c] for c in classes], split=split,
-                                  tile_pairing=tile_pairing, work_size=work_size, keep_raw=False)
-        sec = (time.perf_counter() - t0) / len(names)
-        for q, o, g, c, qc in zip(names, outs, gts, classes, q_classes):
-            out.append(PairResult(query=q, prompts=[f"learned:{c}"], kind=kind, query_class=qc, pred=o.mask, gt=g,
-                                  extra={"method": method, "split": split, "top_k": 1, "seconds": sec}))
-    return out
+    learned = LearnedPrompts({c: to_prompt_pairs(p, pred) for c, p in prompts.items()})
+    cfg = ScoringConfig(grid=grid, work_size=work_size, tile_pairing=tile_pairing,
+                        extra={"method": method, "split": grid, "top_k": 1})
+    return [s.result for s in score_mapping(pred, EV.index_folder(_scan(q_root)), {q: mapping[q] for q in sorted(mapping)},
+                                            kind, cfg, prompts=EV.index_folder(_scan(p_root)), learned=learned)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,14 +195,15 @@ def _row(summary: dict[str, Any], table) -> dict[str, Any]:
 
 
 def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] = METHODS, top_k: int = 3,
-                   split: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
+                   grid: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
                    max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = 0.3,
                    yield_response: float = 0.000239, tune_steps: int = 40, tune_lr: float = 0.1,
                    tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
                    seed: int = 0, prompt_dir: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score one model (an :class:`~seggpt_lib.experiments.evaluation.EvalModel`) on ``eval_root`` (a folder
-    with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data).
+    with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data), queries cut
+    into ``grid x grid`` tiles.
 
     The same positive, negative and defect-free query sets (at most ``max_queries`` each, spread
     over the classes) go through every method of ``methods``: ``top1`` (the first mapped image
@@ -221,11 +213,6 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
     Returns ``rows`` ({method, prompt, metrics...}), ``per_image`` (every scored pair, with a
     ``method`` column), ``baseline`` (the paint-nothing row), ``prompts`` (the learned ones),
     ``mappings``, ``work_size``."""
-    import pandas as pd
-
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-    from seggpt_lib.eval.metrics import evaluate
-
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; methods: {METHODS}")
@@ -268,10 +255,10 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
             if not m:
                 continue
             if method == "learned":
-                records += _predict_learned(em, eval_root, m, kind, prompts, split, ws, tile_pairing, method)
+                records += _predict_learned(em, eval_root, m, kind, prompts, grid, ws, tile_pairing, method)
             else:
                 kk = 1 if method == "top1" else k
-                recs = EV.predict_mapping(em, eval_root, m, kind, split=split, top_k=kk, work_size=ws,
+                recs = EV.predict_mapping(em, eval_root, m, kind, grid=grid, top_k=kk, work_size=ws,
                                          tile_pairing=tile_pairing)
                 for r in recs:
                     r.extra["method"] = method
@@ -296,23 +283,17 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
 # ------------------------------------------------------------------------------------------
 # the comparison
 # ------------------------------------------------------------------------------------------
-def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", model_overrides: dict | None = None,
-                    budget_minutes: float | None = 4.5, device: str = "cpu", seed: int = 0, *,
-                    recipe: dict[str, Any] | None = None, steps: int = 100000, weights: str = "",
+def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                     reuse: dict[str, dict[str, Any] | str] | None = None,
                     negative_targets: Sequence[str] = ("query_mask", "empty"),
                     eval_root: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None,
-                    precision: str = "auto", normalize: str = "imagenet", mean_std=None, eval_every: int = 50,
-                    val_pairs: int = 64, checkpoint: str = "best", methods: Sequence[str] = METHODS,
-                    top_k: int = 3, split: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
-                    max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = 0.3,
-                    yield_response: float = 0.000239, tune_steps: int = 40, tune_lr: float = 0.1,
-                    tune_batch: int = 4, tune_negative_share: float = 0.25, max_batch: int = 64,
-                    results_dir: str | os.PathLike | None = None, table_name: str | None = None,
+                    mean_std=None, results_dir: str | os.PathLike | None = None, table_name: str | None = None,
                     title: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or reuse) one model per ``negative_targets`` entry with the same ``recipe`` and
-    budget (``steps`` / ``budget_minutes``), score each with :func:`evaluate_model` on
-    ``eval_root`` (default ``split_root``: its ``test`` queries, ``train`` prompts).
+    """Train (or reuse) one model per ``negative_targets`` entry with the same recipe and budget
+    (``cfg``: :class:`~seggpt_lib.experiments.config.BeyondConfig`, its ``recipe`` over the
+    pipeline's, ``steps`` / ``budget_minutes``), score each with :func:`evaluate_model` on
+    ``eval_root`` (default ``split_root``: its ``test`` queries, ``train`` prompts) with
+    ``cfg.methods`` at tiling grid ``cfg.grid``.
 
     ``reuse``: ``{negative_target: weights path or a train_recipe-like dict}``: an already
     trained model for that recipe (say notebook 02's class-aware model) instead of training it.
@@ -322,12 +303,9 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
     ``models`` ({negative_target: its training dict}), ``evals`` ({negative_target: evaluate_model's
     result}) and ``seconds``. With ``results_dir`` and ``table_name`` the tables are written there
     (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
-    import pandas as pd
-
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-
     t_all = time.perf_counter()
-    recipe = {**CFG.DEFAULTS["train"], **(recipe or {})}
+    recipe = cfg.full_recipe()
+    device = CFG.resolve_device_name(cfg.device)
     eval_root = Path(eval_root or split_root)
     work = Path(work_dir) if work_dir is not None else Path(split_root).parent / "compare"
     models: dict[str, dict[str, Any]] = {}
@@ -340,27 +318,29 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
             info["weights"] = str(info["weights"])
             log(f"{info.get('label') or RECIPES[nt]}: reusing {info['weights']}")
         else:
-            log(f"{RECIPES[nt]}: training ({budget_minutes if budget_minutes else 'no'} min budget, <= {steps} steps)")
-            info = train_recipe(split_root, work / f"run_{nt}", nt, preset=preset, model_overrides=model_overrides,
-                                weights=weights, steps=steps, budget_minutes=budget_minutes, device=device,
-                                precision=precision, seed=seed, recipe=recipe, normalize=normalize,
-                                mean_std=mean_std, eval_every=eval_every, val_pairs=val_pairs,
-                                checkpoint=checkpoint, log=log)
+            log(f"{RECIPES[nt]}: training ({cfg.budget_minutes if cfg.budget_minutes else 'no'} min budget, "
+                f"<= {cfg.steps} steps)")
+            info = train_recipe(split_root, work / f"run_{nt}", nt, preset=cfg.preset, model_overrides=cfg.model,
+                                weights=cfg.weights, steps=cfg.steps, budget_minutes=cfg.budget_minutes, device=device,
+                                precision=cfg.precision, seed=cfg.seed, recipe=recipe, normalize=cfg.normalize,
+                                mean_std=mean_std, eval_every=cfg.eval_every, val_pairs=cfg.val_pairs,
+                                checkpoint=cfg.checkpoint, log=log)
         models[nt] = info
 
     rows, per_image, evals, ems, baseline = [], [], {}, {}, None
     for nt, info in models.items():
         label = info.get("label") or RECIPES[nt]
-        em = EV.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=precision,
-                               max_batch=max_batch, mean=info.get("mean"), std=info.get("std"),
-                               defect_color=info.get("defect_color") or recipe.get("defect_color"))
+        em = EV.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=cfg.precision,
+                                max_batch=cfg.max_batch, mean=info.get("mean"), std=info.get("std"),
+                                defect_color=info.get("defect_color") or recipe.get("defect_color"))
         ems[nt] = em
         log(f"evaluating {label}: {em.describe()}")
-        ev = evaluate_model(em, eval_root, methods=methods, top_k=top_k, split=split, work_size=work_size,
-                            tile_pairing=tile_pairing, max_queries=max_queries, mapping_seed=mapping_seed,
-                            catch_iou=catch_iou, yield_response=yield_response, tune_steps=tune_steps,
-                            tune_lr=tune_lr, tune_batch=tune_batch, tune_fg_weight=float(recipe.get("fg_weight", 1.0)),
-                            tune_negative_share=tune_negative_share, seed=seed,
+        ev = evaluate_model(em, eval_root, methods=cfg.methods, top_k=cfg.top_k, grid=cfg.grid,
+                            work_size=cfg.work_size, tile_pairing=cfg.tile_pairing, max_queries=cfg.max_queries,
+                            mapping_seed=cfg.mapping_seed, catch_iou=cfg.catch_iou,
+                            yield_response=cfg.yield_response, tune_steps=cfg.tune_steps, tune_lr=cfg.tune_lr,
+                            tune_batch=cfg.tune_batch, tune_fg_weight=float(recipe.get("fg_weight", 1.0)),
+                            tune_negative_share=cfg.tune_negative_share, seed=cfg.seed,
                             prompt_dir=work / f"prompts_{nt}", log=log)
         evals[nt] = ev
         for r in ev["rows"]:
@@ -383,14 +363,48 @@ def compare_recipes(split_root: str | os.PathLike, preset: str = "vit_micro", mo
                              for nt, m in models.items()])
     if results_dir is not None and table_name:
         RES.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
-                      note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
-                           "Paint nothing: the trivial baseline on the same pairs.")
+                        note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
+                             "Paint nothing: the trivial baseline on the same pairs.")
         if len(per_image_df):
             RES.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
         RES.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
     return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
-            "eval_models": ems, "eval_root": str(eval_root), "split": split, "tile_pairing": tile_pairing,
+            "eval_models": ems, "eval_root": str(eval_root), "grid": cfg.grid, "tile_pairing": cfg.tile_pairing,
             "seconds": time.perf_counter() - t_all}
+
+
+def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Notebook 05: notebook 02's model stands for its own recipe (``cfg.train``'s
+    ``negative_target``) and the other recipe trains here with the same budget
+    (``beyond_minutes``, None: ``train_minutes``); both are compared by :func:`compare_recipes` on
+    notebook 01's split and written as ``tables/05_beyond*``. Without training in 02 (``steps``
+    0) only the prompts are compared, on the given weights. Returns :func:`compare_recipes`'s
+    result plus ``fragment`` (the :class:`~seggpt_lib.experiments.results.BeyondFragment`)."""
+    R = Path(results_dir)
+    data = RES.load_fragment(R, RES.DataFragment)
+    trained = RES.load_fragment(R, RES.TrainingFragment)
+    bc = cfg.beyond()
+    own = cfg.train.get("negative_target", CFG.PIPELINE_RECIPE["negative_target"])  # the recipe notebook 02 trained
+    reuse = {own: {"weights": trained.weights, "steps": trained.steps_done, "minutes": (trained.wall_s or 0) / 60,
+                   "best_val_miou": trained.best_val_miou, "mean": trained.mean, "std": trained.std,
+                   "defect_color": trained.defect_color}}
+    if trained.trained:
+        targets: tuple[str, ...] = ("query_mask", "empty")
+        log(f"notebook 02 trained the {RECIPES[own]} recipe for {reuse[own]['minutes']:.1f} min "
+            f"({trained.steps_done} steps); the other one trains here with {bc.budget_minutes} min and the same recipe")
+    else:
+        targets = (own,)
+        reuse[own]["label"] = f"given weights ({Path(trained.weights).name})"
+        log("no training in notebook 02 (steps = 0): comparing the prompts on the given weights only")
+    res = compare_recipes(data.split_root, bc, reuse=reuse, negative_targets=targets, work_dir=R / "work" / "beyond",
+                          mean_std=data.mean_std() if cfg.normalize == "dataset" else None, results_dir=R,
+                          table_name=RES.BeyondFragment.NAME,
+                          title=f"Beyond the original (grid {bc.grid}, same test queries for every row)", log=log)
+    res["fragment"] = RES.BeyondFragment(
+        rows=headline_rows(res["table"]), training=res["training"].to_dict("records"),
+        budget_minutes=bc.budget_minutes, grid=bc.grid, top_k=bc.top_k, tune_steps=bc.tune_steps,
+        max_queries=bc.max_queries, device=CFG.resolve_device_name(cfg.device), seconds=res["seconds"])
+    return res
 
 
 def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("positive", "negative"),
@@ -401,7 +415,7 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
     there is nothing to show."""
     from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
     from seggpt_lib.experiments import viz as V
-    from seggpt_lib.data.dataset import read_label, read_rgb
+    from seggpt_lib.data.layout import read_label, read_rgb
     from seggpt_lib.eval.metrics import iou, response_rate
 
     eval_root = res["eval_root"]
@@ -422,10 +436,10 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
                 if method == "learned":
                     if not ev["prompts"]:
                         continue
-                    recs = _predict_learned(em, eval_root, sub, kind, ev["prompts"], res["split"], ev["work_size"],
+                    recs = _predict_learned(em, eval_root, sub, kind, ev["prompts"], res["grid"], ev["work_size"],
                                             res["tile_pairing"], method)
                 else:
-                    recs = EV.predict_mapping(em, eval_root, sub, kind, split=res["split"],
+                    recs = EV.predict_mapping(em, eval_root, sub, kind, grid=res["grid"],
                                              top_k=1 if method == "top1" else ev["top_k"], work_size=ev["work_size"],
                                              tile_pairing=res["tile_pairing"])
                 preds[(nt, method)] = {r.query: r for r in recs}
@@ -581,22 +595,54 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+@dataclass
+class StudySettings:
+    """The settings of ``seggpt study`` (``--set key=value``; ``train`` merged key by key). The
+    default is the lent-GPU configuration (``benchmarks/gpu_study.sh``): vit_tiny (224 px per
+    image), a wall-clock budget per trained model, prompt tuning 60 steps per class."""
+
+    limit_per_class: int | None = None  # first N photos of each class
+    preset: str = "vit_tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides
+    steps: int = 100000
+    minutes: float | None = 0.35  # training budget per model and protocol
+    eval_every: int = 100
+    val_pairs: int = 32
+    tune_steps: int = 60  # prompt-tuning steps per class
+    max_queries: int | None = None  # queries per kind
+    top_k: int = 3  # prompts of the ensemble row
+    train: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3, "batch_size": 32, "warmup_steps": 50,
+                                                           "num_workers": 6})  # TrainConfig keys over PIPELINE_RECIPE
+    val: float = 0.1  # the split: validation share (configs/magnetic_tile.json splits the same way)
+    test: float = 0.3  # test share
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "StudySettings":
+        valid = [f.name for f in dataclasses.fields(self)]
+        changes: dict[str, Any] = {}
+        for k, v in (overrides or {}).items():
+            if k not in valid:
+                raise ValueError(f"unknown study setting {k!r}; settings: {', '.join(sorted(valid))}")
+            changes[k] = {**self.train, **v} if k == "train" and isinstance(v, dict) else v
+        return dataclasses.replace(self, **json.loads(json.dumps(changes)))
+
+    def beyond(self, device: str, seed: int, recipe: dict[str, Any]) -> BeyondConfig:
+        """The :class:`~seggpt_lib.experiments.config.BeyondConfig` of one protocol's comparison."""
+        return BeyondConfig(preset=self.preset, model=dict(self.model), steps=int(self.steps),
+                            budget_minutes=self.minutes, device=device, seed=seed, recipe=recipe,
+                            eval_every=int(self.eval_every), val_pairs=int(self.val_pairs), top_k=int(self.top_k),
+                            max_queries=self.max_queries, tune_steps=int(self.tune_steps))
+
+
 # the quick CPU configuration (--quick; the test suite runs it): a handful of images per class,
 # a 235 k-parameter model (32x32 per image) trained a few steps, a few prompt-tuning steps
-QUICK: dict[str, Any] = {
-    "limit_per_class": 6, "preset": "vit_micro",
-    "model": {"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
-              "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32},
-    "steps": 3, "minutes": None, "eval_every": 3, "val_pairs": 4, "tune_steps": 2, "max_queries": 3, "top_k": 2,
-    "train": {"batch_size": 4, "warmup_steps": 1},
-}
-# the default (a lent GPU: benchmarks/gpu_study.sh): vit_tiny (224 px per image), a wall-clock
-# budget per trained model, prompt tuning 60 steps per class
-FULL: dict[str, Any] = {
-    "limit_per_class": None, "preset": "vit_tiny", "model": {}, "steps": 100000, "minutes": 0.35, "eval_every": 100,
-    "val_pairs": 32, "tune_steps": 60, "max_queries": None, "top_k": 3,
-    "train": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 50, "num_workers": 6},
-}
+QUICK = StudySettings(
+    limit_per_class=6, preset="vit_micro",
+    model={"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
+           "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32},
+    steps=3, minutes=None, eval_every=3, val_pairs=4, tune_steps=2, max_queries=3, top_k=2,
+    train={"batch_size": 4, "warmup_steps": 1})
+# the default (a lent GPU: benchmarks/gpu_study.sh)
+FULL = StudySettings()
 
 
 def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "results/magnetic_tile", *,
@@ -608,21 +654,9 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     carved from the 70; held-out classes: ``holdout_classes`` or ``holdout_n`` seeded ones never
     in training), :func:`compare_recipes` per protocol. Writes ``out/tables/study_<protocol>*.{csv,md}``,
     ``out/figures/study_<protocol>.png`` and ``out/summary.json`` (rows, settings, timings, machine).
-    ``overrides`` change keys of :data:`QUICK` / :data:`FULL` (``train`` merged)."""
-    from data_prep.magnetic_tile import convert_magnetic_tile
-    from data_prep.split import split_dataset
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-    from seggpt_lib.experiments import viz as V
-
+    ``overrides`` change fields of :data:`QUICK` / :data:`FULL` (:class:`StudySettings`; ``train`` merged)."""
     t_all = time.perf_counter()
-    cfg = json.loads(json.dumps(QUICK if quick else FULL))
-    for k, v in (overrides or {}).items():
-        if k == "train" and isinstance(v, dict):
-            cfg["train"].update(v)
-        elif k not in cfg:
-            raise ValueError(f"unknown study setting {k!r}; settings: {', '.join(sorted(cfg))}")
-        else:
-            cfg[k] = v
+    st = (QUICK if quick else FULL).with_overrides(overrides)
     for p in protocols:
         if p not in ("seen", "holdout"):
             raise ValueError(f"protocol must be 'seen' or 'holdout', got {p!r}")
@@ -638,17 +672,18 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     dev = CFG.resolve_device_name(device)
     if str(dev).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
         # loader processes compete with the training threads for the cores on a CPU run
-        workers = cfg["train"].get("num_workers", CFG.DEFAULTS["train"].get("num_workers", 0))
-        cfg["train"]["num_workers"] = min(int(workers), max(0, (os.cpu_count() or 1) - 2))
+        workers = st.train.get("num_workers", CFG.PIPELINE_RECIPE.get("num_workers", 0))
+        st = dataclasses.replace(st, train={**st.train, "num_workers": min(int(workers), max(0, (os.cpu_count() or 1) - 2))})
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
     root = work / "source"
     if root.exists():
         shutil.rmtree(root)
-    convert_magnetic_tile(src, root, limit_per_class=cfg["limit_per_class"], overwrite=True, show_progress=False)
+    convert_magnetic_tile(src, root, limit_per_class=st.limit_per_class, overwrite=True, show_progress=False)
     times["convert_s"] = time.perf_counter() - t0
-    recipe = {**CFG.DEFAULTS["train"], **cfg["train"]}
+    recipe = {**CFG.PIPELINE_RECIPE, **st.train}
+    bc = st.beyond(dev, seed, recipe)
     results: dict[str, Any] = {}
     for proto in protocols:
         t0 = time.perf_counter()
@@ -656,10 +691,10 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         if split_dir.exists():
             shutil.rmtree(split_dir)
         if proto == "seen":
-            split_dataset(root, split_dir, seed=seed, val=0.1, test=0.3, overwrite=True, show_progress=False)
+            split_dataset(root, split_dir, seed=seed, val=st.val, test=st.test, overwrite=True, show_progress=False)
             eval_root, held = split_dir, []
         else:
-            split_dataset(root, split_dir, seed=seed, val=0.1, test=0.3,
+            split_dataset(root, split_dir, seed=seed, val=st.val, test=st.test,
                           holdout_classes=list(holdout_classes) if holdout_classes else None,
                           holdout_n=None if holdout_classes else int(holdout_n), overwrite=True, show_progress=False)
             ho = make_holdout_eval(split_dir, work / "eval_holdout", seed=seed)
@@ -668,12 +703,8 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         name = f"study_{proto}"
         title = ("Magnetic tile, seen classes (70/30 split by class)" if proto == "seen" else
                  f"Magnetic tile, held-out classes {', '.join(held)} (never in training)")
-        res = compare_recipes(
-            split_dir, cfg["preset"], cfg["model"], cfg["minutes"], dev, seed, recipe=recipe, steps=int(cfg["steps"]),
-            eval_root=eval_root, work_dir=work / f"compare_{proto}", eval_every=int(cfg["eval_every"]),
-            val_pairs=int(cfg["val_pairs"]), top_k=int(cfg["top_k"]), max_queries=cfg["max_queries"],
-            tune_steps=int(cfg["tune_steps"]), results_dir=out, table_name=name, title=title,
-            log=lambda m, p=proto: log(f"[{p}] {m}"))
+        res = compare_recipes(split_dir, bc, eval_root=eval_root, work_dir=work / f"compare_{proto}", results_dir=out,
+                              table_name=name, title=title, log=lambda m, p=proto: log(f"[{p}] {m}"))
         times[f"{proto}_s"] = res["seconds"]
         tab = res["table"]
         fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
@@ -685,7 +716,7 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
     times["total_s"] = time.perf_counter() - t_all
     summary = {
         "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(src), "device": dev, "seed": seed,
-        "settings": cfg, "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
+        "settings": dataclasses.asdict(st), "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
         "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / "summary.json").write_text(json.dumps(RES.jsonable(summary), indent=2) + "\n")

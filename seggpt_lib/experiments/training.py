@@ -10,49 +10,48 @@ import time
 import pandas as pd
 import torch
 
-from seggpt_lib.data.dataset import PairDataset, compute_stats
+from seggpt_lib.data.pairs import PairConfig, PairDataset
+from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.engine.trainer import TrainConfig, build_model, train
-from seggpt_lib.experiments.config import DEFAULTS, PipelineError, resolve_preset
+from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset
 from seggpt_lib.experiments.dataset import scan_index, has_positive_pairs, split_roots
 
 
-def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, *, preset: str = "vit_micro",
-                    model: dict | None = None, weights: str = "", steps: int = 100, train_minutes: float | None = None,
-                    device: str = "cpu", precision: str = "auto", seed: int = 0, normalize: str = "imagenet",
-                    mean_std: tuple[Sequence[float], Sequence[float]] | None = None, train: dict[str, Any] | None = None,
-                    eval_every: int = 50, val_pairs: int = 64, log: Callable[[str], None] = print):
+def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, settings: TrainSettings,
+                    mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+                    log: Callable[[str], None] = print) -> TrainConfig:
     """The :class:`~seggpt_lib.engine.trainer.TrainConfig` of a pipeline run.
 
-    ``train`` is the recipe (any TrainConfig keys); the pipeline sets the data folders, the model,
-    the device, ``max_steps = steps``, ``max_minutes = train_minutes``, and sizes an epoch to
-    ``eval_every`` steps so that validation (and the ``last``/``best`` checkpoints) come every
-    ``eval_every`` steps. Without a class holding two defect images in ``val`` there is no
-    validation (said in the log)."""
-
+    ``settings.recipe`` is the recipe (TrainConfig keys over :data:`PIPELINE_RECIPE`); the pipeline
+    sets the data folders, the model, the device, ``max_steps = steps``, ``max_minutes =
+    train_minutes``, and sizes an epoch to ``eval_every`` steps so that validation (and the
+    ``last``/``best`` checkpoints) come every ``eval_every`` steps. With ``normalize`` ``dataset``
+    the training split's ``mean_std`` (computed when not given). Without a class holding two
+    defect images in ``val`` there is no validation (said in the log)."""
+    s = settings
     roots = split_roots(split_root)
     if "train" not in roots:
         raise PipelineError(f"{split_root}: no train/ split")
-    name, ov = resolve_preset(weights, preset, model)
-    d = {**DEFAULTS["train"], **(train or {})}
+    name, ov = resolve_preset(s.weights, s.preset, s.model)
+    d = s.full_recipe()
     bs = int(d.get("batch_size", 4)) * int(d.get("grad_accum_steps", 1))
-    eval_every = max(1, int(eval_every))
-    steps = int(steps)
+    eval_every = max(1, int(s.eval_every))
+    steps = int(s.steps)
     val_dir = ""
     if "val" in roots and has_positive_pairs(roots["val"]):
         val_dir = str(roots["val"])
     else:
         log("no validation: the val split has no class with two defect images")
-    if normalize == "dataset":
+    if s.normalize == "dataset":
         if mean_std is None:
-
             mean_std = compute_stats(roots["train"], size=256)
         d["image_mean"], d["image_std"] = [float(v) for v in mean_std[0]], [float(v) for v in mean_std[1]]
     d.update(
-        preset=name, model=ov, init_weights=weights or None, train_dataset_dir=str(roots["train"]),
-        val_dataset_dir=val_dir, device=device, precision=precision, seed=int(seed), max_steps=steps,
-        max_minutes=float(train_minutes) if train_minutes else None, log_dir=str(Path(run_dir).parent),
-        run_id=Path(run_dir).name, val_pairs=int(val_pairs), data_count=eval_every * bs,
-        epoch=max(1, math.ceil(steps / eval_every)), eval_per_epoch=1 if val_dir else 0,
+        preset=name, model=ov, init_weights=s.weights or None, train_dataset_dir=str(roots["train"]),
+        val_dataset_dir=val_dir, device=resolve_device_name(s.device), precision=s.precision, seed=int(s.seed),
+        max_steps=steps, max_minutes=float(s.train_minutes) if s.train_minutes else None,
+        log_dir=str(Path(run_dir).parent), run_id=Path(run_dir).name, val_pairs=int(s.val_pairs),
+        data_count=eval_every * bs, epoch=max(1, math.ceil(steps / eval_every)), eval_per_epoch=1 if val_dir else 0,
     )
     d.setdefault("log_interval", min(10, eval_every))
     return TrainConfig.from_dict(d, source="pipeline training config")
@@ -60,26 +59,22 @@ def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, *
 
 def initial_model(cfg):
     """The model exactly as the trainer initialises it (same seed, same weights)."""
-
-
     torch.manual_seed(cfg.seed)
     return build_model(cfg)
 
 
 def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
     """Fixed evaluation pairs (query half hidden) for the five-panel rows: val, else test."""
-
     roots = split_roots(split_root)
     root = next((roots[s] for s in ("val", "test") if s in roots and has_positive_pairs(roots[s])), roots["train"])
-    return PairDataset(scan_index(root), cfg=mcfg, train=False, negative_target=cfg.negative_target, mean=cfg.image_mean,
-                       std=cfg.image_std, seed=cfg.seed, length=max(1, n), negative_share=cfg.negative_share,
-                       defect_color=getattr(cfg, "defect_color", None))
+    return PairDataset(scan_index(root), PairConfig.for_model(
+        mcfg, train=False, negative_target=cfg.negative_target, mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed,
+        length=max(1, n), negative_share=cfg.negative_share, defect_color=getattr(cfg, "defect_color", None)))
 
 
 def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (a fresh run in ``run_dir``, an older one there is removed); returns the run's
     ``run_dir``, ``steps_done``, ``best_val_miou``, ``wall_s``."""
-
     run_dir = Path(run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -105,6 +100,5 @@ def trained_weights(run_dir: str | os.PathLike, which: str = "best") -> Path:
 
 def read_metrics(run_dir: str | os.PathLike):
     """A run's ``metrics.csv`` as a DataFrame (empty when there is none)."""
-
     p = Path(run_dir) / "metrics.csv"
     return pd.read_csv(p) if p.is_file() else pd.DataFrame(columns=["step", "loss", "lr", "fg_frac", "val_miou"])

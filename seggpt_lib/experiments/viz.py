@@ -2,7 +2,7 @@
 
 * mask overlays (:func:`overlay`, :func:`overlay_pred_gt`), label colouring;
 * the original's five-panel row ``[input | masked label | label | raw prediction | prediction
-  snapped to the palette]``, either from a model run on :class:`seggpt_lib.data.dataset.PairDataset`
+  snapped to the palette]``, either from a model run on :class:`seggpt_lib.data.pairs.PairDataset`
   samples (:func:`model_panel_rows`) or from a predictor's output on a full-resolution query
   (:func:`prediction_panel_row`), drawn by :func:`five_panel_figure`;
 * training curves from a run's ``metrics.csv`` (:func:`training_curves`), per-class bar charts
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from seggpt_lib.data.layout import resize_image
 
 __all__ = [
     "PANEL_TITLES",
@@ -91,20 +93,6 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
     return load_rgb(image)
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize an HxW(x3) uint8 image to ``size = (H, W)``."""
-    from PIL import Image
-
-    a = np.asarray(image)
-    if a.shape[:2] == tuple(size):
-        return a
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    im = Image.fromarray(a)
-    im = im.resize((int(size[1]), int(size[0])), Image.NEAREST if nearest else Image.BILINEAR)
-    return np.asarray(im)
-
-
 def colorize(mask: Any, color: Sequence[int] = DEFECT_RGB) -> np.ndarray:
     """A binary mask (non-zero = defect) painted ``color`` on black, HxWx3 uint8."""
     m = np.asarray(mask) != 0
@@ -144,7 +132,7 @@ def stack_pair(top: np.ndarray, bottom: np.ndarray, size: tuple[int, int] | None
 # five-panel rows
 # ------------------------------------------------------------------------------------------
 def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu") -> list[tuple[list[np.ndarray], str]]:
-    """The original's image row for evaluation samples of a :class:`~seggpt_lib.data.dataset.PairDataset`
+    """The original's image row for evaluation samples of a :class:`~seggpt_lib.data.pairs.PairDataset`
     (``train=False``: the query half of the label pair is hidden), run through ``model``.
 
     Returns ``[(five images (2H, W, 3) uint8, title), ...]``: input pair, label pair with the
@@ -153,7 +141,7 @@ def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu"
     """
     import torch
 
-    from seggpt_lib.data import dataset as D
+    from seggpt_lib import data as D
     from seggpt_lib.utils.colors import cmap_to_lbl, denormalize
     from seggpt_lib.utils.masking import patch_mask_to_pixels
     from seggpt_lib.eval.metrics import iou
@@ -283,7 +271,7 @@ def dataset_samples(root: str | Path, per_class: int = 2, max_classes: int | Non
                     seed: int = 0):
     """Contact sheet of a dataset ROOT: per class ``per_class`` images, each plain and with its
     mask overlaid in red. Returns the figure."""
-    from seggpt_lib.data.dataset import DefectIndex, read_label, read_rgb
+    from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 
     index = DefectIndex.scan(root, verify=False)
     rng = np.random.default_rng(seed)
@@ -445,7 +433,7 @@ class Explorer:
 
     def __init__(self, predictor, query_root: str | Path, prompt_root: str | Path, work_size: int | None = None,
                  tile_pairing: str = "all", catch_iou: float = 0.3, yield_response: float = 0.000239) -> None:
-        from seggpt_lib.data.dataset import DefectIndex
+        from seggpt_lib.data.layout import DefectIndex
 
         self.predictor = predictor
         self.query_index = DefectIndex.scan(query_root, verify=False)
@@ -482,7 +470,7 @@ class Explorer:
 
     # -- data -----------------------------------------------------------------------------
     def _load(self, which: str, file: str) -> tuple[np.ndarray, np.ndarray]:
-        from seggpt_lib.data.dataset import read_label, read_rgb
+        from seggpt_lib.data.layout import read_label, read_rgb
 
         key = (which, file)
         if key not in self._cache:
@@ -514,7 +502,7 @@ class Explorer:
         p = [self._load("prompt", f) for f in used]
         ws = self.work_size or max(q_img.shape[:2])
         t0 = time.perf_counter()
-        pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], split=int(split),
+        pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], grid=int(split),
                                       tile_pairing=self.tile_pairing, work_size=int(ws))
         seconds = time.perf_counter() - t0
         q_cls = self.query_class(query)

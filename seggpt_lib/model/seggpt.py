@@ -150,21 +150,19 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * noise / keep
 
 
-def ensemble_query_half(x: torch.Tensor, mode: int) -> torch.Tensor:
-    """Feature ensemble over prompts (official semantics); ``x`` is ``(B, Hp, Wp, D)``.
+def ensemble_query_half(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Feature ensemble over prompts: average the query half (bottom patch rows) of ``x``
+    ``(B, Hp, Wp, D)`` within each group; the prompt half is untouched.
 
-    The query half (bottom rows) is averaged over prompts; the prompt half is untouched.
-    ``mode == 1`` (blocks up to ``merge_index``): the batch still holds the image stream then
-    the label stream, each of ``B/2`` prompts: average within each stream.
-    ``mode == 2`` (later blocks): average over the whole batch.
+    ``group_index`` ``(B,)`` gives each sample's group in ``[0, n_groups)``: samples of one group
+    are prompts of one query. One group over the whole batch is the official ensemble. The mean
+    is accumulated in float32 and cast back to ``x``'s dtype.
     """
     prompt, query = x.split(x.shape[1] // 2, dim=1)
-    if mode == 1:
-        n = x.shape[0] // 2
-        query = query.reshape(2, n, -1).mean(dim=1, keepdim=True).expand(2, n, query[0].numel())
-        query = query.reshape(prompt.shape)
-    else:
-        query = query.mean(dim=0, keepdim=True).expand_as(query)
+    flat = query.reshape(x.shape[0], -1).float()
+    sums = flat.new_zeros(n_groups, flat.shape[1]).index_add_(0, group_index, flat)
+    counts = torch.bincount(group_index, minlength=n_groups).clamp_min(1).to(flat.dtype)
+    query = (sums / counts[:, None]).index_select(0, group_index).reshape(query.shape).to(x.dtype)
     return torch.cat([prompt, query], dim=1)
 
 
@@ -178,10 +176,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.drop_path = drop_path_rate
 
-    def forward(self, x: torch.Tensor, ensemble: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, group_index: torch.Tensor | None = None, n_groups: int = 0) -> torch.Tensor:
+        """``group_index`` / ``n_groups``: the feature ensemble on the attention output (see
+        :func:`ensemble_query_half`); ``None`` runs every sample on its own."""
         y = self.attn(self.norm1(x))
-        if ensemble:
-            y = ensemble_query_half(y, ensemble)
+        if group_index is not None:
+            y = ensemble_query_half(y, group_index, n_groups)
         x = x + drop_path(y, self.drop_path, self.training)
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
         return x
@@ -302,7 +302,16 @@ class SegGPT(nn.Module):
         bool_masked_pos: torch.Tensor,
         seg_type: torch.Tensor,
         merge_between_batch: int = -1,
+        group_index: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
+        """Features after the ``out_indices`` blocks, normalised.
+
+        ``merge_between_batch >= 0`` turns on the feature ensemble from that block on. The
+        batch is then prompts of one query (the official semantics) or, with ``group_index``
+        ``(B,)`` (labels ``0..G-1``), prompts of ``G`` queries, each group averaged on its own:
+        many queries share one pass. Blocks ``0..merge_index`` hold the image and label streams
+        stacked along the batch; the ensemble averages within each (group, stream) there.
+        """
         x = self.patch_embed(imgs)
         y = self.patch_embed(tgts)
         b, hp, wp, _ = x.shape
@@ -315,15 +324,23 @@ class SegGPT(nn.Module):
         x = torch.cat((x, y), dim=0)
 
         merge = self.cfg.merge_index
+        groups: torch.Tensor | None = None
+        if merge_between_batch >= 0:
+            if group_index is None:
+                groups, n_groups = torch.zeros(b, dtype=torch.long, device=x.device), 1
+            else:
+                groups = group_index.to(device=x.device, dtype=torch.long)
+                n_groups = int(groups.max()) + 1 if b else 0
+            streams = torch.cat([groups, groups + n_groups])  # blocks up to merge_index: image, label streams
         feats = []
         for i, blk in enumerate(self.blocks):
-            ensemble = 0
-            if merge_between_batch >= 0 and i >= merge_between_batch:
-                ensemble = 1 if i <= merge else 2
+            ens: tuple = ()
+            if groups is not None and i >= merge_between_batch:
+                ens = (streams, 2 * n_groups) if i <= merge else (groups, n_groups)
             if self.cfg.use_act_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, ensemble, use_reentrant=False)
+                x = checkpoint(blk, x, *ens, use_reentrant=False)
             else:
-                x = blk(x, ensemble)
+                x = blk(x, *ens)
             if i == merge:
                 half = x.shape[0] // 2
                 x = (x[:half] + x[half:]) * 0.5
@@ -450,6 +467,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit_micro": dict(
         img_size=(128, 64), patch_size=8, embed_dim=128, depth=5, num_heads=4, out_indices=(3, 4),
         merge_index=1, decoder_embed_dim=32, pretrain_img_size=64, drop_path_rate=0.0,
+    ),
+    # 235 k parameters, 32x32 per image: the one tiny model of the smoke pipeline and the tests
+    "vit_nano": dict(
+        img_size=(64, 32), patch_size=8, embed_dim=64, depth=3, num_heads=2, out_indices=(2,),
+        merge_index=1, decoder_embed_dim=16, pretrain_img_size=32, drop_path_rate=0.0,
     ),
 }
 

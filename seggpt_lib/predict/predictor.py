@@ -5,8 +5,8 @@ at the query's original resolution:
 
 1. Every prompt mask is coloured with a fixed two-colour palette (black background, one defect
    colour, white by default): the model paints the query half in the prompt's colours.
-2. ``split=1``: the query and each prompt are resized to the model's per-image size
-   (``model.cfg.image_size``). ``split=n``: query and prompts are resized to a square work
+2. ``grid=1``: the query and each prompt are resized to the model's per-image size
+   (``model.cfg.image_size``). ``grid=n``: query and prompts are resized to a square work
    canvas (``work_size``, 1024 by default, rounded down to a multiple of ``n``), cut into
    ``n x n`` tiles, and each tile is resized to the model size. Images are resized bilinearly
    (antialiased), prompt masks with nearest neighbour (as the official code does).
@@ -17,7 +17,7 @@ at the query's original resolution:
    (:func:`seggpt_lib.utils.masking.query_half_mask`).
 4. The pairs of one window form a *group*. With ``ensemble=True`` the group runs with the
    feature ensemble (the model's ``merge_between_batch=0`` semantics) restricted to the group
-   (:func:`forward_grouped`), so many windows (of many queries) share one forward pass; with
+   (:func:`forward_grouped`, the model's ``group_index``), so many windows (of many queries) share one forward pass; with
    ``ensemble=False`` each pair runs on its own and the group's outputs are averaged.
    Either way the group's output is the mean of its members' query halves.
 5. Window outputs are de-normalised, resized to their place on the canvas, pasted, the canvas
@@ -25,7 +25,7 @@ at the query's original resolution:
    Each pixel is snapped to the nearest palette colour (:func:`seggpt_lib.utils.colors.cmap_to_lbl`):
    that is the *colour* output, and ``colour != background`` is the binary *mask*.
 
-Seam pass (``seam_pass=True``, ``split >= 2``): extra windows of one tile's size, centred on
+Seam pass (``seam_pass=True``, ``grid >= 2``): extra windows of one tile's size, centred on
 the tile seams, are predicted in the same batched passes: one per seam segment between two
 tiles (centred on the vertical seam between tiles ``(r, c)`` and ``(r, c+1)``, spanning row
 ``r``; likewise for horizontal seams) and one per seam crossing. Their centre strips are pasted
@@ -33,7 +33,7 @@ over the first pass: half a tile wide across a seam segment (full tile length), 
 square at each crossing. So every pixel within a quarter tile of a seam comes from a window in
 which it lies in the middle, with context on both sides. For ``"all"`` pairing a seam window is
 paired with the same prompt tiles as a grid tile; for ``"aligned"`` with the prompts' crops at
-the same place.
+the same place. Windows are planned in :mod:`seggpt_lib.predict.tiling`.
 
 Batching: all pairs of a call go through the model in as few forward passes as ``max_batch``
 (pairs per pass) allows; with the ensemble, a group is never split across passes (a group larger
@@ -42,20 +42,22 @@ than ``max_batch`` runs alone). A learned prompt (prompt tensors at model size, 
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl
-from seggpt_lib.utils.masking import query_half_mask
+from seggpt_lib.model.checkpoint import build_from_checkpoint
 from seggpt_lib.model.seggpt import SegGPT
+from seggpt_lib.predict.tiling import Window, canvas_size, plan_windows
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl
+from seggpt_lib.utils.device import PRECISIONS, autocast
+from seggpt_lib.utils.masking import query_half_mask
 
 __all__ = [
     "DEFAULT_DEFECT_COLOR",
@@ -67,19 +69,16 @@ __all__ = [
     "SegGPTPredictor",
     "Window",
     "forward_grouped",
-    "grouped_ensemble_query_half",
     "load_rgb",
     "load_mask_file",
     "check_prompt_mask",
     "plan_windows",
 ]
 
-ImageLike = Union[np.ndarray, "Image.Image", str, os.PathLike, torch.Tensor]  # noqa: F821
+ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
 
 DEFAULT_DEFECT_COLOR: tuple[int, int, int] = (255, 255, 255)
-PRECISIONS = ("fp32", "bf16", "fp16")
 TILE_PAIRINGS = ("all", "aligned")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PromptMaskError(ValueError):
@@ -98,8 +97,6 @@ def load_rgb(image: ImageLike) -> np.ndarray:
 
     Grey images are repeated to three channels and an alpha channel is dropped.
     """
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
             im.load()
@@ -134,8 +131,6 @@ def load_mask_file(path: str | os.PathLike) -> np.ndarray:
     Single-channel PNGs (L, P, 1, I) are read as they are; a colour file is accepted only when
     its channels agree (a grey mask saved as RGB), otherwise :class:`PromptMaskError`.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()
         if im.mode in ("1", "L", "P", "I", "I;16", "F"):
@@ -186,52 +181,6 @@ def check_prompt_mask(mask: Any, image_hw: tuple[int, int] | None = None, name: 
 # ------------------------------------------------------------------------------------------
 # per-group feature ensemble
 # ------------------------------------------------------------------------------------------
-def grouped_ensemble_query_half(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Average the query half (bottom rows) of ``x`` ``(B, Hp, Wp, D)`` within each group.
-
-    ``group_index`` ``(B,)`` gives each sample's group in ``[0, n_groups)``. With one group this
-    is the model's ensemble over the whole batch; the prompt half is untouched. The mean is
-    accumulated in float32.
-    """
-    prompt, query = x.split(x.shape[1] // 2, dim=1)
-    flat = query.reshape(x.shape[0], -1).float()
-    sums = flat.new_zeros(n_groups, flat.shape[1]).index_add_(0, group_index, flat)
-    counts = torch.bincount(group_index, minlength=n_groups).clamp_min(1).to(flat.dtype)
-    mean = sums / counts[:, None]
-    query = mean.index_select(0, group_index).reshape(query.shape).to(x.dtype)
-    return torch.cat([prompt, query], dim=1)
-
-
-@contextlib.contextmanager
-def _group_ensemble_hooks(model: SegGPT, group_index: torch.Tensor, n_groups: int) -> Iterator[None]:
-    """Forward hooks on every block's attention applying the per-group ensemble.
-
-    Matches the model's ``merge_between_batch=0``: blocks ``0..merge_index`` see the image and
-    label streams stacked along the batch (each stream holds the ``B`` samples), and average
-    within each (group, stream); later blocks average within each group. The ensemble acts on
-    the attention output, before the residual add, exactly where ``Block.forward`` applies it.
-    """
-    merge = model.cfg.merge_index
-    both = torch.cat([group_index, group_index + n_groups])
-    handles = []
-
-    def make_hook(block_idx: int):
-        def hook(_module, _inputs, out):
-            if block_idx <= merge:
-                return grouped_ensemble_query_half(out, both, 2 * n_groups)
-            return grouped_ensemble_query_half(out, group_index, n_groups)
-
-        return hook
-
-    try:
-        for i, blk in enumerate(model.blocks):
-            handles.append(blk.attn.register_forward_hook(make_hook(i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def forward_grouped(
     model: SegGPT,
     imgs: torch.Tensor,
@@ -247,10 +196,9 @@ def forward_grouped(
     the bottom half of the full decoding, at about half the decoder's cost.
 
     ``group_index`` ``(N,)``: samples sharing an index are prompts of one query and are
-    ensembled together (the model's ``merge_between_batch=0`` within each group); ``None``
-    runs every sample on its own (no ensemble). With a single group this equals
-    ``model.unpatchify(model(imgs, tgts, bool_masked_pos, merge_between_batch=0)[1])``.
-    The model's own encoder and decoder run; the ensemble is added by attention hooks.
+    ensembled together (the model's ``merge_between_batch=0`` within each group, see
+    :meth:`SegGPT.forward_encoder`); ``None`` runs every sample on its own (no ensemble). With a
+    single group this equals ``model.unpatchify(model(imgs, tgts, bool_masked_pos, merge_between_batch=0)[1])``.
     """
     n = imgs.shape[0]
     bool_masked_pos = bool_masked_pos.flatten(1).to(torch.bool)
@@ -263,55 +211,10 @@ def forward_grouped(
     group_index = group_index.to(device=imgs.device, dtype=torch.long)
     if group_index.shape != (n,):
         raise ValueError(f"group_index must have shape ({n},), got {tuple(group_index.shape)}")
-    # compact the labels so that n_groups is as small as possible
+    # compact the labels so that the number of groups is as small as possible
     _, group_index = torch.unique(group_index, return_inverse=True)
-    n_groups = int(group_index.max()) + 1 if n else 0
-    with _group_ensemble_hooks(model, group_index, n_groups):
-        feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, -1)
+    feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, 0, group_index=group_index)
     return model.forward_decoder(feats, first_row)
-
-
-# ------------------------------------------------------------------------------------------
-# windows (tiles and seam windows) on the work canvas
-# ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """A query window on the work canvas: ``box`` is predicted, ``paste`` (inside it) is kept.
-
-    Boxes are ``(top, left, height, width)`` in canvas pixels; ``grid`` is the tile index for
-    grid tiles (``-1`` for seam windows).
-    """
-
-    box: tuple[int, int, int, int]
-    paste: tuple[int, int, int, int]
-    grid: int = -1
-
-
-def plan_windows(split: int, canvas_hw: tuple[int, int], seam_pass: bool = False) -> list[Window]:
-    """Grid tiles (row-major) and, with ``seam_pass``, the seam windows (see module docstring)."""
-    hc, wc = canvas_hw
-    th, tw = hc // split, wc // split
-    wins = []
-    for r in range(split):
-        for c in range(split):
-            b = (r * th, c * tw, th, tw)
-            wins.append(Window(b, b, r * split + c))
-    if not seam_pass or split < 2:
-        return wins
-    qh, qw = th // 4, tw // 4
-    for r in range(split):  # vertical seams, one window per tile row
-        for c in range(1, split):
-            x = c * tw
-            wins.append(Window((r * th, x - tw // 2, th, tw), (r * th, x - qw, th, 2 * qw)))
-    for r in range(1, split):  # horizontal seams, one window per tile column
-        for c in range(split):
-            y = r * th
-            wins.append(Window((y - th // 2, c * tw, th, tw), (y - qh, c * tw, 2 * qh, tw)))
-    for r in range(1, split):  # crossings
-        for c in range(1, split):
-            y, x = r * th, c * tw
-            wins.append(Window((y - th // 2, x - tw // 2, th, tw), (y - qh, x - qw, 2 * qh, 2 * qw)))
-    return wins
 
 
 # ------------------------------------------------------------------------------------------
@@ -372,7 +275,7 @@ class SegGPTPredictor:
     Example::
 
         predictor = SegGPTPredictor.from_checkpoint("weights.safetensors", device="cuda", precision="bf16")
-        pred = predictor.predict(query, [prompt], [prompt_mask], split=2)
+        pred = predictor.predict(query, [prompt], [prompt_mask], grid=2)
         assert pred.mask.shape == query.shape[:2]
     """
 
@@ -410,8 +313,6 @@ class SegGPTPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, preset: str | None = None, **kwargs: Any) -> "SegGPTPredictor":
         """Build the model a checkpoint describes (or ``preset``), load it, wrap it."""
-        from seggpt_lib.model.checkpoint import build_from_checkpoint
-
         return cls(build_from_checkpoint(path, preset=preset), **kwargs)
 
     # -- sizes ----------------------------------------------------------------------------
@@ -420,10 +321,10 @@ class SegGPTPredictor:
         """Model size of one image of the pair ``(H, W)``."""
         return tuple(self.model.cfg.image_size)  # type: ignore[return-value]
 
-    def pairs_per_query(self, n_prompts: int, split: int = 1, tile_pairing: str = "all", seam_pass: bool = False) -> int:
+    def pairs_per_query(self, n_prompts: int, grid: int = 1, tile_pairing: str = "all", seam_pass: bool = False) -> int:
         """How many (query tile, prompt tile) pairs one query costs."""
-        n_win = len(plan_windows(split, (split * 4, split * 4), seam_pass))
-        per = n_prompts * (split * split if tile_pairing == "all" else 1)
+        n_win = len(plan_windows(grid, (grid * 4, grid * 4), seam_pass))
+        per = n_prompts * (grid * grid if tile_pairing == "all" else 1)
         return n_win * per
 
     # -- tensors --------------------------------------------------------------------------
@@ -454,16 +355,6 @@ class SegGPTPredictor:
         c = torch.tensor(self.defect_color, dtype=torch.float32, device=mask.device).view(1, 3, 1, 1)
         return (mask > 0.5).float() * c
 
-    @staticmethod
-    def _canvas_size(split: int, work_size: int | Sequence[int], model_hw: tuple[int, int]) -> tuple[int, int]:
-        if split == 1:
-            return model_hw
-        ws = (work_size, work_size) if isinstance(work_size, int) else tuple(work_size)
-        th, tw = ws[0] // split, ws[1] // split
-        if th < 4 or tw < 4:
-            raise ValueError(f"work_size {work_size} is too small for split {split}")
-        return th * split, tw * split
-
     def _crops(self, canvas: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], nearest: bool = False) -> torch.Tensor:
         """Crop ``boxes`` from ``canvas`` ``(1, C, Hc, Wc)`` and resize each to the model size."""
         hw = self.image_size
@@ -474,22 +365,22 @@ class SegGPTPredictor:
         self,
         prompts: Sequence[ImageLike],
         prompt_masks: Sequence[Any],
-        split: int = 1,
+        grid: int = 1,
         work_size: int = 1024,
         boxes: Sequence[tuple[int, int, int, int]] | None = None,
     ) -> PromptPairs:
         """Prompt images + masks -> :class:`PromptPairs` at model size.
 
-        ``split=1``: one pair per prompt. ``split=n``: every prompt's ``n x n`` tiles (prompt-major,
+        ``grid=1``: one pair per prompt. ``grid=n``: every prompt's ``n x n`` tiles (prompt-major,
         tiles row-major), or its crops at ``boxes`` (canvas coordinates) when given.
         """
         if len(prompts) != len(prompt_masks):
             raise ValueError(f"{len(prompts)} prompt images but {len(prompt_masks)} prompt masks")
         if not prompts:
             raise ValueError("at least one prompt is needed")
-        canvas_hw = self._canvas_size(split, work_size, self.image_size)
+        canvas_hw = canvas_size(grid, work_size, self.image_size)
         if boxes is None:
-            boxes = [w.box for w in plan_windows(split, canvas_hw)]
+            boxes = [w.box for w in plan_windows(grid, canvas_hw)]
         imgs, tgts = [], []
         for i, (p, m) in enumerate(zip(prompts, prompt_masks)):
             name = _name(p, f"prompt {i}")
@@ -503,11 +394,6 @@ class SegGPTPredictor:
         return PromptPairs(torch.cat(imgs), torch.cat(tgts))
 
     # -- model ----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -520,7 +406,7 @@ class SegGPTPredictor:
         n = imgs.shape[0]
         mask = query_half_mask(self.model.cfg.grid, batch_size=n, device=self.device)
         seg_type = torch.full((n,), self.seg_type, dtype=torch.long, device=self.device)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             out = forward_grouped(self.model, imgs, tgts, mask, group_index, seg_type, query_only=True)
         self.stats["forward_passes"] += 1
         self.stats["pairs"] += n
@@ -595,7 +481,7 @@ class SegGPTPredictor:
         query: ImageLike,
         prompts: Sequence[ImageLike] | None = None,
         prompt_masks: Sequence[Any] | None = None,
-        split: int = 1,
+        grid: int = 1,
         ensemble: bool = True,
         top_k: int | None = None,
         tile_pairing: str = "all",
@@ -609,7 +495,7 @@ class SegGPTPredictor:
             [query],
             None if prompts is None else [prompts],
             None if prompt_masks is None else [prompt_masks],
-            split=split, ensemble=ensemble, top_k=top_k, tile_pairing=tile_pairing,
+            grid=grid, ensemble=ensemble, top_k=top_k, tile_pairing=tile_pairing,
             seam_pass=seam_pass, work_size=work_size,
             prompt_pairs=None if prompt_pairs is None else [prompt_pairs], keep_raw=keep_raw,
         )[0]
@@ -620,7 +506,7 @@ class SegGPTPredictor:
         queries: Sequence[ImageLike],
         prompt_sets: Sequence[Sequence[ImageLike]] | None = None,
         prompt_mask_sets: Sequence[Sequence[Any]] | None = None,
-        split: int = 1,
+        grid: int = 1,
         ensemble: bool = True,
         top_k: int | None = None,
         tile_pairing: str = "all",
@@ -634,13 +520,13 @@ class SegGPTPredictor:
         ``queries[i]`` is predicted from ``prompt_sets[i]`` / ``prompt_mask_sets[i]`` (images and
         binary masks, non-zero = defect, each of its image's size), the first ``top_k`` of them
         when given; or from ``prompt_pairs`` (one :class:`PromptPairs` per query, or one for all)
-        which replaces the prompt images (a learned prompt). ``split``, ``tile_pairing``,
+        which replaces the prompt images (a learned prompt). ``grid`` (tiles per side), ``tile_pairing``,
         ``seam_pass``, ``work_size``, ``ensemble``: see the module docstring.
         Returns one :class:`Prediction` per query; ``timing`` holds this call's seconds spent
         preparing, in the model and after, divided evenly between the queries.
         """
-        if split < 1:
-            raise ValueError(f"split must be >= 1, got {split}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
         if tile_pairing not in TILE_PAIRINGS:
             raise ValueError(f"tile_pairing must be one of {TILE_PAIRINGS}, got {tile_pairing!r}")
         if top_k is not None and top_k < 1:
@@ -658,9 +544,9 @@ class SegGPTPredictor:
 
         t0 = time.perf_counter()
         model_hw = self.image_size
-        canvas_hw = self._canvas_size(split, work_size, model_hw)
-        windows = plan_windows(split, canvas_hw, seam_pass)
-        grid_boxes = [w.box for w in windows if w.grid >= 0]
+        canvas_hw = canvas_size(grid, work_size, model_hw)
+        windows = plan_windows(grid, canvas_hw, seam_pass)
+        tile_boxes = [w.box for w in windows if w.tile >= 0]
         all_boxes = [w.box for w in windows]
 
         orig_hw: list[tuple[int, int]] = []
@@ -681,11 +567,11 @@ class SegGPTPredictor:
                     raise ValueError(f"query {qi}: {len(ps)} prompt images but {len(ms)} prompt masks")
                 if top_k is not None:
                     ps, ms = ps[:top_k], ms[:top_k]
-                if tile_pairing == "all" or split == 1:
-                    pp = self.prompt_pairs(ps, ms, split, work_size, grid_boxes)
+                if tile_pairing == "all" or grid == 1:
+                    pp = self.prompt_pairs(ps, ms, grid, work_size, tile_boxes)
                     per_window = [pp] * len(windows)
                 else:  # aligned: each window with the prompts' crops at the same box
-                    pp = self.prompt_pairs(ps, ms, split, work_size, all_boxes)
+                    pp = self.prompt_pairs(ps, ms, grid, work_size, all_boxes)
                     nb = len(all_boxes)
                     idx = [[p * nb + b for p in range(len(ps))] for b in range(nb)]
                     per_window = [PromptPairs(pp.images[i], pp.targets[i]) for i in idx]

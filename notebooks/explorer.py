@@ -14,16 +14,18 @@
 # ---
 
 # %% [markdown]
-# # 05 · Explorer
+# # Explorer
 #
 # Pick a test query, its prompts (from the training split: the query's own class gives a
-# positive pair, another class a negative one), top-k and split; the prediction, the overlays
+# positive pair, another class a negative one), top-k and tiling grid (the explorer's `split`);
+# the prediction, the overlays
 # and the metrics update live. Green: ground truth missed; red: painted where there is no
 # defect; yellow: hit.
 #
 # The callbacks live in `seggpt_lib.experiments.viz.Explorer`, so the same thing works from plain Python:
 # `Explorer(...).update(query=..., prompts=[...], top_k=..., split=...)` returns the metrics
-# and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`).
+# and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`). Not a stage of
+# `seggpt reproduce`: open it in Jupyter.
 
 # %% tags=["parameters"]
 results_dir = "results"
@@ -35,7 +37,7 @@ work_size = "auto"
 tile_pairing = "aligned"
 max_batch = 64
 query = ""  # the query shown first; empty: the first test image
-split = 1
+grid = 1  # tiling of the first prediction shown
 top_k = 1
 
 # %%
@@ -47,7 +49,7 @@ from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-split_root = Path(split_dir or RES.read_fragment(R, "01_data_transformation")["split_root"])
+split_root = Path(split_dir or RES.load_fragment(R, RES.DataFragment).split_root)
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 q_root, p_root = EV.eval_roots(split_root)
 explorer = V.Explorer(em.predictor, q_root, p_root, work_size=EV.work_size_of(work_size, q_root, em),
@@ -66,10 +68,10 @@ display(explorer.widget())
 
 # %%
 q = query or next(f for f in explorer.queries if explorer.query_class(f) != "free")
-pos = explorer.update(query=q, top_k=top_k, split=split)
+pos = explorer.update(query=q, top_k=top_k, split=grid)
 print(explorer.metrics_text(pos))
 V.show(pos["figure"])
 other = next(f for f in explorer.prompt_files if explorer.prompt_index.class_of(explorer.prompt_index.find(f)) != pos["query_class"])
-neg = explorer.update(query=q, prompts=[other], top_k=1, split=split)
+neg = explorer.update(query=q, prompts=[other], top_k=1, split=grid)
 print(explorer.metrics_text(neg))
 V.show(neg["figure"])

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 06 · Beyond the original: class-aware negatives and prompt tuning
+# # 05 · Beyond the original: class-aware negatives and prompt tuning
 #
 # The original trained a negative pair (a prompt of *another* defect class) to paint the
 # query's own defect (`negative_target = "query_mask"`): the model learns "paint the defect
@@ -46,7 +46,7 @@ device = "cpu"
 precision = "auto"
 seed = 0
 normalize = "imagenet"
-train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 10.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
          "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
 eval_every = 50
 val_pairs = 64
@@ -54,7 +54,7 @@ checkpoint = "best"
 beyond_tune_steps = 30  # prompt-tuning steps per class
 beyond_max_queries = 18  # queries per kind (positive, negative, defect-free), spread over the classes
 beyond_top_k = 3  # prompts of the ensemble row
-beyond_split = 1  # every row at this split (learned prompts are tuned at the model's size)
+beyond_grid = 1  # every row at this tiling grid (learned prompts are tuned at the model's size)
 work_size = "auto"
 tile_pairing = "aligned"
 max_batch = 64
@@ -70,42 +70,19 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from seggpt_lib.experiments import config as CFG, results as RES
-from seggpt_lib.experiments import study as S
+from seggpt_lib.experiments import study as ST
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-data = RES.read_fragment(R, "01_data_transformation")
-trained = RES.read_fragment(R, "02_training")
-split_root = Path(data["split_root"])
-dev = CFG.resolve_device_name(device)
-own = train.get("negative_target", "empty")  # the recipe notebook 02 trained
-budget = beyond_minutes if beyond_minutes is not None else train_minutes
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
 # ## The two models
+# Notebook 02's model stands for its own recipe; the other recipe trains here with the same budget
+# and otherwise the same recipe (`seggpt_lib.experiments.study.run_beyond`).
 
 # %%
-reuse = {own: {"weights": trained["weights"], "steps": trained.get("steps_done"),
-               "minutes": (trained.get("wall_s") or 0) / 60, "best_val_miou": trained.get("best_val_miou"),
-               "mean": trained.get("mean"), "std": trained.get("std"), "defect_color": trained.get("defect_color")}}
-if trained.get("trained"):
-    targets = ("query_mask", "empty")
-    print(f"notebook 02 trained the {S.RECIPES[own]} recipe for {reuse[own]['minutes']:.1f} min "
-          f"({reuse[own]['steps']} steps); the other one trains here with {budget} min and the same recipe")
-else:
-    targets = (own,)
-    reuse[own]["label"] = f"given weights ({Path(trained['weights']).name})"
-    print("no training in notebook 02 (steps = 0): comparing the prompts on the given weights only")
-mean_std = (data["mean"], data["std"]) if normalize == "dataset" else None
-res = S.compare_recipes(
-    split_root, preset, model, budget, dev, seed, recipe=train, steps=steps, weights=weights, reuse=reuse,
-    negative_targets=targets, work_dir=R / "work" / "beyond", precision=precision, normalize=normalize,
-    mean_std=mean_std, eval_every=eval_every, val_pairs=val_pairs, checkpoint=checkpoint, top_k=beyond_top_k,
-    split=beyond_split, work_size=work_size, tile_pairing=tile_pairing, max_queries=beyond_max_queries,
-    mapping_seed=mapping_seed, catch_iou=catch_iou, yield_response=yield_response, tune_steps=beyond_tune_steps,
-    max_batch=max_batch, results_dir=R, table_name="06_beyond",
-    title=f"Beyond the original (split {beyond_split}, same test queries for every row)")
+res = ST.run_beyond(R, CFG.notebook_config("05_beyond", globals()))
 res["training"]
 
 # %% [markdown]
@@ -122,7 +99,7 @@ shown = table.assign(row=[f"{r.split(' ')[0]} · {p}" if r != "baseline" else p
                           for r, p in zip(table["recipe"], table["prompt"])])
 fig = V.bar_chart(shown, "row", ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"],
                   title="Recipes and prompts on the same test queries", rotate=30)
-RES.save_figure(fig, R, "06_beyond");
+RES.save_figure(fig, R, "05_beyond");
 
 # %% [markdown]
 # ## Examples
@@ -130,9 +107,9 @@ RES.save_figure(fig, R, "06_beyond");
 # false alarm red. Negative prompts (another class): whatever is painted is an overkill.
 
 # %%
-fig = S.example_panels(res, n=n_panels)
+fig = ST.example_panels(res, n=n_panels)
 if fig is not None:
-    RES.save_figure(fig, R, "06_examples");
+    RES.save_figure(fig, R, "05_examples");
 
 # %% [markdown]
 # ## The learned prompts
@@ -140,16 +117,12 @@ if fig is not None:
 # images before and after tuning.
 
 # %%
-fig = S.prompt_previews(res)
+fig = ST.prompt_previews(res)
 if fig is not None:
-    RES.save_figure(fig, R, "06_learned_prompts");
+    RES.save_figure(fig, R, "05_learned_prompts");
 
 # %%
-RES.write_fragment(R, "06_beyond", {
-    "rows": S.headline_rows(table), "training": res["training"].to_dict("records"), "budget_minutes": budget,
-    "split": beyond_split, "top_k": beyond_top_k, "tune_steps": beyond_tune_steps, "max_queries": beyond_max_queries,
-    "device": dev, "seconds": res["seconds"],
-})
+RES.write_fragment(R, res["fragment"])
 best = table[table["recipe"] != "baseline"].sort_values("PES", ascending=False).iloc[0]
 display(Markdown(f"Best PES **{best['PES']:.4f}**: {best['recipe']}, {best['prompt']} (catch {best['catch_rate']:.3f}, "
                  f"yield {best['yield_rate']:.3f}, defect-free yield {best['free_yield_rate']:.3f}); "

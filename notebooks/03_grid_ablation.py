@@ -14,15 +14,16 @@
 # ---
 
 # %% [markdown]
-# # 03 · Split ablation
+# # 03 · Grid ablation
 #
 # Every positive pair of the test split (a defect query with a prompt of its own class from the
-# training split) is predicted at `split` 1, 2 and 4: the query and its prompts are resized to
+# training split) is predicted with the tiling `grids` 1, 2 and 4 (the original called it
+# `split`): the query and its prompts are resized to
 # a square canvas (`work_size`), cut into n×n tiles, each tile resized to the model's native
 # size and paired with prompt tiles (`tile_pairing`: `aligned` pairs a tile with the prompts'
 # tile at the same place, `all` with every tile of every prompt as the original did), the tile
 # outputs are snapped to the palette and reassembled at full resolution. The original found
-# split 2 best (mIoU 0.173 / 0.538 / 0.327 for split 1 / 2 / 4 on 11 VISION queries).
+# grid 2 best (mIoU 0.173 / 0.538 / 0.327 for grid 1 / 2 / 4 on 11 VISION queries).
 #
 # Metrics follow the evaluation protocol: per-image IoU on the full-resolution binary masks,
 # good catch when IoU ≥ `catch_iou`; mIoU is the mean of per-image IoU.
@@ -32,10 +33,10 @@ results_dir = "results"
 weights = ""  # empty: the weights notebook 02 produced
 device = "cpu"
 precision = "auto"
-splits = [1, 2, 4]
+grids = [1, 2, 4]  # tiling: n x n tiles per image
 top_k = 1
-extra_top_k = 3  # one more row at eval_split with this many prompts (0: none)
-eval_split = 2
+extra_top_k = 3  # one more row at eval_grid with this many prompts (0: none)
+eval_grid = 2
 work_size = "auto"  # canvas side when tiling; auto: median side of the test images, at most 1024
 tile_pairing = "aligned"  # aligned | all
 max_batch = 64
@@ -53,33 +54,34 @@ from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
 R = Path(results_dir)
-split_root = Path(RES.read_fragment(R, "01_data_transformation")["split_root"])
+split_root = Path(RES.load_fragment(R, RES.DataFragment).split_root)
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 print("model:", em.describe())
 pd.set_option("display.precision", 4)
 
 # %% [markdown]
-# ## mIoU by split
+# ## mIoU by grid
 
 # %%
-abl = EV.split_ablation(em, split_root, splits=splits, top_k=top_k, extra_top_k=extra_top_k, eval_split=eval_split,
+abl = EV.grid_ablation(em, split_root, grids=grids, top_k=top_k, extra_top_k=extra_top_k, eval_grid=eval_grid,
                        work_size=work_size, tile_pairing=tile_pairing, catch_iou=catch_iou, seed=mapping_seed,
                        max_queries=max_queries)
+frag = RES.GridAblationFragment.build(abl, em, top_k=top_k, tile_pairing=tile_pairing)
 print(f"work size {abl['work_size']}, {abl['tile_pairing']} tile pairing, {len(abl['mapping'])} positive queries")
-RES.write_table(abl["table"], R, "03_split_miou", title="mIoU by split (positive pairs of the test split)",
+RES.write_table(abl["table"], R, "03_grid_miou", title="mIoU by tiling grid (positive pairs of the test split)",
               note=f"catch: IoU >= {catch_iou}. original_mIoU: the original's published figure (11 VISION queries).")
 
 # %%
 t1 = abl["table"][abl["table"]["top_k"] == top_k]
-fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"split {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
-                  title=f"mIoU and catch rate by split (top-{top_k})", rotate=0)
-RES.save_figure(fig, R, "03_split_miou");
+fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"grid {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
+                  title=f"mIoU and catch rate by tiling grid (top-{top_k})", rotate=0)
+RES.save_figure(fig, R, "03_grid_miou");
 
 # %% [markdown]
 # ## Per-class IoU
 
 # %%
-per_class = RES.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and split (top-{top_k})")
+per_class = RES.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and tiling grid (top-{top_k})")
 fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("split_")],
                   title="IoU per defect class", ylabel="mean IoU", hline=catch_iou, hline_label="catch threshold")
 RES.save_figure(fig, R, "03_per_class_iou");
@@ -95,21 +97,17 @@ per_image.head(12)
 
 # %% [markdown]
 # ## Best and worst cases
-# At the best split: each row stacks the prompt (top) over the query (bottom), as the original's
+# At the best grid: each row stacks the prompt (top) over the query (bottom), as the original's
 # TensorBoard rows did: **[input | masked label | label | raw prediction | snapped prediction]**.
 
 # %%
-best_split = int(t1.sort_values(["mIoU", "split"], ascending=[False, True])["split"].iloc[0])
-at_best = abl["per_image"][(abl["per_image"]["split"] == best_split) & (abl["per_image"]["top_k"] == top_k)]
+best_grid = frag.best_grid
+at_best = abl["per_image"][(abl["per_image"]["split"] == best_grid) & (abl["per_image"]["top_k"] == top_k)]
 for worst, name in ((False, "best"), (True, "worst")):
-    rows = EV.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, split=best_split,
-                          top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)
-    RES.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at split {best_split}"), R, f"03_{name}_cases")
+    rows = EV.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, grid=best_grid,
+                           top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)
+    RES.save_figure(V.five_panel_figure(rows, suptitle=f"{name} cases at grid {best_grid}"), R, f"03_{name}_cases")
 
 # %%
-RES.write_fragment(R, "03_split_ablation", {
-    "table": abl["table"].to_dict("records"), "per_class": abl["per_class"].to_dict("records"),
-    "top_k": top_k, "best_split": best_split, "work_size": abl["work_size"], "tile_pairing": tile_pairing,
-    "queries": len(abl["mapping"]), "weights": em.weights, "device": em.device,
-})
+RES.write_fragment(R, frag)
 abl["table"]

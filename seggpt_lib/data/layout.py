@@ -1,0 +1,597 @@
+"""The dataset layout: the one place that says what a dataset folder holds and how to read it.
+
+Layout (what the ``data_prep`` converters write, what training, evaluation, mappings and
+inference read)::
+
+    ROOT/images/<stem>.<png|jpg|jpeg|bmp|tif|tiff>   RGB or grayscale image (read as RGB)
+    ROOT/labels/<stem>.png                  uint8 mask, same H x W; 0 = background, non-zero = defect
+                                            (255 in binary sets, class indices 1..K in multi-class sets)
+    ROOT/classes.csv                        columns file,class[,surface,...]; defect-free images: "free"
+
+(the images may also lie directly in ``ROOT`` when there is no ``images`` folder).
+
+An image's class: its ``classes.csv`` row (matched by file name, then by stem), else
+:func:`class_from_filename`. An image whose mask is empty is *defect-free* (``is_free``),
+whatever its class: such images are never positives, only queries of "free" pairs.
+
+Every problem with a dataset's files raises :class:`DatasetError`, whose message names the
+file and the problem (``data_prep``'s ``DataPrepError`` is a subclass).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import threading
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = [
+    "CLASSES_CSV",
+    "FREE_CLASS",
+    "IMAGE_EXTS",
+    "DatasetError",
+    "DatasetWarning",
+    "DefectIndex",
+    "Record",
+    "class_from_filename",
+    "class_lookup",
+    "class_of",
+    "decoded_size",
+    "header_size",
+    "image_dir",
+    "images_by_stem",
+    "open_image",
+    "read_classes_csv",
+    "read_label",
+    "read_manifest",
+    "read_rgb",
+    "resize_image",
+    "resize_pair",
+]
+
+FREE_CLASS = "free"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+CLASSES_CSV = "classes.csv"
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file and the problem."""
+
+
+class DatasetWarning(UserWarning):
+    """Files were skipped (``skip_bad=True``); the message lists every one."""
+
+
+def default_workers() -> int:
+    """Threads for reading a dataset's files: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# ==========================================================================================
+# class names
+# ==========================================================================================
+def class_from_filename(name: str, known: Iterable[str] = ()) -> str:
+    """The class encoded in a file name (used when ``classes.csv`` does not list the file).
+
+    The project's converters name files ``<class>_<source id>``: ``scratch_000012.png``
+    (synthetic), ``crack_exp1_num_3191.jpg`` (magnetic tile: class + the source's own stem),
+    ``<class>_<stem>`` / ``free_<stem>`` (COCO). The rule:
+
+    1. with ``known`` class names, the longest one that is the stem or prefixes ``<class>_``
+       wins (``Cable_thunderbolt_x`` with ``{"Cable", "Cable_thunderbolt"}`` -> ``Cable_thunderbolt``);
+    2. else the leading run of purely alphabetic ``_``-separated tokens
+       (``mouse_bite_000518`` -> ``mouse_bite``, ``crack_exp1_num_3191`` -> ``crack``);
+    3. else (no alphabetic first token, e.g. ``c0_00001`` or ``000123``, or a stem made only of
+       several alphabetic tokens, ``scratch_left``) everything before the last ``_``
+       (``c0``, ``scratch``); a stem without ``_`` is its own class (``front``, ``000123``).
+    """
+    stem = Path(name).stem
+    best = ""
+    for cls in known:
+        if (stem == cls or stem.startswith(cls + "_")) and len(cls) > len(best):
+            best = cls
+    if best:
+        return best
+    tokens = stem.split("_")
+    taken = []
+    for tok in tokens:
+        if not tok.isalpha():
+            break
+        taken.append(tok)
+    if not taken or len(taken) == len(tokens) > 1:
+        return stem.rsplit("_", 1)[0] if "_" in stem else stem
+    return "_".join(taken)
+
+
+def class_of(file: str, classes: Mapping[str, str], known: Iterable[str] | None = None) -> str:
+    """An image's class: ``classes`` (from ``classes.csv``) by file name, then by stem, else
+    :func:`class_from_filename` refined by ``known`` (default: the classes ``classes`` names)."""
+    c = classes.get(file) or classes.get(Path(file).stem)
+    if c:
+        return c
+    return class_from_filename(file, set(classes.values()) if known is None else known)
+
+
+def image_dir(root: str | os.PathLike) -> Path:
+    """The folder holding a dataset's images: ``root/images`` if present, else ``root``."""
+    root = Path(root)
+    sub = root / "images"
+    return sub if sub.is_dir() else root
+
+
+# ==========================================================================================
+# reading files
+# ==========================================================================================
+_STRICT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_loading() -> Iterator[None]:
+    """A truncated file raises, whatever another module set in PIL's ``LOAD_TRUNCATED_IMAGES``."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _STRICT_LOCK:  # the flag is global: one reader at a time while it is switched off
+        old = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+@contextlib.contextmanager
+def _reading(path: Path, problem: str = "unreadable or truncated image") -> Iterator[None]:
+    """Turn PIL's errors into :class:`DatasetError` naming ``path``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except _READ_ERRORS as e:
+        raise DatasetError(f"{path}: {problem} ({type(e).__name__}: {e})") from None
+
+
+def open_image(path: str | os.PathLike, mode: str | None = None) -> Image.Image:
+    """Fully decode ``path`` (truncation raises) and convert it to ``mode`` (None: as stored);
+    :class:`DatasetError` naming the file when it is missing, unreadable or truncated."""
+    path = Path(path)
+    with _reading(path), _strict_loading(), Image.open(path) as im:
+        im.load()
+        if mode is None:
+            return im.copy()
+        return im.convert(mode) if im.mode != mode else im.copy()
+
+
+def decoded_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` after a full decode (so a truncated file raises)."""
+    path = Path(path)
+    with _reading(path), _strict_loading(), Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no decoding)."""
+    path = Path(path)
+    with _reading(path, "unreadable image"), Image.open(path) as im:
+        return im.size
+
+
+def _mask_array(im: Image.Image) -> np.ndarray:
+    """A label image as a uint8 ``(H, W)`` array (palette images keep their indices)."""
+    if im.mode in ("L", "P"):
+        arr = np.asarray(im)
+    elif im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
+    elif im.mode == "1":
+        arr = np.asarray(im).astype(np.uint8) * 255
+    else:  # RGB(A), LA, ...: luminance
+        arr = np.asarray(im.convert("L"))
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image as ``(H, W, 3)`` uint8 RGB; :class:`DatasetError` naming the file on failure."""
+    return np.asarray(open_image(path, "RGB"))
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """A label as ``(H, W)`` uint8; :class:`DatasetError` naming the file on failure."""
+    return _mask_array(open_image(path))
+
+
+def read_classes_csv(root: str | os.PathLike) -> list[dict[str, str]] | None:
+    """The rows of ``ROOT/classes.csv`` as dicts of all its columns, keys and values stripped
+    (None when the file is absent). A missing ``file`` or ``class`` column, an empty ``file``
+    or ``class``, or an unreadable file raise :class:`DatasetError` naming the file."""
+    path = Path(root) / CLASSES_CSV
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+            if "file" not in fields or "class" not in fields:
+                raise DatasetError(f"{path}: needs the columns 'file,class[,surface]', found {fields}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                if not row.get("file") or not row.get("class"):
+                    raise DatasetError(f"{path}: line {line} has an empty 'file' or 'class'")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return rows
+
+
+# ==========================================================================================
+# resizing
+# ==========================================================================================
+def resize_image(image: np.ndarray | Image.Image, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """An ``(H, W[, 3])`` image (array or PIL) at ``size = (H, W)``: PIL bilinear (antialiased
+    when shrinking), or nearest for masks. Already that size: returned as it is (as an array).
+    Bool arrays become 0/255 first."""
+    h, w = int(size[0]), int(size[1])
+    if isinstance(image, Image.Image):
+        if image.size == (w, h):
+            return np.asarray(image)
+        im = image
+    else:
+        a = np.asarray(image)
+        if a.shape[:2] == (h, w):
+            return a
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        im = Image.fromarray(a)
+    return np.asarray(im.resize((w, h), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def resize_pair(image: np.ndarray | Image.Image, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask at ``size = (H, W)``: the image bilinear, the mask nearest (the
+    training cache, prompt tuning and the figures all resize this way)."""
+    return resize_image(image, size), resize_image(mask, size, nearest=True)
+
+
+# ==========================================================================================
+# the index
+# ==========================================================================================
+class Record(NamedTuple):
+    """One image of a :class:`DefectIndex` (built on demand, not stored)."""
+
+    file: str
+    stem: str
+    image: Path
+    label: Path
+    cls: str
+    is_free: bool
+    height: int
+    width: int
+
+
+class _Listing(NamedTuple):
+    """A dataset folder listed (nothing decoded): see :func:`_list_dataset`."""
+
+    image_dir: Path
+    label_dir: Path
+    stems: dict[str, str]  # stem -> image file name, sorted by name
+    label_stems: set[str]
+    classes: dict[str, str]  # classes.csv: file (or stem) -> class
+    surfaces: dict[str, str]  # classes.csv: file (or stem) -> surface
+
+
+def images_by_stem(folder: Path, report) -> dict[str, Path]:
+    """``stem -> path`` of the images (:data:`IMAGE_EXTS`) in ``folder``, sorted by name; a
+    second image with a stem already taken is left out and ``report(path, message)`` is called."""
+    stems: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.stem in stems:
+            report(p, f"two images share the stem {p.stem!r} ({stems[p.stem].name})")
+            continue
+        stems[p.stem] = p
+    return stems
+
+
+def _list_dataset(root: Path, report, strict: bool = True) -> _Listing:
+    """The images, labels and ``classes.csv`` of ``root``; ``report(message)`` gets every
+    problem found without decoding (two images sharing a stem and, with ``strict``, a label
+    without an image and a ``classes.csv`` row naming a missing image). A missing or empty
+    folder raises."""
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    images = image_dir(root)
+    label_dir = root / "labels"
+    stems = {stem: p.name for stem, p in images_by_stem(images, lambda p, msg: report(f"{p}: {msg}")).items()}
+    if not stems:
+        raise DatasetError(f"{images}: empty dataset folder (no {'/'.join(IMAGE_EXTS)} images)")
+    label_stems = {p.stem for p in label_dir.glob("*.png")} if label_dir.is_dir() else set()
+    if strict:
+        for stem in sorted(label_stems - set(stems)):
+            report(f"{label_dir / (stem + '.png')}: label without an image")
+    classes: dict[str, str] = {}
+    surfaces: dict[str, str] = {}
+    present = set(stems.values()) | set(stems)
+    for row in read_classes_csv(root) or []:
+        if strict and row["file"] not in present:
+            report(f"{root / CLASSES_CSV}: names {row['file']!r}, which is not in {images}")
+            continue
+        classes[row["file"]] = row["class"]
+        if row.get("surface"):
+            surfaces[row["file"]] = row["surface"]
+    return _Listing(images, label_dir, stems, label_stems, classes, surfaces)
+
+
+class DefectIndex:
+    """The images of a dataset, stored column-wise in O(n) memory.
+
+    Columns: ``files`` (list of image file names), ``class_ids`` (int32 into
+    ``class_names``), ``is_free`` (bool: empty mask), ``heights``/``widths`` (int32),
+    ``label_max`` (uint8: the largest label value, for multi-class checks) and optional
+    ``surfaces``. Paths are derived: ``image_dir / file`` and ``label_dir / (stem + ".png")``.
+
+    Build one with :meth:`scan` (reads and checks a folder) or directly from lists (tests,
+    synthetic indexes: no file is touched).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        classes: Sequence[str],
+        is_free: Sequence[bool] | np.ndarray,
+        heights: Sequence[int] | np.ndarray | None = None,
+        widths: Sequence[int] | np.ndarray | None = None,
+        root: str | os.PathLike | None = None,
+        image_dir: str | os.PathLike | None = None,
+        label_dir: str | os.PathLike | None = None,
+        label_max: Sequence[int] | np.ndarray | None = None,
+        surfaces: Sequence[str] | None = None,
+    ) -> None:
+        n = len(files)
+        if len(classes) != n or len(is_free) != n:
+            raise ValueError(f"files ({n}), classes ({len(classes)}) and is_free ({len(is_free)}) differ in length")
+        self.root = Path(root) if root is not None else None
+        base = self.root if self.root is not None else Path(".")
+        self.image_dir = Path(image_dir) if image_dir is not None else base / "images"
+        self.label_dir = Path(label_dir) if label_dir is not None else base / "labels"
+        self.files: list[str] = [str(f) for f in files]
+        names, ids = np.unique(np.asarray(list(classes), dtype=object).astype(str), return_inverse=True) if n else ([], [])
+        self.class_names: list[str] = [str(c) for c in names]
+        self.class_ids = np.asarray(ids, dtype=np.int32).reshape(n)
+        self.is_free = np.asarray(is_free, dtype=bool).reshape(n)
+        self.heights = np.asarray(heights if heights is not None else np.zeros(n), dtype=np.int32).reshape(n)
+        self.widths = np.asarray(widths if widths is not None else np.zeros(n), dtype=np.int32).reshape(n)
+        if label_max is None:  # unknown: at least 1 on defect images
+            label_max = np.where(self.is_free, 0, 1)
+        self.label_max = np.asarray(label_max, dtype=np.uint8).reshape(n)
+        self.surfaces: list[str] | None = list(surfaces) if surfaces is not None else None
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def scan(
+        cls,
+        root: str | os.PathLike,
+        skip_bad: bool = False,
+        verify: bool = True,
+        workers: int | None = None,
+    ) -> "DefectIndex":
+        """Read and check a dataset folder.
+
+        Every label is decoded (to record ``is_free``); with ``verify`` every image is fully
+        decoded too, so a truncated file is found here rather than mid-training. Problems
+        raise :class:`DatasetError` naming the file: an empty or missing folder, an image
+        without a label, a label without an image, two images sharing a stem, a label whose
+        size differs from its image, an unreadable or truncated file, a ``classes.csv`` row
+        naming a missing file, and a "free" image whose mask is not empty. With
+        ``skip_bad=True`` the bad files are left out and listed in one :class:`DatasetWarning`
+        (an empty folder, or nothing usable left, still raises).
+        """
+        root = Path(root)
+        problems: list[str] = []
+
+        def report(msg: str) -> None:
+            if not skip_bad:
+                raise DatasetError(msg)
+            problems.append(msg)
+
+        ls = _list_dataset(root, report)
+        image_dir, label_dir, stems, label_stems = ls.image_dir, ls.label_dir, ls.stems, ls.label_stems
+
+        files: list[str] = []
+        for stem, name in stems.items():
+            if stem not in label_stems:
+                report(f"{image_dir / name}: image without a label (expected {label_dir / (stem + '.png')})")
+                continue
+            files.append(name)
+
+        def check(name: str):
+            img_path = image_dir / name
+            lbl_path = label_dir / (Path(name).stem + ".png")
+            try:
+                size = decoded_size(img_path) if verify else header_size(img_path)
+                mask = read_label(lbl_path)
+            except DatasetError as e:
+                return str(e)
+            if (mask.shape[1], mask.shape[0]) != size:
+                return (f"{lbl_path}: label size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+                        f"{name} ({size[0]}x{size[1]})")
+            return size[1], size[0], bool(mask.any()), int(mask.max()) if mask.size else 0
+
+        with ThreadPoolExecutor(workers or default_workers()) as pool:
+            results = list(pool.map(check, files))
+
+        keep, classes, free, hs, ws, mx, surf = [], [], [], [], [], [], []
+        for name, res in zip(files, results):
+            if isinstance(res, str):
+                report(res)
+                continue
+            h, w, has_defect, lmax = res
+            c = class_of(name, ls.classes)
+            if c == FREE_CLASS and has_defect:
+                report(f"{label_dir / (Path(name).stem + '.png')}: image {name} has class {FREE_CLASS!r} "
+                       f"but its mask is not empty")
+                continue
+            keep.append(name)
+            classes.append(c)
+            free.append(not has_defect)
+            hs.append(h)
+            ws.append(w)
+            mx.append(lmax)
+            surf.append(ls.surfaces.get(name, ls.surfaces.get(Path(name).stem, "")))
+        if problems:
+            listing = "\n  ".join(problems)
+            warnings.warn(f"{root}: skipped {len(problems)} bad file(s):\n  {listing}", DatasetWarning, stacklevel=2)
+        if not keep:
+            raise DatasetError(f"{root}: no usable image/label pairs")
+        return cls(keep, classes, free, hs, ws, root=root, image_dir=image_dir, label_dir=label_dir,
+                   label_max=mx, surfaces=surf if ls.surfaces else None)
+
+    # -- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return (f"DefectIndex({len(self)} images, {int(self.is_free.sum())} defect-free, "
+                f"classes={self.class_names}, root={str(self.root) if self.root else None!r})")
+
+    def stem(self, i: int) -> str:
+        return Path(self.files[i]).stem
+
+    def image_path(self, i: int) -> Path:
+        return self.image_dir / self.files[i]
+
+    def label_path(self, i: int) -> Path:
+        return self.label_dir / (self.stem(i) + ".png")
+
+    def class_of(self, i: int) -> str:
+        return self.class_names[self.class_ids[i]]
+
+    def record(self, i: int) -> Record:
+        i = int(i)
+        return Record(self.files[i], self.stem(i), self.image_path(i), self.label_path(i), self.class_of(i),
+                      bool(self.is_free[i]), int(self.heights[i]), int(self.widths[i]))
+
+    def find(self, file: str) -> int:
+        """Position of an image by file name or stem (``KeyError`` if absent)."""
+        lookup = getattr(self, "_lookup", None)
+        if lookup is None:
+            lookup = {}
+            for i, f in enumerate(self.files):
+                lookup[f] = i
+                lookup.setdefault(Path(f).stem, i)
+            self._lookup = lookup
+        return lookup[file]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "DefectIndex":
+        """A new index with the given rows (positions or a boolean mask), same folders."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return DefectIndex(
+            [self.files[i] for i in idx], [self.class_names[c] for c in self.class_ids[idx]], self.is_free[idx],
+            self.heights[idx], self.widths[idx], root=self.root, image_dir=self.image_dir,
+            label_dir=self.label_dir, label_max=self.label_max[idx],
+            surfaces=[self.surfaces[i] for i in idx] if self.surfaces is not None else None,
+        )
+
+    def to_frame(self):
+        """The index as a pandas DataFrame (see :func:`read_manifest`)."""
+        import pandas as pd
+
+        data = {
+            "file": self.files,
+            "class": [self.class_names[c] for c in self.class_ids],
+            "is_free": self.is_free.copy(),
+            "image": [str(self.image_dir / f) for f in self.files],
+            "label": [str(self.label_path(i)) for i in range(len(self))],
+            "height": self.heights.copy(),
+            "width": self.widths.copy(),
+        }
+        if self.surfaces is not None:
+            data["surface"] = list(self.surfaces)
+        return pd.DataFrame(data)
+
+    def fingerprint(self, extra: Any = None, stat: bool = True) -> str:
+        """A hash of the records (and, with ``stat``, the files' sizes and mtimes)."""
+        h = hashlib.sha1()
+        h.update(json.dumps([str(self.image_dir), str(self.label_dir), extra]).encode())
+        for i, f in enumerate(self.files):
+            h.update(f.encode() + b"\0")
+            if stat:
+                for p in (self.image_path(i), self.label_path(i)):
+                    try:
+                        st = p.stat()
+                        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+                    except OSError:
+                        h.update(b"missing;")
+        h.update(self.heights.tobytes() + self.widths.tobytes() + self.is_free.tobytes())
+        return h.hexdigest()[:20]
+
+
+def read_manifest(root: str | os.PathLike, skip_bad: bool = False, verify: bool = True, labels: bool = True):
+    """A dataset as a DataFrame, one row per image sorted by file name.
+
+    ``labels=True`` (default): the checked index (:meth:`DefectIndex.scan`, every image needs
+    its label), columns ``file, class, is_free, image, label, height, width`` (plus
+    ``surface`` when ``classes.csv`` has it); ``is_free`` means an empty mask.
+
+    ``labels=False``: a listing that decodes nothing (prompt mappings, class look-ups):
+    columns ``file, class, is_free, image, label`` (plus ``surface``), where ``label`` is None
+    for an image without ``labels/<stem>.png`` and ``is_free`` means the class ``free``.
+    Two images sharing a stem and a bad ``classes.csv`` still raise :class:`DatasetError`
+    (a row naming an absent image is ignored).
+
+    ``image``/``label`` are paths as strings.
+    """
+    if labels:
+        return DefectIndex.scan(root, skip_bad=skip_bad, verify=verify).to_frame()
+    import pandas as pd
+
+    def report(msg: str) -> None:
+        raise DatasetError(msg)
+
+    ls = _list_dataset(Path(root), report, strict=False)
+    files = list(ls.stems.values())
+    classes = [class_of(f, ls.classes) for f in files]
+    data = {
+        "file": files,
+        "class": classes,
+        "is_free": np.array([c == FREE_CLASS for c in classes], dtype=bool),
+        "image": [str(ls.image_dir / f) for f in files],
+        "label": pd.Series([str(ls.label_dir / f"{s}.png") if s in ls.label_stems else None for s in ls.stems],
+                           dtype=object),  # keep None, not NaN
+    }
+    if ls.surfaces:
+        data["surface"] = [ls.surfaces.get(f, ls.surfaces.get(Path(f).stem, "")) for f in files]
+    return pd.DataFrame(data)
+
+
+def class_lookup(*roots: str | os.PathLike | None):
+    """``file name -> class`` over the datasets ``roots`` (the first that lists the file wins:
+    its ``classes.csv`` or the name rule); a file of none of them by :func:`class_of`. A root
+    that is missing or unreadable is left out."""
+    table: dict[str, str] = {}
+    for root in roots:
+        if root is None or not Path(root).is_dir():
+            continue
+        try:
+            df = read_manifest(root, labels=False)
+        except (OSError, ValueError):
+            continue
+        for f, c in zip(df["file"], df["class"]):
+            table.setdefault(f, c)
+
+    def lookup(file: str) -> str:
+        return class_of(file, table)
+
+    return lookup

@@ -1,0 +1,286 @@
+"""Predict every query of a prompt mapping and score it: the one scoring path.
+
+``seggpt infer``, the notebooks' evaluations (:mod:`seggpt_lib.experiments.evaluation`) and the
+study (:mod:`seggpt_lib.experiments.study`) all run :func:`score_mapping`::
+
+    queries = Folder.of_dataset("data/test")
+    prompts = Folder.of_dataset("data/train")
+    cfg = ScoringConfig(grid=2, top_k=1, work_size=1024, tile_pairing="aligned")
+    results = [s.result for s in score_mapping(predictor, queries, mapping, "positive", cfg, prompts=prompts)]
+    table, summary = evaluate(results)
+
+A mapping is ``{query file: [prompt file, ...]}``. Queries are predicted in batches (several
+queries per :meth:`~seggpt_lib.predict.predictor.SegGPTPredictor.predict_batch` call, their
+pairs sharing the forward passes), from the first ``top_k`` mapped prompt images, or from
+learned prompts (:class:`LearnedPrompts`). Each query gives a :class:`ScoredPair`: the
+:class:`~seggpt_lib.eval.metrics.PairResult` row, the prediction and the query image.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from tqdm.auto import tqdm
+
+from seggpt_lib.data.layout import class_lookup, class_of, image_dir
+from seggpt_lib.eval.metrics import KINDS, PairResult
+from seggpt_lib.predict.predictor import Prediction, PromptPairs, SegGPTPredictor, load_mask_file, load_rgb
+
+__all__ = [
+    "COLUMNS",
+    "Folder",
+    "LearnedPrompts",
+    "ScoredPair",
+    "ScoringConfig",
+    "default_queries_per_call",
+    "pair_kind",
+    "score_mapping",
+]
+
+FREE = "free"
+# per-pair columns score_mapping can add to PairResult.extra
+COLUMNS = ("n_prompts", "n_pairs", "seconds")
+_PROMPT_CACHE = 64  # prompt images (and masks) kept decoded while scoring one mapping
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+def _binary_mask(path: Path) -> np.ndarray:
+    return load_mask_file(path) != 0
+
+
+@dataclass(frozen=True)
+class Folder:
+    """Where a mapping's files lie: ``images/<file>``, masks ``labels/<stem>.png`` (else a file
+    of the image's name; none: no mask), and each file's class (``classes``, default: the
+    file-name rule of :func:`seggpt_lib.data.layout.class_of`). ``read_mask`` reads a mask file as a boolean ``(H, W)`` array (default:
+    the stored values, non-zero = defect)."""
+
+    images: Path
+    labels: Path | None = None
+    classes: Callable[[str], str] | None = None
+    read_mask: Callable[[Path], np.ndarray] = _binary_mask
+
+    @classmethod
+    def of_dataset(cls, root: str | Path, classes: Callable[[str], str] | None = None, **kw: Any) -> "Folder":
+        """A dataset root: ``root/images`` (or ``root``), ``root/labels``; classes from its
+        ``classes.csv`` or the file names unless given (:func:`seggpt_lib.data.layout.class_lookup`)."""
+        root = Path(root)
+        return cls(image_dir(root), root / "labels", classes or class_lookup(root), **kw)
+
+    @classmethod
+    def of_index(cls, index: Any, **kw: Any) -> "Folder":
+        """A scanned dataset (:class:`~seggpt_lib.data.layout.DefectIndex`: its folders, its classes)."""
+        return cls(Path(index.image_dir), Path(index.label_dir), lambda f: index.class_of(index.find(f)), **kw)
+
+    def image_path(self, file: str) -> Path:
+        return self.images / file
+
+    def label_path(self, file: str) -> Path | None:
+        """``<stem>.png`` in the label folder, else a file of the same name; None when neither exists."""
+        if self.labels is None:
+            return None
+        for cand in (self.labels / f"{Path(file).stem}.png", self.labels / file):
+            if cand.is_file():
+                return cand
+        return None
+
+    def class_of(self, file: str) -> str:
+        return self.classes(file) if self.classes is not None else class_of(file, {})
+
+    def mask(self, file: str) -> np.ndarray | None:
+        path = self.label_path(file)
+        return None if path is None else self.read_mask(path)
+
+
+@dataclass(frozen=True)
+class LearnedPrompts:
+    """Learned prompts (prompt pairs at model size) by class, in place of image prompts.
+
+    A single one serves every query. With several, a positive query takes its own class's and a
+    negative or defect-free query the class of its first mapped prompt (so it asks for the same
+    other class as an image prompt would). ``names``: class -> the name in the ``prompts``
+    column (default ``learned:<class>``).
+    """
+
+    by_class: Mapping[str, PromptPairs]
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    def pick(self, kind: str, query_class: str, first_prompt_class: Callable[[], str]) -> str:
+        if len(self.by_class) == 1:
+            return next(iter(self.by_class))
+        if kind == "auto":
+            raise ValueError("kind 'auto' needs a single learned prompt (the pair kind depends on the prompt's class)")
+        return query_class if kind == "positive" else first_prompt_class()
+
+    def name(self, cls: str) -> str:
+        return self.names.get(cls, f"learned:{cls}")
+
+
+def pair_kind(kind: str, query_class: str, prompt_classes: Sequence[str], gt: np.ndarray | None) -> str:
+    """The pair kind of one entry: ``kind`` itself unless ``"auto"``, which gives ``free`` for a
+    query of class ``free`` or with an empty ground truth, ``negative`` when the query's class
+    differs from every prompt's, else ``positive``."""
+    if kind != "auto":
+        return kind
+    if query_class == FREE or (gt is not None and not gt.any()):
+        return "free"
+    if all(c != query_class for c in prompt_classes):
+        return "negative"
+    return "positive"
+
+
+# ------------------------------------------------------------------------------------------
+# options and results
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How queries are predicted and what each row carries.
+
+    ``grid``: ``grid x grid`` tiles of the ``work_size`` canvas (1: no tiling); ``top_k``: the
+    first ``top_k`` mapped prompts (None: all); ``tile_pairing``, ``seam_pass``, ``ensemble``:
+    see :mod:`seggpt_lib.predict.predictor`; ``keep_raw``: keep the raw output in the
+    predictions; ``queries_per_call``: queries per ``predict_batch`` call (None:
+    :func:`default_queries_per_call`). Each row's ``extra`` holds ``extra`` (fixed columns, in
+    order) then ``columns`` (per pair, from :data:`COLUMNS`: prompts used, model pairs,
+    seconds per query).
+    """
+
+    grid: int = 1
+    top_k: int | None = None
+    work_size: int = 1024
+    tile_pairing: str = "all"
+    seam_pass: bool = False
+    ensemble: bool = True
+    keep_raw: bool = False
+    queries_per_call: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    columns: tuple[str, ...] = ("seconds",)
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.columns if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; choose from {COLUMNS}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class ScoredPair:
+    """One query of the mapping: its row, its prediction and the query image."""
+
+    result: PairResult
+    prediction: Prediction
+    image: np.ndarray
+
+
+def default_queries_per_call(predictor: SegGPTPredictor, n_prompts: int, config: ScoringConfig) -> int:
+    """As many queries as fit one forward pass (``max_batch`` pairs), 1 to 16."""
+    per_query = predictor.pairs_per_query(n_prompts, config.grid, config.tile_pairing, config.seam_pass)
+    return max(1, min(16, predictor.max_batch // max(1, per_query)))
+
+
+class _Progress:
+    """A tqdm bar (``True``), a callback ``(done, total)``, or nothing."""
+
+    def __init__(self, progress: bool | Callable[[int, int], None], total: int, desc: str) -> None:
+        self.total, self.done = total, 0
+        self.callback = progress if callable(progress) else None
+        self.bar = tqdm(total=total, desc=desc, unit="img") if progress is True else None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------
+# the scoring loop
+# ------------------------------------------------------------------------------------------
+def score_mapping(
+    predictor: SegGPTPredictor,
+    queries: Folder,
+    mapping: Mapping[str, Sequence[str]],
+    kind: str,
+    config: ScoringConfig | None = None,
+    *,
+    prompts: Folder | None = None,
+    learned: LearnedPrompts | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+    desc: str = "score",
+) -> Iterator[ScoredPair]:
+    """Predict every query of ``mapping`` (in its order) and yield a :class:`ScoredPair` each.
+
+    Prompts are the first ``config.top_k`` mapped files in ``prompts``, or ``learned`` (then
+    the mapping's prompt lists matter only for the class of a negative query's learned prompt).
+    ``kind``: the pair kind of every row (``positive``, ``negative``, ``free``) or ``"auto"``
+    (:func:`pair_kind`). ``progress``: a tqdm bar (``True``) or a callback ``(done, total)``.
+    Ground truths come from ``queries``' masks (a query without one is kept, unscored).
+    """
+    cfg = config or ScoringConfig()
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}")
+    if learned is None and prompts is None:
+        raise ValueError("give the prompt folder, or learned prompts")
+    names = list(mapping)
+    if learned is not None:
+        n_prompts = 1
+    else:
+        n_prompts = cfg.top_k or max((len(ps) for ps in mapping.values()), default=1)
+    per_call = cfg.queries_per_call or default_queries_per_call(predictor, n_prompts, cfg)
+    kw = dict(grid=cfg.grid, ensemble=cfg.ensemble, tile_pairing=cfg.tile_pairing, seam_pass=cfg.seam_pass,
+              work_size=cfg.work_size, keep_raw=cfg.keep_raw)
+    cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def prompt(f: str) -> tuple[np.ndarray, np.ndarray]:
+        if f in cache:
+            cache.move_to_end(f)
+        else:
+            mask = prompts.mask(f)
+            if mask is None:
+                raise FileNotFoundError(f"no mask for prompt {f} in {prompts.labels}")
+            cache[f] = (load_rgb(prompts.image_path(f)), mask)
+            if len(cache) > _PROMPT_CACHE:
+                cache.popitem(last=False)
+        return cache[f]
+
+    bar = _Progress(progress, len(names), desc)
+    try:
+        for start in range(0, len(names), per_call):
+            chunk = names[start : start + per_call]
+            images = [load_rgb(queries.image_path(q)) for q in chunk]
+            q_classes = [queries.class_of(q) for q in chunk]
+            if learned is not None:
+                keys = [learned.pick(kind, qc, lambda q=q: prompts.class_of(mapping[q][0]))
+                        for q, qc in zip(chunk, q_classes)]
+                used = [[learned.name(k)] for k in keys]
+                p_classes = [[k] for k in keys]
+                preds = predictor.predict_batch(images, prompt_pairs=[learned.by_class[k] for k in keys], **kw)
+            else:
+                used = [list(mapping[q][: cfg.top_k]) for q in chunk]
+                pairs = [[prompt(f) for f in fs] for fs in used]
+                p_classes = [[prompts.class_of(f) for f in fs] for fs in used] if kind == "auto" else [[]] * len(chunk)
+                preds = predictor.predict_batch(images, [[a for a, _ in pp] for pp in pairs],
+                                                [[m for _, m in pp] for pp in pairs], **kw)
+            for q, image, qc, ps, pcs, pred in zip(chunk, images, q_classes, used, p_classes, preds):
+                gt = queries.mask(q)
+                extra = dict(cfg.extra)
+                for c in cfg.columns:
+                    extra[c] = {"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": pred.timing["total_s"]}[c]
+                result = PairResult(query=q, prompts=ps, kind=pair_kind(kind, qc, pcs, gt), query_class=qc,
+                                    pred=pred.mask, gt=gt, extra=extra)
+                yield ScoredPair(result, pred, image)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
