@@ -31,10 +31,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from seggpt_lib.data.layout import (CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetError, class_from_filename, class_of,
-                                    images_by_stem, read_classes_csv, read_label)
+from seggpt_lib.data.layout import CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetError, class_from_filename, class_of
 from seggpt_lib.data.layout import header_size as image_size
+from seggpt_lib.data.layout import images_by_stem
 from seggpt_lib.data.layout import open_image as read_image
+from seggpt_lib.data.layout import read_classes_csv, read_label
 
 __all__ = [
     "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError", "Problems",

@@ -16,8 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (FREE_CLASS, IMAGE_EXTS, DataPrepError, DatasetError, Problems, check_output, copy_file,
-                     output_dir, progress, read_image, read_mask, write_classes_csv, write_label)
+from .common import (
+    FREE_CLASS,
+    IMAGE_EXTS,
+    DataPrepError,
+    DatasetError,
+    Problems,
+    check_output,
+    copy_file,
+    output_dir,
+    progress,
+    read_image,
+    read_mask,
+    write_classes_csv,
+    write_label,
+)
 
 MASK_THRESHOLD = 128
 SURFACE = "magnetic_tile"

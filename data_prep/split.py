@@ -22,8 +22,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import (FREE_CLASS, DataPrepError, Sample, check_output, copy_file, output_dir, progress,
-                     scan_dataset, write_classes_csv)
+from .common import (
+    FREE_CLASS,
+    DataPrepError,
+    Sample,
+    check_output,
+    copy_file,
+    output_dir,
+    progress,
+    scan_dataset,
+    write_classes_csv,
+)
 
 SPLITS = ("train", "val", "test")
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .common import DataPrepError, FREE_CLASS, check_output, output_dir, progress, write_classes_csv
+from .common import FREE_CLASS, DataPrepError, check_output, output_dir, progress, write_classes_csv
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "pcb": ("open", "short", "spur", "mouse_bite", "spurious_copper"),

@@ -30,8 +30,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .common import (FREE_CLASS, DataPrepError, DatasetError, Problems, check_output, copy_file, output_dir, progress,
-                     read_image, safe_name, write_classes_csv, write_label)
+from .common import (
+    FREE_CLASS,
+    DataPrepError,
+    DatasetError,
+    Problems,
+    check_output,
+    copy_file,
+    output_dir,
+    progress,
+    read_image,
+    safe_name,
+    write_classes_csv,
+    write_label,
+)
 
 ANNOTATION_FILE = "_annotations.coco.json"
 

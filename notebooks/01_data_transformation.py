@@ -49,6 +49,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
+from data_prep.prepare import prepare_data, stats_table
 from seggpt_lib.experiments import results as RES, dataset as DS
 from seggpt_lib.experiments import viz as V
 
@@ -60,9 +61,9 @@ pd.set_option("display.precision", 4)
 # ## Build or convert, then split
 
 # %%
-info = DS.prepare_data(work, source=source, source_path=source_path, synthetic=synthetic,
-                      limit_per_class=limit_per_class, split_seed=split_seed, val=val, test=test,
-                      rebuild=rebuild_data)
+info = prepare_data(work, source=source, source_path=source_path, synthetic=synthetic,
+                   limit_per_class=limit_per_class, split_seed=split_seed, val=val, test=test,
+                   rebuild=rebuild_data)
 split_root = Path(info["split_root"])
 print(f"dataset: {info['root']}\nsplit:   {split_root}  ({info['seconds']:.1f} s{', reused' if info['reused'] else ''})")
 
@@ -82,7 +83,7 @@ counts
 # weights expect ImageNet's), image sizes and the mean share of defect pixels.
 
 # %%
-stats = RES.write_table(DS.image_stats(split_root), R, "01_image_stats", title="Image statistics per split")
+stats = RES.write_table(stats_table(split_root), R, "01_image_stats", title="Image statistics per split")
 stats
 
 # %% [markdown]

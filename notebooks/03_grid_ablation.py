@@ -73,7 +73,7 @@ RES.write_table(abl["table"], R, "03_grid_miou", title="mIoU by tiling grid (pos
 
 # %%
 t1 = abl["table"][abl["table"]["top_k"] == top_k]
-fig = V.bar_chart(t1.assign(split=t1["split"].map(lambda s: f"grid {s}")), "split", ["mIoU", "catch_rate", "original_mIoU"],
+fig = V.bar_chart(t1.assign(grid=t1["grid"].map(lambda s: f"grid {s}")), "grid", ["mIoU", "catch_rate", "original_mIoU"],
                   title=f"mIoU and catch rate by tiling grid (top-{top_k})", rotate=0)
 RES.save_figure(fig, R, "03_grid_miou");
 
@@ -82,7 +82,7 @@ RES.save_figure(fig, R, "03_grid_miou");
 
 # %%
 per_class = RES.write_table(abl["per_class"], R, "03_per_class_iou", title=f"Mean IoU per class and tiling grid (top-{top_k})")
-fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("split_")],
+fig = V.bar_chart(per_class, "class", [c for c in per_class.columns if c.startswith("grid_")],
                   title="IoU per defect class", ylabel="mean IoU", hline=catch_iou, hline_label="catch threshold")
 RES.save_figure(fig, R, "03_per_class_iou");
 per_class
@@ -91,7 +91,7 @@ per_class
 # ## Per image
 
 # %%
-cols = ["file", "class", "split", "top_k", "prompts", "iou", "catch", "pred_pixels", "gt_pixels", "seconds"]
+cols = ["file", "class", "grid", "top_k", "prompts", "iou", "catch", "pred_pixels", "gt_pixels", "seconds"]
 per_image = RES.write_table(abl["per_image"][cols], R, "03_per_image", title="Every positive pair")
 per_image.head(12)
 
@@ -102,7 +102,7 @@ per_image.head(12)
 
 # %%
 best_grid = frag.best_grid
-at_best = abl["per_image"][(abl["per_image"]["split"] == best_grid) & (abl["per_image"]["top_k"] == top_k)]
+at_best = abl["per_image"][(abl["per_image"]["grid"] == best_grid) & (abl["per_image"]["top_k"] == top_k)]
 for worst, name in ((False, "best"), (True, "worst")):
     rows = EV.example_rows(em, split_root, at_best, abl["mapping"], n=n_panels, worst=worst, grid=best_grid,
                            top_k=top_k, work_size=abl["work_size"], tile_pairing=tile_pairing)

@@ -17,13 +17,13 @@
 # # Explorer
 #
 # Pick a test query, its prompts (from the training split: the query's own class gives a
-# positive pair, another class a negative one), top-k and tiling grid (the explorer's `split`);
+# positive pair, another class a negative one), top-k and tiling grid;
 # the prediction, the overlays
 # and the metrics update live. Green: ground truth missed; red: painted where there is no
 # defect; yellow: hit.
 #
 # The callbacks live in `seggpt_lib.experiments.viz.Explorer`, so the same thing works from plain Python:
-# `Explorer(...).update(query=..., prompts=[...], top_k=..., split=...)` returns the metrics
+# `Explorer(...).update(query=..., prompts=[...], top_k=..., grid=...)` returns the metrics
 # and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`). Not a stage of
 # `seggpt reproduce`: open it in Jupyter.
 
@@ -68,10 +68,10 @@ display(explorer.widget())
 
 # %%
 q = query or next(f for f in explorer.queries if explorer.query_class(f) != "free")
-pos = explorer.update(query=q, top_k=top_k, split=grid)
+pos = explorer.update(query=q, top_k=top_k, grid=grid)
 print(explorer.metrics_text(pos))
 V.show(pos["figure"])
 other = next(f for f in explorer.prompt_files if explorer.prompt_index.class_of(explorer.prompt_index.find(f)) != pos["query_class"])
-neg = explorer.update(query=q, prompts=[other], top_k=1, split=grid)
+neg = explorer.update(query=q, prompts=[other], top_k=1, grid=grid)
 print(explorer.metrics_text(neg))
 V.show(neg["figure"])

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seggpt_lib.model import attention as A
 from seggpt_lib import build_seggpt
+from seggpt_lib.model import attention as A
 from seggpt_lib.model.attention import (
     ATTENTION_IMPLS,
     attention_impl,

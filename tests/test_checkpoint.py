@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from seggpt_lib import CheckpointError, build_from_checkpoint, build_seggpt, load_weights, save_weights
-from seggpt_lib.model.checkpoint import adapt_state_dict, check_state_dict, hf_to_official, official_to_hf, read_state_dict
+from seggpt_lib.model.checkpoint import (
+    adapt_state_dict,
+    check_state_dict,
+    hf_to_official,
+    official_to_hf,
+    read_state_dict,
+)
 
 
 def _small(**kw):

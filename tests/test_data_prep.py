@@ -22,8 +22,7 @@ from data_prep.magnetic_tile import convert_magnetic_tile
 from data_prep.split import allocate, split_dataset
 from data_prep.stats import dataset_stats
 from data_prep.synthetic import DEFECT_CLASSES, FAMILIES, generate_synthetic, render_sample
-from data_prep.vision_coco import (convert_vision_coco, decode_rle_string, encode_rle_string,
-                                   mask_to_rle, rle_to_mask)
+from data_prep.vision_coco import convert_vision_coco, decode_rle_string, encode_rle_string, mask_to_rle, rle_to_mask
 from seggpt_lib.cli import main as cli_main
 from seggpt_lib.data import layout
 from seggpt_lib.data.layout import DatasetError

@@ -152,16 +152,29 @@ def test_gpu_check_training_recipe_is_the_pipelines():
 
 
 def test_no_threshold_literals_beside_the_constants():
-    """0.000239 / catch 0.3 are written once (seggpt_lib/eval/metrics.py): the pipeline's modules
-    use CATCH_IOU / YIELD_RESPONSE (configs and notebooks carry the value as a config key, checked
+    """0.000239 / catch 0.3 are written once (seggpt_lib/eval/metrics.py): every other library module
+    uses CATCH_IOU / YIELD_RESPONSE (configs and notebooks carry the value as a config key, checked
     above)."""
-    import inspect
+    for path in sorted((REPO / "seggpt_lib").rglob("*.py")):
+        if path == REPO / "seggpt_lib" / "eval" / "metrics.py":
+            continue
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        where = path.relative_to(REPO)
+        assert "0.000239" not in code, f"{where}: the yield threshold as a literal"
+        assert not re.search(r"catch[_-]iou\W+(?:float\s*=\s*|default=)?0\.3\b", code), f"{where}: the catch threshold as a literal"
 
-    mine = ["config", "results", "report", "runner", "dataset", "training"]
-    sources = {f"experiments/{m}.py": (REPO / "seggpt_lib" / "experiments" / f"{m}.py").read_text() for m in mine}
-    sources.update({f"cli/{m}.py": (REPO / "seggpt_lib" / "cli" / f"{m}.py").read_text()
-                    for m in ("reproduce", "study", "train")})
-    for fn in (S.compare_recipes, S.run_study, S.run_beyond):
-        sources[f"study.{fn.__name__}"] = inspect.getsource(fn)
-    for where, text in sources.items():
-        assert "0.000239" not in text and not re.search(r"catch_iou\W+0\.3\b", text), f"{where}: a threshold literal"
+
+def test_synthetic_defaults_are_the_generators():
+    """The pipeline's synthetic set is data_prep's generator with its own defaults."""
+    from data_prep.prepare import SYNTHETIC_DEFAULTS
+
+    assert CFG.SYNTHETIC == SYNTHETIC_DEFAULTS
+
+
+def test_data_sources_are_what_prepare_data_builds(tmp_path):
+    from data_prep.common import DataPrepError
+    from data_prep.prepare import prepare_data
+
+    assert CFG.DATA_SOURCES == ("synthetic", "coco", "magnetic_tile", "folder")
+    with pytest.raises(DataPrepError, match="source must be one of"):
+        prepare_data(tmp_path, "zip")

@@ -21,7 +21,7 @@ def workdir(tmp_path_factory):
     data = generate_synthetic(root / "syn", seed=0, per_class=2, size=64, classes=("scratch", "open"),
                               n_free=1, show_progress=False)
     torch.manual_seed(0)
-    model = build_seggpt("vit_micro", img_size=(64, 32), embed_dim=64, num_heads=2, depth=3, out_indices=(2,))
+    model = build_seggpt("vit_nano")
     save_weights(model, root / "w.safetensors")
     mapping = {
         "open_000000.png": ["open_000001.png", "scratch_000000.png"],  # positive
@@ -70,7 +70,7 @@ def test_end_to_end_outputs(workdir, tmp_path, capsys):
     assert 0.0 <= s["miou"] <= 1.0 and 0.0 <= s["catch_rate"] <= 1.0 and 0.0 <= s["pes"] <= 1.0
     assert s["catch_iou"] == 0.3 and s["yield_response"] == 0.000239
     assert s["baselines"]["paint_nothing"]["yield_rate"] == 1.0
-    assert s["settings"]["split"] == 2 and s["settings"]["top_k"] == 1
+    assert s["settings"]["grid"] == 2 and s["settings"]["top_k"] == 1
     assert s["settings"]["weights"].endswith("w.safetensors")
     # 4 queries x 4 tiles x (1 prompt x 4 tiles) pairs, groups of 4 packed 1 per pass of 6
     assert s["timing"]["pairs"] == 64 and s["timing"]["forward_passes"] == 16
@@ -93,7 +93,7 @@ def test_refuses_to_overwrite(workdir, tmp_path, capsys):
     assert "--split is deprecated" in capsys.readouterr().err
     assert (out / "notes.txt").exists() and (out / "summary.json").exists()
     s = json.loads((out / "summary.json").read_text())
-    assert s["n_positive"] == 4 and s["settings"]["split"] == 1
+    assert s["n_positive"] == 4 and s["settings"]["grid"] == 1
 
 
 def test_missing_files_listed_in_one_error(workdir, tmp_path, capsys):
@@ -175,8 +175,8 @@ def test_pair_kind_rules():
 def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
     """``--learned-prompt``: every query is predicted from the learned prompt (seggpt tune-prompt);
     the mapping may list the queries only and the prompt folders are not needed."""
-    from seggpt_lib.model.checkpoint import build_from_checkpoint
     from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, tune_prompt
+    from seggpt_lib.model.checkpoint import build_from_checkpoint
 
     root, data, mapping = workdir
     model = build_from_checkpoint(root / "w.safetensors")
@@ -197,8 +197,8 @@ def test_learned_prompt_replaces_the_image_prompts(workdir, tmp_path, capsys):
     assert s["settings"]["defect_color"] == list(prompt.defect_color) and s["n_pairs"] == 3
     assert (out / "label" / "open_000000.png").is_file()
     # the same predictions from Python: load_learned_prompt + to_prompt_pairs
-    from seggpt_lib.predict.predictor import SegGPTPredictor
     from seggpt_lib.engine.prompt_tuning import load_learned_prompt, predictor_kwargs, to_prompt_pairs
+    from seggpt_lib.predict.predictor import SegGPTPredictor
 
     pred = SegGPTPredictor(model, **predictor_kwargs(prompt))
     p = load_learned_prompt(lp, model=pred.model)

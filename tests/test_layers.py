@@ -2,9 +2,11 @@
 
     utils -> model -> data -> predict -> eval -> engine -> experiments -> cli
 
-``data_prep/`` (the dataset converters) sits beside the library: it may use ``seggpt_lib.utils``
-and ``seggpt_lib.data`` (the one dataset layout module), and only ``experiments`` and ``cli``
-may import it. Every import counts, including those inside functions.
+``data_prep/`` (the dataset converters and generators) sits beside the library: it uses
+``seggpt_lib.utils`` and ``seggpt_lib.data`` (the one dataset layout module), never the reverse;
+within the package only ``cli`` (the commands that build a dataset, then call the library) imports
+it. The notebooks, top-level scripts, call both. Every import counts, including those inside
+functions.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("utils", "model", "data", "predict", "eval", "engine", "experiments", "cli")
 RANK = {name: i for i, name in enumerate(LAYERS)}
 DATA_PREP_MAY_USE = {"utils", "data"}
-MAY_USE_DATA_PREP = {"experiments", "cli"}
+MAY_USE_DATA_PREP = {"cli"}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

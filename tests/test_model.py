@@ -125,7 +125,7 @@ def test_loss_is_masked_and_weighted_by_valid():
 
 
 # ------------------------------------------------------------------------------------------
-# feature ensemble against an independent slow reference written from the brief
+# feature ensemble against an independent slow reference written from the architecture description
 # ------------------------------------------------------------------------------------------
 def _reference_ensemble_forward(model, imgs, tgts, mask, start: int):
     """Prompts of one query in the batch; loops over samples, no shared helpers."""

@@ -18,7 +18,10 @@ import jupytext  # noqa: E402
 import pandas as pd  # noqa: E402
 import papermill as pm  # noqa: E402
 
-from seggpt_lib.experiments import config as CFG, results as RES, evaluation as EV, runner as RUN  # noqa: E402
+from seggpt_lib.experiments import config as CFG  # noqa: E402
+from seggpt_lib.experiments import evaluation as EV
+from seggpt_lib.experiments import results as RES
+from seggpt_lib.experiments import runner as RUN
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -157,15 +160,15 @@ def test_02_training(results):
 def test_03_grid_ablation(results):
     tab = _table(results, "03_grid_miou")
     top1 = tab[tab["top_k"] == 1]
-    assert list(top1["split"]) == [1, 2, 4]  # the library's tables keep the original's column name
+    assert list(top1["grid"]) == [1, 2, 4]
     assert (tab["queries"] == 9).all()
     _unit(tab["mIoU"])
     _unit(tab["catch_rate"])
     assert list(top1["original_mIoU"]) == [0.173, 0.538, 0.327]
-    assert ((tab["split"] == 2) & (tab["top_k"] == 3)).sum() == 1  # the top-3 row
+    assert ((tab["grid"] == 2) & (tab["top_k"] == 3)).sum() == 1  # the top-3 row
     per_class = _table(results, "03_per_class_iou")
-    assert len(per_class) == 9 and {"split_1", "split_2", "split_4"} <= set(per_class.columns)
-    _unit(per_class[["split_1", "split_2", "split_4"]].to_numpy().ravel())
+    assert len(per_class) == 9 and {"grid_1", "grid_2", "grid_4"} <= set(per_class.columns)
+    _unit(per_class[["grid_1", "grid_2", "grid_4"]].to_numpy().ravel())
     per_image = _table(results, "03_per_image")
     assert len(per_image) == 4 * 9
     for f in ("03_grid_miou", "03_per_class_iou", "03_best_cases", "03_worst_cases"):
@@ -231,7 +234,7 @@ def test_explorer_callbacks_from_python(results):
     q_root, p_root = EV.eval_roots(split_root)
     ex = Explorer(em.predictor, q_root, p_root, work_size=64)
     q = next(f for f in ex.queries if ex.query_class(f) != "free")
-    out = ex.update(query=q, top_k=1, split=2)
+    out = ex.update(query=q, top_k=1, grid=2)
     assert out["kind"] == "positive" and out["query"] == q and len(out["prompts"]) == 1
     assert 0.0 <= out["iou"] <= 1.0 and 0.0 <= out["response_rate"] <= 1.0
     assert out["catch"] in (True, False) and out["yield"] is None
@@ -239,15 +242,15 @@ def test_explorer_callbacks_from_python(results):
     assert "positive" in ex.metrics_text(out)
     # top-k: the first k of the given prompts are used
     prompts = ex.default_prompts(q, 3)
-    out3 = ex.update(query=q, prompts=prompts, top_k=2, split=1, figure=False)
+    out3 = ex.update(query=q, prompts=prompts, top_k=2, grid=1, figure=False)
     assert out3["prompts"] == prompts[:2] and out3["n_pairs"] == 2 and "figure" not in out3
     # a prompt of another class: a negative pair, scored by yield
     other = next(f for f in ex.prompt_files if ex.prompt_index.class_of(ex.prompt_index.find(f)) != out["query_class"])
-    neg = ex.update(query=q, prompts=[other], split=1)
+    neg = ex.update(query=q, prompts=[other], grid=1)
     assert neg["kind"] == "negative" and neg["yield"] in (True, False) and neg["catch"] is None
     free = [f for f in ex.queries if ex.query_class(f) == "free"]
     if free:
-        assert ex.update(query=free[0], split=1, figure=False)["kind"] == "free"
+        assert ex.update(query=free[0], grid=1, figure=False)["kind"] == "free"
     with pytest.raises(ValueError, match="not a prompt image"):
         ex.update(query=q, prompts=["no_such_file.png"])
     # the widget calls update on every change
@@ -255,7 +258,7 @@ def test_explorer_callbacks_from_python(results):
     row, prompt_box = ui.children[0], ui.children[1]
     split_dd, topk = row.children[1], row.children[2]
     split_dd.value = 2
-    assert ex.last["split"] == 2 and ex.last["query"] == row.children[0].value
+    assert ex.last["grid"] == 2 and ex.last["query"] == row.children[0].value
     topk.value = 2
     assert ex.last["top_k"] == 2
     prompt_box.value = (other,)

@@ -13,7 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, evaluation as EV, report as REP, runner as RUN
+from seggpt_lib.experiments import config as CFG
+from seggpt_lib.experiments import dataset as DS
+from seggpt_lib.experiments import evaluation as EV
+from seggpt_lib.experiments import report as REP
+from seggpt_lib.experiments import results as RES
+from seggpt_lib.experiments import runner as RUN
 from seggpt_lib.experiments import viz as V
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +67,7 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(CFG.PipelineError, match="not found"):
         CFG.load_config(tmp_path / "missing.json")
     smoke = CFG.load_config(None, ["steps=5"], smoke=True)
-    assert smoke["steps"] == 5 and smoke["model"]["embed_dim"] == 64 and smoke["synthetic"]["size"] == 64
+    assert smoke["steps"] == 5 and smoke["preset"] == "vit_nano" and smoke["synthetic"]["size"] == 64
 
 
 def test_data_spec(tmp_path):
@@ -96,7 +101,7 @@ def test_notebook_parameters():
 def test_resolve_preset(tmp_path):
     from seggpt_lib import build_seggpt, save_weights
 
-    model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
+    model = build_seggpt(CFG.SMOKE["preset"])
     w = save_weights(model, tmp_path / "m.safetensors")
     name, ov = CFG.resolve_preset(str(w), "auto")
     assert name in CFG.PRESETS and CFG.preset_config(name, **ov).to_dict() == model.cfg.to_dict()  # closest preset + overrides
@@ -107,40 +112,44 @@ def test_resolve_preset(tmp_path):
 
 
 def test_prepare_data_sources(tmp_path):
+    from data_prep.common import DataPrepError
+    from data_prep.prepare import prepare_data
     from data_prep.synthetic import generate_synthetic
 
-    info = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    info = prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
     split = Path(info["split_root"])
     assert set(DS.split_roots(split)) == {"train", "val", "test"} and not info["reused"]
-    again = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
+    again = prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, log=lambda m: None)
     assert again["reused"]  # same settings: the earlier build is kept
-    other = DS.prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, split_seed=1,
+    other = prepare_data(tmp_path / "w1", "synthetic", synthetic={"per_class": 3, "size": 32}, split_seed=1,
                            log=lambda m: None)
     assert not other["reused"]
     counts = DS.class_counts(split)
     assert counts["total"].iloc[-1] == 9 * 3 + 3 and counts["class"].iloc[-1] == "all"
     # a folder in our layout is split; a folder already split is used in place
     root = generate_synthetic(tmp_path / "own", per_class=3, size=32, classes=["pit", "stain"])
-    info = DS.prepare_data(tmp_path / "w2", "folder", str(root), log=lambda m: None)
+    info = prepare_data(tmp_path / "w2", "folder", str(root), log=lambda m: None)
     assert Path(info["split_root"]) == tmp_path / "w2" / "data" / "split"
-    info = DS.prepare_data(tmp_path / "w3", "folder", info["split_root"], log=lambda m: None)
+    info = prepare_data(tmp_path / "w3", "folder", info["split_root"], log=lambda m: None)
     assert info["split_root"] == str(tmp_path / "w2" / "data" / "split") and info["reused"]
-    with pytest.raises(CFG.PipelineError, match="neither a dataset"):
-        DS.prepare_data(tmp_path / "w4", "folder", str(tmp_path), log=lambda m: None)
-    with pytest.raises(CFG.PipelineError, match="source must be"):
-        DS.prepare_data(tmp_path / "w4", "zip")
+    with pytest.raises(DataPrepError, match="neither a dataset"):
+        prepare_data(tmp_path / "w4", "folder", str(tmp_path), log=lambda m: None)
+    with pytest.raises(DataPrepError, match="source must be"):
+        prepare_data(tmp_path / "w4", "zip")
 
 
 def test_prepare_magnetic_tile(tmp_path):
     from conftest import shared_dataset
 
+    from data_prep.prepare import prepare_data, stats_table
+
     src = shared_dataset("magnetic_tile")
     if src is None:
         pytest.skip("the magnetic-tile dataset is not in ../shared/datasets")
-    info = DS.prepare_data(tmp_path / "w", "magnetic_tile", str(src), limit_per_class=4, log=lambda m: None)
+    info = prepare_data(tmp_path / "w", "magnetic_tile", str(src), limit_per_class=4, log=lambda m: None)
     counts = DS.class_counts(info["split_root"])
     assert "free" in set(counts["class"]) and counts["total"].iloc[-1] >= 5 * 4
-    stats = DS.image_stats(info["split_root"])
+    stats = stats_table(info["split_root"])
     assert ((stats["mean_r"] > 0) & (stats["mean_r"] < 1)).all()
 
 
@@ -178,7 +187,7 @@ def _fake_fragments(results: Path) -> None:
     RES.write_fragment(results, RES.TrainingFragment(preset="vit_micro", weights_label="w.safetensors", steps_done=7,
                                                      trained=True))
     RES.write_fragment(results, RES.GridAblationFragment(top_k=1, table=[
-        {"split": 1, "top_k": 1, "mIoU": 0.25}, {"split": 2, "top_k": 1, "mIoU": 0.5}, {"split": 2, "top_k": 3, "mIoU": 0.6}]))
+        {"grid": 1, "top_k": 1, "mIoU": 0.25}, {"grid": 2, "top_k": 1, "mIoU": 0.5}, {"grid": 2, "top_k": 3, "mIoU": 0.6}]))
     RES.write_fragment(results, RES.PairEvaluationFragment(summary=summary, grid=2, top_k=1, device="cpu"))
 
 
@@ -278,7 +287,7 @@ def test_model_panel_rows(tmp_path):
     from seggpt_lib.data.pairs import PairConfig, PairDataset
 
     root = generate_synthetic(tmp_path / "syn", per_class=2, size=32, classes=["pit", "stain"], n_free=0)
-    model = build_seggpt("vit_micro", **CFG.SMOKE["model"])
+    model = build_seggpt(CFG.SMOKE["preset"])
     ds = PairDataset(DefectIndex.scan(root), PairConfig.for_model(model.cfg, train=False, length=2))
     rows = V.model_panel_rows(model, ds, [0, 1])
     assert len(rows) == 2 and all(len(p) == 5 and p[0].shape == (64, 32, 3) for p, _ in rows)
@@ -306,7 +315,7 @@ def test_reproduce_end_to_end(results):
         v = s["headline"][k]
         assert v is not None and 0.0 <= v <= 1.0, (k, v)
     assert math.isclose(s["headline"]["pes"], 0.5 * s["headline"]["catch_rate"] + 0.5 * s["headline"]["yield_rate"])
-    assert s["data"] == "synthetic" and s["preset"] == "vit_micro" and s["device"] == "cpu" and s["steps"] == 3
+    assert s["data"] == "synthetic" and s["preset"] == "vit_nano" and s["device"] == "cpu" and s["steps"] == 3
     assert s["wall_time_s"] > 0 and set(s["stage_times_s"]) == set(CFG.NOTEBOOKS)
     assert "git_commit" in s and s["published"]["pes"] == 0.546
     for name in CFG.NOTEBOOKS:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from seggpt_lib import build_seggpt
-from seggpt_lib.model.checkpoint import save_weights
 from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 from seggpt_lib.engine.prompt_tuning import (
     LearnedPrompt,
@@ -24,10 +23,7 @@ from seggpt_lib.engine.prompt_tuning import (
     save_learned_prompt,
     tune_prompt,
 )
-
-# a 32x32-per-image SegGPT
-TINY = dict(img_size=(64, 32), patch_size=8, embed_dim=64, depth=3, num_heads=2, out_indices=(2,), merge_index=1,
-            decoder_embed_dim=16, pretrain_img_size=32)
+from seggpt_lib.model.checkpoint import save_weights
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +46,7 @@ def synth(tmp_path_factory) -> Path:
 
 def _model(seed: int = 0, **kw):
     torch.manual_seed(seed)
-    return build_seggpt("vit_micro", **{**TINY, **kw})
+    return build_seggpt("vit_nano", **kw)  # 32x32 per image
 
 
 def _real_prompt(synth: Path, model, cls: str = "pit") -> LearnedPrompt:
@@ -61,8 +57,8 @@ def _real_prompt(synth: Path, model, cls: str = "pit") -> LearnedPrompt:
 
 
 def _queries(synth: Path, n: int = 3) -> torch.Tensor:
-    from seggpt_lib.utils.colors import normalize
     from seggpt_lib.engine.prompt_tuning import _Images
+    from seggpt_lib.utils.colors import normalize
 
     index = DefectIndex.scan(synth, verify=False)
     data = _Images(index, range(n), (32, 32))

@@ -14,11 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seggpt_lib.experiments import config as CFG, results as RES, training as TR, report as REP, runner as RUN
+from seggpt_lib.experiments import config as CFG
+from seggpt_lib.experiments import report as REP
+from seggpt_lib.experiments import results as RES
+from seggpt_lib.experiments import runner as RUN
 from seggpt_lib.experiments import study as S
+from seggpt_lib.experiments import training as TR
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(CFG.SMOKE["model"])
+TINY_PRESET = CFG.SMOKE["preset"]  # the 235 k-parameter vit_nano
 TINY_RECIPE = {"batch_size": 4, "warmup_steps": 1}
 RATES = ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
 
@@ -42,7 +46,7 @@ def _unit(values) -> None:
 
 
 def test_compare_recipes_table(tiny, tmp_path):
-    cfg = CFG.BeyondConfig(preset="vit_micro", model=TINY_MODEL, budget_minutes=None, recipe=TINY_RECIPE, steps=2,
+    cfg = CFG.BeyondConfig(preset=TINY_PRESET, budget_minutes=None, recipe=TINY_RECIPE, steps=2,
                            eval_every=2, val_pairs=4, top_k=2, max_queries=3, tune_steps=2)
     res = S.compare_recipes(tiny, cfg, work_dir=tmp_path / "work", results_dir=tmp_path / "res", table_name="cmp",
                             log=lambda m: None)
@@ -92,7 +96,7 @@ def test_negative_pairs_under_empty_target_are_all_background(tiny):
     from seggpt_lib.data.pairs import PairConfig, PairDataset
     from seggpt_lib.model.seggpt import preset_config
 
-    cfg = preset_config("vit_micro", **TINY_MODEL)
+    cfg = preset_config(TINY_PRESET)
     index = DefectIndex.scan(tiny / "train")
     h = cfg.image_size[0]
     with_defect = {"empty": 0, "query_mask": 0}
@@ -114,11 +118,12 @@ def test_negative_pairs_under_empty_target_are_all_background(tiny):
 
 def test_holdout_eval_folder(tiny, tmp_path):
     from data_prep.split import split_dataset
+    from data_prep.study_data import make_holdout_eval
     from seggpt_lib.data.layout import DefectIndex
 
     split = split_dataset(tiny.parent / "syn", tmp_path / "split", seed=0, val=0.2, test=0.3,
                           holdout_classes=["stain"], show_progress=False)
-    ev = S.make_holdout_eval(split, tmp_path / "eval", seed=0)
+    ev = make_holdout_eval(split, tmp_path / "eval", seed=0)
     assert ev["holdout_classes"] == ["stain"]
     train, test = DefectIndex.scan(Path(ev["root"]) / "train"), DefectIndex.scan(Path(ev["root"]) / "test")
     assert "stain" not in DefectIndex.scan(split / "train").class_names  # never trained on
@@ -129,14 +134,14 @@ def test_holdout_eval_folder(tiny, tmp_path):
     assert len(ev["support"]["stain"]) >= 2 and len(ev["queries"]["stain"]) >= 1
     assert set(ev["support"]["stain"]) <= set(train.files)
     with pytest.raises(ValueError, match="no held-out classes"):
-        S.make_holdout_eval(tiny, tmp_path / "eval2")
+        make_holdout_eval(tiny, tmp_path / "eval2")
 
 
 def _tiny_results(tiny: Path, results: Path) -> None:
     """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
     RES.write_fragment(results, RES.DataFragment(split_root=str(tiny), mean=[0.5] * 3, std=[0.25] * 3))
     run_dir = RUN.training_run_dir(results)
-    settings = CFG.TrainSettings(preset="vit_micro", model=TINY_MODEL, steps=2, eval_every=2, val_pairs=4,
+    settings = CFG.TrainSettings(preset=TINY_PRESET, steps=2, eval_every=2, val_pairs=4,
                                  recipe={**TINY_RECIPE, "negative_target": "empty"})
     cfg = TR.training_config(tiny, run_dir, settings, log=lambda m: None)
     assert cfg.fg_weight == CFG.PIPELINE_RECIPE["fg_weight"]  # the recipe over the pipeline's
@@ -148,7 +153,7 @@ def test_05_notebook_with_papermill(tiny, tmp_path):
     pytest.importorskip("papermill")
     results = tmp_path / "results"
     _tiny_results(tiny, results)
-    cfg = CFG.load_config(None, {"results_dir": str(results), "model": TINY_MODEL, "steps": 2, "train_minutes": None,
+    cfg = CFG.load_config(None, {"results_dir": str(results), "preset": TINY_PRESET, "steps": 2, "train_minutes": None,
                                "train": TINY_RECIPE, "eval_every": 2, "val_pairs": 4, "beyond_tune_steps": 2,
                                "beyond_max_queries": 3, "beyond_top_k": 2, "n_panels": 1})
     params = RUN.notebook_parameters("05_beyond", cfg)
@@ -226,11 +231,13 @@ def test_study_command_registered(capsys):
 def test_quick_magnetic_tile_study(tmp_path):
     from conftest import shared_dataset
 
+    from seggpt_lib.cli.study import study
+
     src = shared_dataset("magnetic_tile")
     if src is None:
         pytest.skip("the magnetic-tile dataset is not in ../shared/datasets")
     t0 = time.perf_counter()
-    s = S.run_study(src, tmp_path / "mt", quick=True, device="cpu", log=lambda m: None)
+    s = study(src, tmp_path / "mt", quick=True, device="cpu", log=lambda m: None)
     wall = time.perf_counter() - t0
     assert set(s["protocols"]) == {"seen", "holdout"}
     held = s["protocols"]["holdout"]["holdout_classes"]

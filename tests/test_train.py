@@ -15,9 +15,8 @@ from seggpt_lib import build_seggpt, load_weights
 from seggpt_lib.engine.trainer import TrainConfig, lr_at, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
-# a 32x32-per-image SegGPT: fast enough for many steps on 2 cores
-TINY = {"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
-        "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32, "drop_path_rate": 0.0}
+# a 32x32-per-image SegGPT (the vit_nano preset): fast enough for many steps on 2 cores
+TINY_PRESET = "vit_nano"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def synth(tmp_path_factory) -> Path:
 
 def _cfg(synth: Path, tmp_path: Path, **kw) -> TrainConfig:
     d = dict(
-        preset="vit_micro", model=TINY, train_dataset_dir=str(synth), val_dataset_dir=str(synth), lr=1e-3,
+        preset=TINY_PRESET, train_dataset_dir=str(synth), val_dataset_dir=str(synth), lr=1e-3,
         warmup_steps=2, cycle_steps=1000, batch_size=4, epoch=100, max_steps=6, num_workers=0, eval_per_epoch=0,
         log_dir=str(tmp_path / "runs"), run_id="r", val_pairs=8, log_interval=1, fg_weight=10.0, seed=0,
         defect_color=[255, 255, 255], query_mask_share=0.5,  # the small-model recipe (benchmarks/README.md)
@@ -69,7 +68,7 @@ def test_loss_falls_in_30_steps(synth, tmp_path):
         assert col in header
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     # the saved weights load back into the same architecture
-    model = build_seggpt("vit_micro", **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()})
+    model = build_seggpt(TINY_PRESET)
     load_weights(model, run / "checkpoints" / "last")
 
 
@@ -156,8 +155,8 @@ def test_refuses_to_overwrite_an_existing_run(synth, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(synth, tmp_path, monkeypatch):
-    from seggpt_lib.model.seggpt import SegGPT
     from seggpt_lib.engine.trainer import NonFiniteLoss
+    from seggpt_lib.model.seggpt import SegGPT
 
     first = train(_cfg(synth, tmp_path, run_id="nan", max_steps=2), progress=False)
     good = _weights(first.run_dir)

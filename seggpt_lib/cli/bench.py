@@ -1,13 +1,24 @@
 """`seggpt bench`: command-line arguments -> library call."""
 from __future__ import annotations
 
-from typing import Any, Sequence
 import argparse
 import json
 import sys
+from typing import Any, Sequence
+
 import torch
+
+from seggpt_lib.experiments.bench import (
+    CPU_DEFAULT,
+    CUDA_DEFAULT,
+    attention_parity,
+    bench_attention,
+    format_attention,
+    format_parity,
+    format_table,
+    run_benchmark,
+)
 from seggpt_lib.utils.device import resolve_device_name, resolve_precision
-from seggpt_lib.experiments.bench import CPU_DEFAULT, CUDA_DEFAULT, attention_parity, bench_attention, format_attention, format_parity, format_table, run_benchmark
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

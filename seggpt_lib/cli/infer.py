@@ -58,14 +58,18 @@ from PIL import Image
 
 from seggpt_lib.cli import parse_triple as _triple
 from seggpt_lib.data.layout import DatasetError, class_lookup, header_size, image_dir
-from seggpt_lib.engine.prompt_tuning import (LearnedPromptError, load_learned_prompt, predictor_kwargs,
-                                             to_prompt_pairs)
+from seggpt_lib.engine.prompt_tuning import LearnedPromptError, load_learned_prompt, predictor_kwargs, to_prompt_pairs
 from seggpt_lib.eval.mapping import validate_mapping
-from seggpt_lib.eval.metrics import PairResult, evaluate, summary_markdown
+from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, PairResult, evaluate, summary_markdown
 from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, pair_kind, score_mapping
 from seggpt_lib.model.checkpoint import CheckpointError
-from seggpt_lib.predict.predictor import (TILE_PAIRINGS, PromptMaskError, SegGPTPredictor, check_prompt_mask,
-                                          load_mask_file)
+from seggpt_lib.predict.predictor import (
+    TILE_PAIRINGS,
+    PromptMaskError,
+    SegGPTPredictor,
+    check_prompt_mask,
+    load_mask_file,
+)
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import PRECISIONS, resolve_device, resolve_precision
 
@@ -113,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=_triple, default=None, metavar="R,G,B", help="normalisation mean (default ImageNet; with --learned-prompt the prompt's)")
     g.add_argument("--std", type=_triple, default=None, metavar="R,G,B", help="normalisation std (default ImageNet; with --learned-prompt the prompt's)")
     g = parser.add_argument_group("metrics and output")
-    g.add_argument("--catch-iou", type=float, default=0.3, help="good catch when IoU >= this (default 0.3)")
-    g.add_argument("--yield-response", type=float, default=0.000239, help="correct yield when response rate < this (default 0.000239)")
+    g.add_argument("--catch-iou", type=float, default=CATCH_IOU, help=f"good catch when IoU >= this (default {CATCH_IOU})")
+    g.add_argument("--yield-response", type=float, default=YIELD_RESPONSE, help=f"correct yield when response rate < this (default {YIELD_RESPONSE})")
     g.add_argument("--outdir", required=True, metavar="DIR", help="output folder (must be new or empty)")
     g.add_argument("--overwrite", action="store_true", help="replace this command's outputs in a non-empty --outdir")
     g.add_argument("--no-concat", action="store_true", help="skip the concat/ images")
@@ -291,7 +295,7 @@ def _fmt(x: Any, digits: int) -> str:
 def results_text(table, summary: dict, settings: dict) -> str:
     """The original's text report: one line per image (IoU, response rate), then the means."""
     lines = [
-        f"# seggpt infer: grid {settings['split']}, top-k {settings['top_k'] or 'all'}, "
+        f"# seggpt infer: grid {settings['grid']}, top-k {settings['top_k'] or 'all'}, "
         f"tile pairing {settings['tile_pairing']}, seam pass {settings['seam_pass']}, weights {settings['weights']}",
     ]
     width = max([len(str(f)) for f in table["file"]] + [4])
@@ -419,7 +423,7 @@ def infer(args: argparse.Namespace) -> dict:
     settings = {
         "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
         "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
-        "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "split": grid,
+        "prompt_label_dir": str(args.prompt_label_dir), "kind": args.kind, "grid": grid,
         "top_k": args.top_k if learned is None else None, "tile_pairing": args.tile_pairing, "seam_pass": args.seam_pass,
         "learned_prompt": str(args.learned_prompt) if learned is not None else None,
         "learned_prompt_class": learned.class_name if learned is not None else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
 from seggpt_lib.eval.mapping import KINDS, build_mapping, save_mapping
 
 

@@ -5,8 +5,9 @@ import argparse
 import sys
 from typing import Any
 
+from data_prep.study_data import default_data, prepare_study_data
 from seggpt_lib.experiments.config import parse_set
-from seggpt_lib.experiments.study import run_study
+from seggpt_lib.experiments.study import run_study, study_dirs, study_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train.<TrainConfig key>)")
 
 
+def study(data: str | None, out: str, *, quick: bool = False, device: str = "auto", protocols=("seen", "holdout"),
+          holdout_classes=None, holdout_n: int = 2, seed: int = 0, work_dir: str | None = None,
+          overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """``seggpt study``: the settings, the data (converted and split per protocol), the comparison."""
+    st = study_settings(quick, overrides, device)
+    out_dir, work = study_dirs(out, work_dir)
+    prepared = prepare_study_data(data or default_data(), work, limit_per_class=st.limit_per_class, val=st.val,
+                                  test=st.test, protocols=protocols, seed=seed, holdout_classes=holdout_classes,
+                                  holdout_n=holdout_n, log=log)
+    return run_study(prepared, out_dir, st, device=device, seed=seed, quick=quick, log=log)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         ov: dict[str, Any] = {}
@@ -34,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
                 ov.setdefault("train", {})[k[len("train."):]] = v
             else:
                 ov[k] = v
-        run_study(args.data, args.out, quick=args.quick, device=args.device,
-                  protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
-                  holdout_classes=[c.strip() for c in args.holdout_classes.split(",")] if args.holdout_classes else None,
-                  holdout_n=args.holdout_n, seed=args.seed, work_dir=args.work, overrides=ov,
-                  log=lambda m: print(m, flush=True))
+        study(args.data, args.out, quick=args.quick, device=args.device,
+              protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+              holdout_classes=[c.strip() for c in args.holdout_classes.split(",")] if args.holdout_classes else None,
+              holdout_n=args.holdout_n, seed=args.seed, work_dir=args.work, overrides=ov,
+              log=lambda m: print(m, flush=True))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,8 +10,15 @@ from PIL import Image
 
 from seggpt_lib.cli import parse_triple
 from seggpt_lib.data.layout import DatasetError
-from seggpt_lib.engine.prompt_tuning import (DEFAULT_DEFECT_COLOR, INITS, MASKS, PRECISIONS, PromptTuningConfig,
-                                             save_learned_prompt, tune_prompt)
+from seggpt_lib.engine.prompt_tuning import (
+    DEFAULT_DEFECT_COLOR,
+    INITS,
+    MASKS,
+    PRECISIONS,
+    PromptTuningConfig,
+    save_learned_prompt,
+    tune_prompt,
+)
 from seggpt_lib.model.checkpoint import CheckpointError, atomic_write, build_from_checkpoint
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import resolve_device

@@ -13,19 +13,49 @@ D.PairDataset``).
 """
 from seggpt_lib.data.cache import ImageCache
 from seggpt_lib.data.layout import (
-    CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetError, DatasetWarning, DefectIndex, Record, class_from_filename,
-    class_lookup, class_of, decoded_size, header_size, image_dir, images_by_stem, open_image, read_classes_csv,
-    read_label, read_manifest, read_rgb, resize_image, resize_pair,
+    CLASSES_CSV,
+    DATA_SOURCES,
+    FREE_CLASS,
+    IMAGE_EXTS,
+    SPLITS,
+    DatasetError,
+    DatasetWarning,
+    DefectIndex,
+    Record,
+    class_from_filename,
+    class_lookup,
+    class_of,
+    decoded_size,
+    header_size,
+    image_dir,
+    images_by_stem,
+    is_dataset_root,
+    is_split_root,
+    open_image,
+    read_classes_csv,
+    read_label,
+    read_manifest,
+    read_rgb,
+    resize_image,
+    resize_pair,
 )
 from seggpt_lib.data.pairs import (
-    KINDS, MODEL_KEYS, NEGATIVE_TARGETS, Pair, PairConfig, PairDataset, PairSampler, collate, fixed_pairs,
+    KINDS,
+    MODEL_KEYS,
+    NEGATIVE_TARGETS,
+    Pair,
+    PairConfig,
+    PairDataset,
+    PairSampler,
+    collate,
+    fixed_pairs,
     model_inputs,
 )
 from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.data.transforms import AugmentConfig, ChannelGain, RandomResizedCrop, Resize, build_augment
 
 __all__ = [
-    "AugmentConfig", "CLASSES_CSV", "ChannelGain", "DatasetError", "DatasetWarning", "DefectIndex", "FREE_CLASS",
+    "AugmentConfig", "CLASSES_CSV", "DATA_SOURCES", "SPLITS", "is_dataset_root", "is_split_root", "ChannelGain", "DatasetError", "DatasetWarning", "DefectIndex", "FREE_CLASS",
     "IMAGE_EXTS", "ImageCache", "KINDS", "MODEL_KEYS", "NEGATIVE_TARGETS", "Pair", "PairConfig", "PairDataset",
     "PairSampler", "RandomResizedCrop", "Record", "Resize", "build_augment", "class_from_filename", "class_lookup",
     "class_of", "collate", "compute_stats", "decoded_size", "fixed_pairs", "header_size", "image_dir",

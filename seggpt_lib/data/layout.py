@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageFile
 
 __all__ = [
@@ -120,6 +121,22 @@ def class_of(file: str, classes: Mapping[str, str], known: Iterable[str] | None 
     if c:
         return c
     return class_from_filename(file, set(classes.values()) if known is None else known)
+
+
+SPLITS = ("train", "val", "test")  # the train/val/test partition's folder names
+# what the pipeline's ``data`` key names: built-in synthetic data, a COCO export, the magnetic-tile
+# photos, or a folder in this layout (split into train/val/test or not)
+DATA_SOURCES = ("synthetic", "coco", "magnetic_tile", "folder")
+
+
+def is_dataset_root(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a dataset in this layout (an ``images/`` folder)."""
+    return (Path(path) / "images").is_dir()
+
+
+def is_split_root(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a train/val/test partition (``train/`` and ``test/`` datasets; ``val/`` optional)."""
+    return is_dataset_root(Path(path) / "train") and is_dataset_root(Path(path) / "test")
 
 
 def image_dir(root: str | os.PathLike) -> Path:
@@ -506,7 +523,6 @@ class DefectIndex:
 
     def to_frame(self):
         """The index as a pandas DataFrame (see :func:`read_manifest`)."""
-        import pandas as pd
 
         data = {
             "file": self.files,
@@ -555,7 +571,6 @@ def read_manifest(root: str | os.PathLike, skip_bad: bool = False, verify: bool 
     """
     if labels:
         return DefectIndex.scan(root, skip_bad=skip_bad, verify=verify).to_frame()
-    import pandas as pd
 
     def report(msg: str) -> None:
         raise DatasetError(msg)

@@ -26,10 +26,19 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
+from torchvision import tv_tensors
 
 from seggpt_lib.data.cache import ImageCache
 from seggpt_lib.data.layout import DatasetError, DatasetWarning, DefectIndex
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, fixed_palette, label_to_color, normalize, random_palette
+from seggpt_lib.data.transforms import AugmentConfig, build_augment
+from seggpt_lib.utils.colors import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    fixed_palette,
+    label_to_color,
+    normalize,
+    random_palette,
+)
 from seggpt_lib.utils.masking import query_half_mask, random_patch_mask
 
 __all__ = [
@@ -428,7 +437,6 @@ class PairDataset(Dataset):
         cache: ImageCache | None = None,
         pairs: Sequence[Pair] | None = None,
     ) -> None:
-        from seggpt_lib.data.transforms import AugmentConfig
 
         if not isinstance(config, PairConfig):
             raise TypeError(f"config must be a PairConfig (PairConfig.for_model(model_cfg, ...) for a model's sizes), "
@@ -552,7 +560,6 @@ class PairDataset(Dataset):
 
     def _view(self, i: int, aug_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One image and its label at the model size, augmented with its own seed."""
-        from torchvision import tv_tensors
 
         img_np, mask_np = self.cache.get(i)
         img = tv_tensors.Image(torch.from_numpy(np.array(img_np, dtype=np.uint8, copy=True)).permute(2, 0, 1))
@@ -560,7 +567,6 @@ class PairDataset(Dataset):
         if img.shape[-2:] == self.image_size and not self.augment.enabled:
             return img.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0]
         if self._transform is None:
-            from seggpt_lib.data.transforms import build_augment
 
             self._transform = build_augment(self.augment, self.image_size)
         gen = torch.default_generator

@@ -28,10 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from seggpt_lib import data as D
+from seggpt_lib.eval.metrics import iou
 from seggpt_lib.model.checkpoint import load_weights, save_weights
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
 from seggpt_lib.model.seggpt import SegGPT, build_seggpt
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
 from seggpt_lib.utils.device import autocast, precision_dtype, resolve_device, resolve_precision
+from seggpt_lib.utils.masking import patch_mask_to_pixels
 
 
 @dataclass
@@ -293,7 +296,6 @@ def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> tor
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False) -> None:
-        from seggpt_lib import data as D
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -423,7 +425,6 @@ class Trainer:
         """The original's row: input | masked label | label | raw prediction | snapped prediction."""
         if self.writer is None:
             return
-        from seggpt_lib.utils.masking import patch_mask_to_pixels
 
         mean, std = self.cfg.image_mean, self.cfg.image_std
         i = 0
@@ -441,8 +442,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation with the query half hidden: loss, mIoU (pairs with a defect to find), fg share."""
-        from seggpt_lib import data as D
-        from seggpt_lib.eval.metrics import iou
 
         if self.val_ds is None:
             return {}
@@ -482,7 +481,6 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> DataLoader:
-        from seggpt_lib import data as D
 
         self.train_ds.set_epoch(epoch)
         sampler = self.train_ds.make_sampler(rank=self.info.rank, world_size=self.info.world_size, start=start, drop_last=True)
@@ -493,7 +491,6 @@ class Trainer:
         )
 
     def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
-        from seggpt_lib import data as D
 
         cfg = self.cfg
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from seggpt_lib.data.layout import class_lookup, class_of, image_dir

@@ -29,11 +29,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from seggpt_lib.utils.device import resolve_device_name as device_name
+from seggpt_lib.data.layout import DATA_SOURCES
 from seggpt_lib.engine.trainer import TrainConfig
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE
 from seggpt_lib.model.checkpoint import read_state_dict
 from seggpt_lib.model.seggpt import PRESETS, preset_config
+from seggpt_lib.utils.device import resolve_device_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -295,9 +296,8 @@ SMOKE: dict[str, Any] = {
     "synthetic": {"per_class": 7, "size": 64, "n_free": None, "seed": 0},
     "val": 0.3,
     "test": 0.15,
-    "preset": "vit_micro",
-    "model": {"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
-              "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32},
+    "preset": "vit_nano",
+    "model": {},
     "weights": "",
     "steps": 3,
     "train_minutes": None,
@@ -476,7 +476,6 @@ def check_recipe(recipe: Mapping[str, Any], source: str = "config") -> None:
 # ------------------------------------------------------------------------------------------
 # 01: data
 # ------------------------------------------------------------------------------------------
-DATA_SOURCES = ("synthetic", "coco", "magnetic_tile", "folder")
 
 
 def parse_data_spec(data: str, base: str | os.PathLike | None = None) -> tuple[str, str]:
@@ -544,6 +543,3 @@ def model_config(preset: str = "vit_micro", model: dict | None = None, weights: 
     name, ov = resolve_preset(weights, preset, model)
     return preset_config(name, **ov)
 
-
-def resolve_device_name(name: str) -> str:
-    return device_name(name)

@@ -1,20 +1,21 @@
 """Notebooks 03/04's calls: the original's published figures, the evaluated model, prompt mappings, predictions scored per pair."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Sequence
 import dataclasses
 import json
 import math
-import numpy as np
 import os
 import time
-from PIL import Image
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from seggpt_lib.data.layout import read_label, read_rgb
 from seggpt_lib.eval.mapping import build_mapping
-from seggpt_lib.eval.metrics import PairResult, evaluate
+from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, PairResult, evaluate
 from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
 from seggpt_lib.experiments.config import PipelineError, resolve_preset
@@ -26,16 +27,16 @@ from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import resolve_device_name, resolve_precision
 
 # ------------------------------------------------------------------------------------------
-# the original project's published figures (BRIEF §1.5; 11 queries, one per defect type)
+# the original project's published figures (its README: 11 VISION queries, one per defect type, grid 2)
 # ------------------------------------------------------------------------------------------
 PUBLISHED: dict[str, Any] = {
-    "split_miou": {1: 0.173, 2: 0.538, 4: 0.327},
+    "grid_miou": {1: 0.173, 2: 0.538, 4: 0.327},
     "positive_miou": 0.541,
     "catch_rate": 0.91,  # 10 of 11
     "negative_miou": 0.527,
     "yield_rate": 0.182,  # 2 of 11
     "pes": 0.546,
-    "split": 2,
+    "grid": 2,
     "queries": 11,
 }
 PUBLISHED_PER_IMAGE: list[tuple[str, float, float, float]] = [
@@ -180,7 +181,7 @@ def predict_mapping(em: EvalModel, split_root: str | os.PathLike, mapping: dict[
     q_root, p_root = eval_roots(split_root)
     ws = work_size_of(work_size, q_root, em)
     cfg = ScoringConfig(grid=grid, top_k=top_k, work_size=ws, tile_pairing=tile_pairing, keep_raw=keep,
-                        extra={"split": grid, "top_k": top_k})
+                        extra={"grid": grid, "top_k": top_k})
     records, kept = [], {}
     t_all = time.perf_counter()
     for s in score_mapping(em.predictor, index_folder(scan_index(q_root)), {q: mapping[q] for q in sorted(mapping)},
@@ -195,7 +196,7 @@ def predict_mapping(em: EvalModel, split_root: str | os.PathLike, mapping: dict[
 
 def grid_ablation(em: EvalModel, split_root: str | os.PathLike, grids: Sequence[int] = (1, 2, 4), top_k: int = 1,
                   extra_top_k: int = 0, eval_grid: int = 2, work_size: int | str = "auto", tile_pairing: str = "aligned",
-                  catch_iou: float = 0.3, seed: int = 0, max_queries: int | None = None,
+                  catch_iou: float = CATCH_IOU, seed: int = 0, max_queries: int | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """mIoU by tiling grid (``grid x grid`` tiles) on the positive pairs of the test split.
 
@@ -226,22 +227,22 @@ def grid_ablation(em: EvalModel, split_root: str | os.PathLike, grids: Sequence[
         table, summ = evaluate(recs, catch_iou=catch_iou)
         per_image.append(table)
         rows.append({
-            "split": s, "top_k": k, "queries": summ["n_positive"], "mIoU": summ["miou"], "catch_rate": summ["catch_rate"],
-            "catches": summ["n_catch"], "original_mIoU": PUBLISHED["split_miou"].get(s, math.nan) if k == 1 else math.nan,
+            "grid": s, "top_k": k, "queries": summ["n_positive"], "mIoU": summ["miou"], "catch_rate": summ["catch_rate"],
+            "catches": summ["n_catch"], "original_mIoU": PUBLISHED["grid_miou"].get(s, math.nan) if k == 1 else math.nan,
             "s_per_query": float(table["seconds"].mean()) if len(table) else math.nan,
         })
     per_image_df = pd.concat(per_image, ignore_index=True)
     top = per_image_df[per_image_df["top_k"] == top_k]
-    per_class = top.pivot_table(index="class", columns="split", values="iou", aggfunc="mean")
-    per_class.columns = [f"split_{c}" for c in per_class.columns]
+    per_class = top.pivot_table(index="class", columns="grid", values="iou", aggfunc="mean")
+    per_class.columns = [f"grid_{c}" for c in per_class.columns]
     per_class = per_class.reset_index()
     return {"table": pd.DataFrame(rows), "per_class": per_class, "per_image": per_image_df, "mapping": mapping,
             "work_size": ws, "tile_pairing": tile_pairing}
 
 
 def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, grid: int = 2, top_k: int = 1,
-                    work_size: int | str = "auto", tile_pairing: str = "aligned", catch_iou: float = 0.3,
-                    yield_response: float = 0.000239, seed: int = 0, max_queries: int | None = None,
+                    work_size: int | str = "auto", tile_pairing: str = "aligned", catch_iou: float = CATCH_IOU,
+                    yield_response: float = YIELD_RESPONSE, seed: int = 0, max_queries: int | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Positive prompts, negative prompts and defect-free queries of the test split, ``grid x grid`` tiles.
 
@@ -285,14 +286,14 @@ def published_per_image():
     return pd.DataFrame(PUBLISHED_PER_IMAGE, columns=["query", "positive_iou", "negative_iou", "negative_response_rate"])
 
 
-def comparison_table(summary: dict[str, Any], split_miou: dict[int, float] | None = None):
+def comparison_table(summary: dict[str, Any], grid_miou: dict[int, float] | None = None):
     """Our headline figures beside the original's published ones and the trivial baselines."""
 
     b = summary.get("baselines", {})
     nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
     rows = []
-    for s, v in sorted((split_miou or {}).items()):
-        rows.append({"metric": f"mIoU, split {s} (positive)", "ours": v, "original": PUBLISHED["split_miou"].get(int(s), math.nan),
+    for s, v in sorted((grid_miou or {}).items()):
+        rows.append({"metric": f"mIoU, grid {s} (positive)", "ours": v, "original": PUBLISHED["grid_miou"].get(int(s), math.nan),
                      "paint_nothing": nothing.get("miou", math.nan), "paint_everything": everything.get("miou", math.nan)})
     for key, label in (("miou", "positive mIoU"), ("catch_rate", "catch rate"), ("negative_miou", "negative mIoU"),
                        ("yield_rate", "yield rate (negative prompts)"), ("free_yield_rate", "defect-free yield"),

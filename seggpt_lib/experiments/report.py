@@ -14,8 +14,17 @@ import pandas as pd
 
 from seggpt_lib.experiments.config import REPO_ROOT
 from seggpt_lib.experiments.evaluation import PUBLISHED
-from seggpt_lib.experiments.results import (BeyondFragment, DataFragment, GridAblationFragment, PairEvaluationFragment,
-                                            TrainingFragment, format_cell, jsonable, load_fragment, result_dirs)
+from seggpt_lib.experiments.results import (
+    BeyondFragment,
+    DataFragment,
+    GridAblationFragment,
+    PairEvaluationFragment,
+    TrainingFragment,
+    format_cell,
+    jsonable,
+    load_fragment,
+    result_dirs,
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -57,7 +66,7 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
     s04 = d04.summary if d04 is not None else {}
     for k in HEADLINE_KEYS:
         headline[k] = s04.get("miou" if k == "positive_miou" else k)
-    published_grid = PUBLISHED["split_miou"]  # the original's mIoU by tiling grid
+    published_grid = PUBLISHED["grid_miou"]  # the original's mIoU by tiling grid
     summary = {
         "status": status,
         "headline": headline,
@@ -191,7 +200,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
         "<h2>Headline</h2>",
         _html_table(headline_table(summary)),
         "<p><small>original: the published figures of the project this one grows from (11 VISION queries, grid 2; "
-        "BRIEF §1.5). Paint nothing / paint everything: trivial baselines on the same pairs. "
+        "one per defect type). Paint nothing / paint everything: trivial baselines on the same pairs. "
         "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
         *_beyond_html(summary),
         "<h2>Run</h2>",

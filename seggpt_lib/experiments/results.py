@@ -209,7 +209,7 @@ class GridAblationFragment(Fragment):
         :class:`~seggpt_lib.experiments.evaluation.EvalModel` scored; ``best_grid``: the grid of the
         highest mIoU at ``top_k`` (the smaller grid on a tie)."""
         table = abl["table"]
-        col = "grid" if "grid" in table.columns else "split"
+        col = "grid"
         t1 = table[table["top_k"] == top_k]
         best = int(t1.sort_values(["mIoU", col], ascending=[False, True])[col].iloc[0])
         return cls(table=table.to_dict("records"), per_class=abl["per_class"].to_dict("records"), top_k=top_k,
@@ -219,11 +219,11 @@ class GridAblationFragment(Fragment):
     def miou_by_grid(self) -> dict[int, float]:
         """``{grid: mIoU}`` of the rows at ``top_k`` (the table's tiling column is ``grid``, or
         ``split`` in an older run's)."""
-        return {int(r.get("grid", r.get("split"))): r.get("mIoU") for r in self.table if r.get("top_k") == self.top_k}
+        return {int(r["grid"]): r.get("mIoU") for r in self.table if r.get("top_k") == self.top_k}
 
     def extra_rows(self) -> dict[tuple[int, int], float]:
         """``{(grid, k): mIoU}`` of the rows with another ``top_k``."""
-        return {(int(r.get("grid", r.get("split"))), int(r["top_k"])): r.get("mIoU") for r in self.table
+        return {(int(r["grid"]), int(r["top_k"])): r.get("mIoU") for r in self.table
                 if r.get("top_k") != self.top_k}
 
 

@@ -14,8 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from seggpt_lib.experiments.config import (BEYOND_NOTEBOOK, NOTEBOOK_DIR, NOTEBOOK_PARAMETERS, NOTEBOOKS, REPO_ROOT,
-                                           PipelineError, parse_data_spec)
+from seggpt_lib.experiments.config import (
+    BEYOND_NOTEBOOK,
+    NOTEBOOK_DIR,
+    NOTEBOOK_PARAMETERS,
+    NOTEBOOKS,
+    REPO_ROOT,
+    PipelineError,
+    parse_data_spec,
+)
 from seggpt_lib.experiments.report import build_summary, headline_table, write_index_html
 from seggpt_lib.experiments.results import result_dirs, write_table
 
@@ -302,7 +309,8 @@ def reproduce(config: dict[str, Any], stages: Sequence[str] | None = None, log: 
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if failure is None:
         write_table(headline_table(summary), results, "headline", title="Headline figures",
-                    note="original: the published figures (BRIEF §1.5); baselines on the same pairs.")
+                    note="original: the published figures of the project this one grows from (11 VISION queries); "
+                         "baselines on the same pairs.")
     write_index_html(results, summary)
     if failure is not None:
         raise failure

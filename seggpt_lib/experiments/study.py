@@ -39,11 +39,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from data_prep.magnetic_tile import convert_magnetic_tile
-from data_prep.split import split_dataset
+from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, to_prompt_pairs, tune_prompt
-from seggpt_lib.eval.metrics import evaluate
+from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, evaluate, iou, response_rate
 from seggpt_lib.eval.scoring import LearnedPrompts, ScoringConfig, score_mapping
 from seggpt_lib.experiments import config as CFG
 from seggpt_lib.experiments import dataset as DS
@@ -64,9 +64,10 @@ __all__ = [
     "evaluate_model",
     "learned_prompts",
     "machine_info",
-    "make_holdout_eval",
     "run_beyond",
     "run_study",
+    "study_dirs",
+    "study_settings",
     "train_recipe",
 ]
 
@@ -152,7 +153,6 @@ _SCANS: dict[tuple[str, int, int], Any] = {}
 def _scan(root: str | os.PathLike):
     """``DefectIndex.scan(root)`` (labels decoded, images not verified), kept while the folder's
     image and label listings are unchanged (a study scans the same folders many times)."""
-    from seggpt_lib.data.layout import DefectIndex
 
     root = Path(root)
     key = (str(root.resolve()), (root / "images").stat().st_mtime_ns if (root / "images").is_dir() else 0,
@@ -172,7 +172,7 @@ def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, pr
     pred = em.predictor
     learned = LearnedPrompts({c: to_prompt_pairs(p, pred) for c, p in prompts.items()})
     cfg = ScoringConfig(grid=grid, work_size=work_size, tile_pairing=tile_pairing,
-                        extra={"method": method, "split": grid, "top_k": 1})
+                        extra={"method": method, "grid": grid, "top_k": 1})
     return [s.result for s in score_mapping(pred, EV.index_folder(_scan(q_root)), {q: mapping[q] for q in sorted(mapping)},
                                             kind, cfg, prompts=EV.index_folder(_scan(p_root)), learned=learned)]
 
@@ -196,8 +196,8 @@ def _row(summary: dict[str, Any], table) -> dict[str, Any]:
 
 def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] = METHODS, top_k: int = 3,
                    grid: int = 1, work_size: int | str = "auto", tile_pairing: str = "aligned",
-                   max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = 0.3,
-                   yield_response: float = 0.000239, tune_steps: int = 40, tune_lr: float = 0.1,
+                   max_queries: int | None = None, mapping_seed: int = 0, catch_iou: float = CATCH_IOU,
+                   yield_response: float = YIELD_RESPONSE, tune_steps: int = 40, tune_lr: float = 0.1,
                    tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
                    seed: int = 0, prompt_dir: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -413,10 +413,6 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
     (spread over the mapping), the query with its ground truth (green), then the prediction
     (red) of every compared model with each of ``methods``. Returns the figure, or None when
     there is nothing to show."""
-    from seggpt_lib.experiments import config as CFG, results as RES, dataset as DS, training as TR, evaluation as EV, report as REP
-    from seggpt_lib.experiments import viz as V
-    from seggpt_lib.data.layout import read_label, read_rgb
-    from seggpt_lib.eval.metrics import iou, response_rate
 
     eval_root = res["eval_root"]
     q_root, p_root = EV.eval_roots(eval_root)
@@ -468,7 +464,6 @@ def example_panels(res: dict[str, Any], n: int = 3, kinds: Sequence[str] = ("pos
 
 def prompt_previews(res: dict[str, Any], max_classes: int = 6):
     """The learned prompts (image | label | snapped mask) of every compared model."""
-    from seggpt_lib.experiments import viz as V
 
     images, titles = [], []
     for nt, ev in res["evals"].items():
@@ -494,75 +489,8 @@ def headline_rows(table) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------
-# the held-out-class protocol
-# ------------------------------------------------------------------------------------------
-def _copy_root(out: Path, entries: Sequence[tuple[Path, str]]) -> Path:
-    """A dataset root at ``out`` holding ``entries`` ((source root, image file)), files copied,
-    ``classes.csv`` rows taken from the sources'."""
-    from data_prep.common import copy_file, read_classes_csv, write_classes_csv
-
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    rows, manifests = [], {}
-    for src, f in entries:
-        if src not in manifests:
-            manifests[src] = {r["file"]: r for r in (read_classes_csv(src) or [])}
-        copy_file(src / "images" / f, out / "images" / f)
-        copy_file(src / "labels" / f"{Path(f).stem}.png", out / "labels" / f"{Path(f).stem}.png")
-        rows.append(manifests[src].get(f) or {"file": f})
-    write_classes_csv(out, rows)
-    return out
-
-
-def make_holdout_eval(split_root: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
-                      support_share: float = 0.5) -> dict[str, Any]:
-    """The evaluation folder of the held-out-class protocol from a split made with held-out
-    classes (``split.json``'s ``holdout_classes``): ``out/train`` = the training split plus a
-    seeded ``support_share`` of each held-out class's images (the prompts and the prompt-tuning
-    data of classes the model never saw), ``out/test`` = the rest of the held-out classes'
-    images (the queries) and the defect-free test images. Returns ``root``, ``holdout_classes``,
-    ``support`` and ``queries`` (files per class)."""
-    from data_prep.common import read_classes_csv
-
-    sr, out = Path(split_root), Path(out)
-    meta = json.loads((sr / "split.json").read_text())
-    held = list(meta.get("holdout_classes") or [])
-    if not held:
-        raise ValueError(f"{sr}: no held-out classes in split.json")
-    test_rows = read_classes_csv(sr / "test") or []
-    by_cls: dict[str, list[str]] = {}
-    for r in test_rows:
-        by_cls.setdefault(r["class"], []).append(r["file"])
-    if out.exists():
-        shutil.rmtree(out)
-    support, queries = {}, {}
-    rng = np.random.default_rng([int(seed), 0x5EED])
-    for c in held:
-        files = sorted(by_cls.get(c, []))
-        if len(files) < 3:
-            raise ValueError(f"held-out class {c!r} has {len(files)} image(s); at least 3 are needed "
-                             "(two support images for a positive prompt, one query)")
-        order = rng.permutation(len(files))
-        n_sup = min(len(files) - 1, max(2, int(round(len(files) * support_share))))
-        support[c] = sorted(files[i] for i in order[:n_sup])
-        queries[c] = sorted(files[i] for i in order[n_sup:])
-    train_files = [r["file"] for r in (read_classes_csv(sr / "train") or [])]
-    _copy_root(out / "train", [(sr / "train", f) for f in train_files]
-               + [(sr / "test", f) for c in held for f in support[c]])
-    _copy_root(out / "test", [(sr / "test", f) for c in held for f in queries[c]]
-               + [(sr / "test", f) for f in sorted(by_cls.get(FREE, []))])
-    return {"root": str(out), "holdout_classes": held, "support": support, "queries": queries}
-
-
-# ------------------------------------------------------------------------------------------
 # the magnetic-tile study (seggpt study)
 # ------------------------------------------------------------------------------------------
-def default_data() -> Path:
-    """``$SEGGPT_SHARED_DATASETS/magnetic_tile``, else ``../shared/datasets/magnetic_tile`` beside the repo."""
-    base = Path(os.environ.get("SEGGPT_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
-    return base / "magnetic_tile"
-
-
 def _portable_path(path: Path) -> str:
     """``path`` relative to the repository where it lies beside or in it (summaries are committed:
     no machine's absolute paths in them), else as given."""
@@ -575,7 +503,6 @@ def _portable_path(path: Path) -> str:
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """Platform, CPU model and count, GPU name, python / torch versions."""
-    import torch
 
     cpu = platform.processor() or ""
     try:
@@ -636,76 +563,60 @@ class StudySettings:
 # the quick CPU configuration (--quick; the test suite runs it): a handful of images per class,
 # a 235 k-parameter model (32x32 per image) trained a few steps, a few prompt-tuning steps
 QUICK = StudySettings(
-    limit_per_class=6, preset="vit_micro",
-    model={"img_size": [64, 32], "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "out_indices": [2],
-           "merge_index": 1, "decoder_embed_dim": 16, "pretrain_img_size": 32},
+    limit_per_class=6, preset="vit_nano",
     steps=3, minutes=None, eval_every=3, val_pairs=4, tune_steps=2, max_queries=3, top_k=2,
     train={"batch_size": 4, "warmup_steps": 1})
 # the default (a lent GPU: benchmarks/gpu_study.sh)
 FULL = StudySettings()
 
 
-def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "results/magnetic_tile", *,
-              quick: bool = False, device: str = "cpu", protocols: Sequence[str] = ("seen", "holdout"),
-              holdout_classes: Sequence[str] | None = None, holdout_n: int = 2, seed: int = 0,
-              work_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The magnetic-tile study: convert, split (seen classes: 70/30 by class with a 10 % val
-    carved from the 70; held-out classes: ``holdout_classes`` or ``holdout_n`` seeded ones never
-    in training), :func:`compare_recipes` per protocol. Writes ``out/tables/study_<protocol>*.{csv,md}``,
-    ``out/figures/study_<protocol>.png`` and ``out/summary.json`` (rows, settings, timings, machine).
-    ``overrides`` change fields of :data:`QUICK` / :data:`FULL` (:class:`StudySettings`; ``train`` merged)."""
-    t_all = time.perf_counter()
+def study_settings(quick: bool = False, overrides: dict[str, Any] | None = None, device: str = "cpu") -> StudySettings:
+    """:data:`QUICK` or :data:`FULL` with ``overrides`` (``train`` merged); on a CPU the loader
+    processes are capped at cores - 2 unless ``train.num_workers`` is given (they compete with the
+    training threads for the cores)."""
     st = (QUICK if quick else FULL).with_overrides(overrides)
-    for p in protocols:
-        if p not in ("seen", "holdout"):
-            raise ValueError(f"protocol must be 'seen' or 'holdout', got {p!r}")
-    src = Path(data) if data else default_data()
-    if not src.is_dir():
-        raise FileNotFoundError(f"magnetic-tile dataset not found: {src} (give --data)")
+    if str(CFG.resolve_device_name(device)).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
+        workers = st.train.get("num_workers", CFG.PIPELINE_RECIPE.get("num_workers", 0))
+        st = dataclasses.replace(st, train={**st.train, "num_workers": min(int(workers), max(0, (os.cpu_count() or 1) - 2))})
+    return st
+
+
+def study_dirs(out: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The study's results folder and its work folder (``out/work`` unless given); refuses a source tree."""
     out = Path(out)
     if any((out / m).exists() for m in (".git", "pyproject.toml")):
         raise ValueError(f"{out} looks like a source tree; pick a results folder")
-    dirs = RES.result_dirs(out)
-    work = Path(work_dir) if work_dir else dirs["work"]
+    work = Path(work_dir) if work_dir else RES.result_dirs(out)["work"]
     work.mkdir(parents=True, exist_ok=True)
-    dev = CFG.resolve_device_name(device)
-    if str(dev).startswith("cpu") and "num_workers" not in ((overrides or {}).get("train") or {}):
-        # loader processes compete with the training threads for the cores on a CPU run
-        workers = st.train.get("num_workers", CFG.PIPELINE_RECIPE.get("num_workers", 0))
-        st = dataclasses.replace(st, train={**st.train, "num_workers": min(int(workers), max(0, (os.cpu_count() or 1) - 2))})
-    times: dict[str, float] = {}
+    return out, work
 
-    t0 = time.perf_counter()
-    root = work / "source"
-    if root.exists():
-        shutil.rmtree(root)
-    convert_magnetic_tile(src, root, limit_per_class=st.limit_per_class, overwrite=True, show_progress=False)
-    times["convert_s"] = time.perf_counter() - t0
+
+def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudySettings, *, device: str = "cpu",
+              seed: int = 0, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The magnetic-tile study on data prepared by :func:`data_prep.study_data.prepare_study_data`
+    (converted, split per protocol: seen classes 70/30 by class with a 10 % val carved from the 70;
+    held-out classes never in training): :func:`compare_recipes` per protocol. Writes
+    ``out/tables/study_<protocol>*.{csv,md}``, ``out/figures/study_<protocol>.png`` and
+    ``out/summary.json`` (rows, settings, timings, machine)."""
+    t_all = time.perf_counter()
+    st = settings
+    out = Path(out)
+    RES.result_dirs(out)
+    work = Path(prepared["work"])
+    dev = CFG.resolve_device_name(device)
+    times: dict[str, float] = {"convert_s": prepared["convert_s"]}
     recipe = {**CFG.PIPELINE_RECIPE, **st.train}
     bc = st.beyond(dev, seed, recipe)
     results: dict[str, Any] = {}
-    for proto in protocols:
-        t0 = time.perf_counter()
-        split_dir = work / f"split_{proto}"
-        if split_dir.exists():
-            shutil.rmtree(split_dir)
-        if proto == "seen":
-            split_dataset(root, split_dir, seed=seed, val=st.val, test=st.test, overwrite=True, show_progress=False)
-            eval_root, held = split_dir, []
-        else:
-            split_dataset(root, split_dir, seed=seed, val=st.val, test=st.test,
-                          holdout_classes=list(holdout_classes) if holdout_classes else None,
-                          holdout_n=None if holdout_classes else int(holdout_n), overwrite=True, show_progress=False)
-            ho = make_holdout_eval(split_dir, work / "eval_holdout", seed=seed)
-            eval_root, held = Path(ho["root"]), ho["holdout_classes"]
-        log(f"[{proto}] split in {time.perf_counter() - t0:.1f} s" + (f"; held-out classes {held}" if held else ""))
+    for proto, prep in prepared["protocols"].items():
+        split_dir, eval_root, held = Path(prep["split_root"]), Path(prep["eval_root"]), prep["holdout_classes"]
+        log(f"[{proto}] split in {prep['split_s']:.1f} s" + (f"; held-out classes {held}" if held else ""))
         name = f"study_{proto}"
         title = ("Magnetic tile, seen classes (70/30 split by class)" if proto == "seen" else
                  f"Magnetic tile, held-out classes {', '.join(held)} (never in training)")
         res = compare_recipes(split_dir, bc, eval_root=eval_root, work_dir=work / f"compare_{proto}", results_dir=out,
                               table_name=name, title=title, log=lambda m, p=proto: log(f"[{p}] {m}"))
-        times[f"{proto}_s"] = res["seconds"]
+        times[f"{proto}_s"] = prep["split_s"] + res["seconds"]
         tab = res["table"]
         fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
                           ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
@@ -713,11 +624,11 @@ def run_study(data: str | os.PathLike | None = None, out: str | os.PathLike = "r
         results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
                           "training": json.loads(res["training"].to_json(orient="records")),
                           "counts": DS.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
-    times["total_s"] = time.perf_counter() - t_all
+    times["total_s"] = prepared["convert_s"] + time.perf_counter() - t_all
     summary = {
-        "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(src), "device": dev, "seed": seed,
-        "settings": dataclasses.asdict(st), "recipe": recipe, "protocols": results, "timings_s": times, "machine": machine_info(dev),
-        "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(Path(prepared["source"])), "device": dev,
+        "seed": seed, "settings": dataclasses.asdict(st), "recipe": recipe, "protocols": results, "timings_s": times,
+        "machine": machine_info(dev), "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / "summary.json").write_text(json.dumps(RES.jsonable(summary), indent=2) + "\n")
     log(f"study done in {times['total_s']:.1f} s: {out / 'summary.json'}")

@@ -1,12 +1,13 @@
 """Notebook 02's calls: the model configuration, the training run, its curves and checkpoints."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
 import math
 import os
 import shutil
 import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
 import pandas as pd
 import torch
 
@@ -14,7 +15,7 @@ from seggpt_lib.data.pairs import PairConfig, PairDataset
 from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.engine.trainer import TrainConfig, build_model, train
 from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset
-from seggpt_lib.experiments.dataset import scan_index, has_positive_pairs, split_roots
+from seggpt_lib.experiments.dataset import has_positive_pairs, scan_index, split_roots
 
 
 def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, settings: TrainSettings,

@@ -9,21 +9,33 @@
   (:func:`bar_chart`), contact sheets (:func:`contact_sheet`, :func:`dataset_samples`), the
   pair colouring of training samples (:func:`pair_samples_figure`);
 * :class:`Explorer`: the callback logic of the interactive explorer notebook, usable from
-  plain Python (``update(query=..., prompts=..., top_k=..., split=...)``).
+  plain Python (``update(query=..., prompts=..., top_k=..., grid=...)``).
 
 Every figure function returns a :class:`matplotlib.figure.Figure` (never shows it); images
 are ``(H, W, 3)`` uint8 arrays.
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
 
-from seggpt_lib.data.layout import resize_image
+from seggpt_lib import data as D
+from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb, resize_image
+from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE
+from seggpt_lib.eval.metrics import iou
+from seggpt_lib.eval.metrics import iou as iou_fn
+from seggpt_lib.eval.metrics import is_catch, is_yield, response_rate
+from seggpt_lib.predict.predictor import load_rgb
+from seggpt_lib.utils.colors import cmap_to_lbl, denormalize
+from seggpt_lib.utils.masking import patch_mask_to_pixels
 
 __all__ = [
     "PANEL_TITLES",
@@ -56,14 +68,12 @@ BOTH_RGB = (250, 220, 40)
 def _new_figure(figsize: tuple[float, float]):
     """A plain :class:`~matplotlib.figure.Figure`: no pyplot state, no GUI backend, nothing
     leaks between calls; show it with :func:`show` (or save it)."""
-    from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
 
 
 def figure_png(fig, dpi: int = 110) -> bytes:
     """A figure as PNG bytes."""
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
@@ -88,7 +98,6 @@ def show(fig, dpi: int = 110) -> None:
 def to_rgb_uint8(image: Any) -> np.ndarray:
     """Any image (numpy HxW / HxWx3 / HxWx4, float 0..1 or 0..255, torch CHW, PIL, a path) as
     HxWx3 uint8: :func:`seggpt_lib.predict.predictor.load_rgb`."""
-    from seggpt_lib.predict.predictor import load_rgb
 
     return load_rgb(image)
 
@@ -139,12 +148,7 @@ def model_panel_rows(model, dataset, indices: Sequence[int], device: str = "cpu"
     hidden patches blacked out, label pair, raw prediction, prediction snapped to the sample's
     palette. The title names prompt and query and gives the query IoU.
     """
-    import torch
 
-    from seggpt_lib import data as D
-    from seggpt_lib.utils.colors import cmap_to_lbl, denormalize
-    from seggpt_lib.utils.masking import patch_mask_to_pixels
-    from seggpt_lib.eval.metrics import iou
 
     if not len(indices):
         return []
@@ -271,7 +275,6 @@ def dataset_samples(root: str | Path, per_class: int = 2, max_classes: int | Non
                     seed: int = 0):
     """Contact sheet of a dataset ROOT: per class ``per_class`` images, each plain and with its
     mask overlaid in red. Returns the figure."""
-    from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 
     index = DefectIndex.scan(root, verify=False)
     rng = np.random.default_rng(seed)
@@ -294,8 +297,6 @@ def pair_samples_figure(dataset, indices: Sequence[int]):
     """Training samples as the model sees them: image pair (prompt on top), coloured label pair
     (one random defect colour per sample, black background), the random patch mask (white =
     hidden, to be predicted) and the label pair as given to the model (hidden patches black)."""
-    from seggpt_lib.utils.colors import denormalize
-    from seggpt_lib.utils.masking import patch_mask_to_pixels
 
     cfg_grid = dataset.grid
     p = dataset.patch_size
@@ -321,7 +322,6 @@ def pair_samples_figure(dataset, indices: Sequence[int]):
 def training_curves(metrics, title: str | None = None):
     """Loss, learning rate, predicted-defect fraction and validation mIoU against the step,
     from a run's ``metrics.csv`` (path or DataFrame)."""
-    import pandas as pd
 
     df = metrics if isinstance(metrics, pd.DataFrame) else pd.read_csv(metrics)
     fig = _new_figure((10, 6))
@@ -380,7 +380,7 @@ def bar_chart(df, x: str, ys: Sequence[str], title: str = "", ylabel: str = "", 
     return fig
 
 
-def rate_figure(table, catch_iou: float = 0.3, yield_response: float = 0.000239):
+def rate_figure(table, catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE):
     """Left: IoU of every positive pair, sorted, with the catch threshold. Right: response rate
     of every negative and defect-free pair (log scale), with the yield threshold."""
     fig = _new_figure((11, 3.6))
@@ -420,11 +420,11 @@ def rate_figure(table, catch_iou: float = 0.3, yield_response: float = 0.000239)
 # the explorer
 # ------------------------------------------------------------------------------------------
 class Explorer:
-    """Callback logic of the explorer notebook: pick a query, its prompts, top-k and split, get
+    """Callback logic of the explorer notebook: pick a query, its prompts, top-k and tiling grid, get
     the prediction, the overlay and the metrics.
 
     >>> ex = Explorer(predictor, "data/split/test", "data/split/train")
-    >>> out = ex.update(query=ex.queries[0], top_k=1, split=2)
+    >>> out = ex.update(query=ex.queries[0], top_k=1, grid=2)
     >>> out["iou"], out["response_rate"], out["figure"]
 
     ``prompts`` default to the query's own class (positive prompts, sorted, the query itself
@@ -432,8 +432,7 @@ class Explorer:
     """
 
     def __init__(self, predictor, query_root: str | Path, prompt_root: str | Path, work_size: int | None = None,
-                 tile_pairing: str = "all", catch_iou: float = 0.3, yield_response: float = 0.000239) -> None:
-        from seggpt_lib.data.layout import DefectIndex
+                 tile_pairing: str = "all", catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE) -> None:
 
         self.predictor = predictor
         self.query_index = DefectIndex.scan(query_root, verify=False)
@@ -470,7 +469,6 @@ class Explorer:
 
     # -- data -----------------------------------------------------------------------------
     def _load(self, which: str, file: str) -> tuple[np.ndarray, np.ndarray]:
-        from seggpt_lib.data.layout import read_label, read_rgb
 
         key = (which, file)
         if key not in self._cache:
@@ -484,13 +482,11 @@ class Explorer:
 
     # -- the callback ---------------------------------------------------------------------
     def update(self, query: str | None = None, prompts: Sequence[str] | None = None, top_k: int = 1,
-               split: int = 1, figure: bool = True) -> dict[str, Any]:
-        """Predict ``query`` from the first ``top_k`` of ``prompts`` with ``split``; return the
+               grid: int = 1, figure: bool = True) -> dict[str, Any]:
+        """Predict ``query`` from the first ``top_k`` of ``prompts`` on an n×n ``grid``; return the
         metrics (``kind``, ``iou``, ``catch``, ``response_rate``, ``yield``, ``pred_pixels``,
         ``gt_pixels``, ``n_pairs``, ``seconds``, ``prompts`` used) and ``figure`` (query with the
         prediction overlaid, prediction vs ground truth, and the first prompt with its mask)."""
-        from seggpt_lib.eval.metrics import iou as iou_fn
-        from seggpt_lib.eval.metrics import is_catch, is_yield, response_rate
 
         query = query or self.queries[0]
         prompts = list(prompts) if prompts else self.default_prompts(query, max(1, int(top_k)))
@@ -502,7 +498,7 @@ class Explorer:
         p = [self._load("prompt", f) for f in used]
         ws = self.work_size or max(q_img.shape[:2])
         t0 = time.perf_counter()
-        pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], grid=int(split),
+        pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], grid=int(grid),
                                       tile_pairing=self.tile_pairing, work_size=int(ws))
         seconds = time.perf_counter() - t0
         q_cls = self.query_class(query)
@@ -518,7 +514,7 @@ class Explorer:
         resp = response_rate(pred.mask)
         out: dict[str, Any] = {
             "query": query, "query_class": q_cls, "prompts": used, "prompt_classes": p_cls, "kind": kind,
-            "top_k": top_k, "split": int(split), "iou": score, "catch": is_catch(score, self.catch_iou) if kind == "positive" else None,
+            "top_k": top_k, "grid": int(grid), "iou": score, "catch": is_catch(score, self.catch_iou) if kind == "positive" else None,
             "response_rate": resp, "yield": is_yield(resp, self.yield_response) if kind != "positive" else None,
             "pred_pixels": int(pred.mask.sum()), "gt_pixels": int(gt.sum()), "n_pairs": int(pred.n_pairs),
             "seconds": seconds,
@@ -529,7 +525,7 @@ class Explorer:
             titles = [f"{query} + prediction", "green missed / red false / yellow hit", "snapped prediction",
                       f"prompt {used[0]}"]
             fig = contact_sheet(panels, titles, ncols=4, cell=2.6,
-                                suptitle=f"{kind}: IoU {score:.3f}, response {resp:.6f}, split {split}, top-{top_k}")
+                                suptitle=f"{kind}: IoU {score:.3f}, response {resp:.6f}, grid {grid}, top-{top_k}")
             out["figure"] = fig
         self.last = out
         return out
@@ -547,15 +543,15 @@ class Explorer:
         return (f"{o['kind']} | IoU {o['iou']:.3f} | response {o['response_rate']:.6f} | {verdict} | "
                 f"{o['n_pairs']} pairs in {o['seconds']:.2f} s")
 
-    def widget(self, split_choices: Sequence[int] = (1, 2, 4), max_top_k: int = 5):
-        """The ipywidgets UI (query, prompts, top-k, split) calling :meth:`update` on change."""
+    def widget(self, grid_choices: Sequence[int] = (1, 2, 4), max_top_k: int = 5):
+        """The ipywidgets UI (query, prompts, top-k, grid) calling :meth:`update` on change."""
         import ipywidgets as W
         from IPython.display import Image, display
 
         q = W.Dropdown(options=self.queries, description="query")
         pr = W.SelectMultiple(options=self.prompt_files, rows=6, description="prompts")
         k = W.IntSlider(value=1, min=1, max=max_top_k, description="top-k")
-        s = W.Dropdown(options=list(split_choices), value=split_choices[0], description="split")
+        s = W.Dropdown(options=list(grid_choices), value=grid_choices[0], description="grid")
         text = W.HTML()
         out = W.Output()
 
@@ -566,7 +562,7 @@ class Explorer:
             with out:
                 out.clear_output(wait=True)
                 try:
-                    res = self.update(query=q.value, prompts=list(pr.value) or None, top_k=k.value, split=s.value)
+                    res = self.update(query=q.value, prompts=list(pr.value) or None, top_k=k.value, grid=s.value)
                 except ValueError as e:
                     text.value = f"<b>error:</b> {e}"
                     return

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from seggpt_lib.model.attention import resize_rel_pos
-from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig
+from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig, preset_config, resize_abs_pos
 
 StateDict = dict[str, torch.Tensor]
 
@@ -188,7 +188,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, SegGPTConf
     try:
         if p.suffix == ".safetensors":
             sd = load_file(str(p))
-            from safetensors import safe_open
 
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -239,7 +238,6 @@ def adapt_state_dict(sd: StateDict, model: SegGPT) -> StateDict:
         if src.ndim == 3 and src.shape[-1] == target["pos_embed"].shape[-1]:
             n = target["pos_embed"].shape[1] - 1
             side = int(n**0.5)
-            from seggpt_lib.model.seggpt import resize_abs_pos
 
             grid = resize_abs_pos(src, (side, side)).reshape(1, n, -1)
             out["pos_embed"] = torch.cat([src[:, :1], grid], dim=1)
@@ -283,7 +281,6 @@ def load_weights(model: SegGPT, path: str | os.PathLike[str], strict: bool = Tru
 
 def build_from_checkpoint(path: str | os.PathLike[str], preset: str | None = None, **overrides: Any) -> SegGPT:
     """Build the model a checkpoint describes (its own config, else ``preset``) and load it."""
-    from seggpt_lib.model.seggpt import preset_config
 
     sd, cfg = read_state_dict(path)
     if preset is not None:
