@@ -56,7 +56,7 @@ from IPython.display import Markdown, display
 
 from seggpt_lib.experiments import config as CFG, results as RES, training as TR, runner as RUN
 from seggpt_lib.experiments import viz as V
-from seggpt_lib.model.checkpoint import build_from_checkpoint, save_weights
+from seggpt_lib.model.checkpoint import build_from_checkpoint
 
 R = Path(results_dir)
 params = CFG.notebook_config("02_training", globals())  # this cell's parameters as the typed config
@@ -89,18 +89,8 @@ RES.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_pa
 # ## Training
 
 # %%
-if steps > 0:
-    res = TR.run_training(cfg, run_dir)
-    eval_weights = TR.trained_weights(run_dir, checkpoint)
-    trained = True
-else:
-    res = {"run_dir": None, "steps_done": 0, "best_val_miou": float("nan"), "wall_s": 0.0}
-    if weights:
-        eval_weights = Path(weights)
-    else:  # evaluate the random initialisation: save it for notebooks 03-05
-        eval_weights = save_weights(model0, run_dir.parent / "init.safetensors")
-    trained = False
-    print(f"no training (steps = 0): evaluating {eval_weights}")
+res = TR.train_or_take(cfg, run_dir, model0, checkpoint)
+eval_weights, trained = res["weights"], res["trained"]
 
 # %% [markdown]
 # ## Curves (from `metrics.csv`)
@@ -124,12 +114,7 @@ title = (f"after {res['steps_done']} steps ({Path(eval_weights).parent.name} che
 RES.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
 
 # %%
-summary = pd.DataFrame([{
-    "preset": cfg.preset, "parameters_M": n_params / 1e6, "device": dev, "trained": trained,
-    "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_mIoU": res["best_val_miou"],
-    "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else float("nan"),
-    "lr": cfg.lr, "batch_size": cfg.batch_size, "init_weights": Path(weights).name if weights else "random",
-}])
+summary = TR.training_table(cfg, res, metrics, n_params)
 RES.write_table(summary, R, "02_training", title="Training")
 RES.write_fragment(R, RES.TrainingFragment.build(R, cfg, res, eval_weights, trained, n_params))
 summary

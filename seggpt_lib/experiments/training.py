@@ -14,6 +14,7 @@ import torch
 from seggpt_lib.data.pairs import PairConfig, PairDataset
 from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.engine.trainer import TrainConfig, build_model, train
+from seggpt_lib.model.checkpoint import save_weights
 from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset
 from seggpt_lib.experiments.dataset import has_positive_pairs, scan_index, split_roots
 
@@ -87,6 +88,33 @@ def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = p
     best = res.best_miou if res.best_miou >= 0 else math.nan
     log(f"trained {res.step} steps in {wall / 60:.1f} min; best val mIoU {best:.4f}")
     return {"run_dir": str(run_dir), "steps_done": int(res.step), "best_val_miou": best, "wall_s": wall}
+
+
+def train_or_take(cfg: TrainConfig, run_dir: str | os.PathLike, initial, checkpoint: str = "best",
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Notebook 02's run: with ``cfg.max_steps > 0`` train (:func:`run_training`) and evaluate the
+    ``checkpoint`` weights; with 0 steps take ``cfg.init_weights`` as they are, or (none given) the
+    initial model ``initial`` saved beside the run for the evaluation notebooks. Returns
+    :func:`run_training`'s keys plus ``weights`` (the file the evaluation uses) and ``trained``."""
+    run_dir = Path(run_dir)
+    if cfg.max_steps > 0:
+        res = run_training(cfg, run_dir, log=log)
+        return {**res, "weights": trained_weights(run_dir, checkpoint), "trained": True}
+    weights = Path(cfg.init_weights) if cfg.init_weights else save_weights(initial, run_dir.parent / "init.safetensors")
+    log(f"no training (steps = 0): evaluating {weights}")
+    return {"run_dir": None, "steps_done": 0, "best_val_miou": math.nan, "wall_s": 0.0, "weights": weights,
+            "trained": False}
+
+
+def training_table(cfg: TrainConfig, run: dict[str, Any], metrics: pd.DataFrame, n_parameters: int) -> pd.DataFrame:
+    """Notebook 02's one-row summary: the model, the budget used, the best validation mIoU."""
+    return pd.DataFrame([{
+        "preset": cfg.preset, "parameters_M": n_parameters / 1e6, "device": cfg.device, "trained": run["trained"],
+        "steps": run["steps_done"], "minutes": run["wall_s"] / 60, "best_val_mIoU": run["best_val_miou"],
+        "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else math.nan,
+        "lr": cfg.lr, "batch_size": cfg.batch_size,
+        "init_weights": Path(cfg.init_weights).name if cfg.init_weights else "random",
+    }])
 
 
 def trained_weights(run_dir: str | os.PathLike, which: str = "best") -> Path:
