@@ -1,6 +1,7 @@
 # Two entry points (see README):
 #   make reproduce   create .venv, install, run the whole notebook pipeline on built-in synthetic data
 #   make test        create .venv if missing, install, run the test suite
+#   make lab         JupyterLab on the interactive explorer (notebooks/explorer.ipynb) with results/
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +18,7 @@ OVERRIDES := $(if $(DATA),--set data=$(DATA)) $(if $(WEIGHTS),--set weights=$(WE
              $(if $(DEVICE),--set device=$(DEVICE)) $(if $(PRESET),--set preset=$(PRESET)) \
              $(if $(STEPS),--set steps=$(STEPS))
 
-.PHONY: reproduce test install browser clean
+.PHONY: reproduce test install browser clean lab
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,20 @@ reproduce: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --timeout=600
+
+# The explorer in JupyterLab, reading the repository's last results (results/, from make reproduce).
+# Headless: make lab NO_BROWSER=1 (then open the printed address); LAB_PORT / LAB_IP to serve elsewhere.
+LAB_PORT   ?= 8888
+LAB_IP     ?= localhost
+NO_BROWSER ?=
+LAB_URL    := http://$(LAB_IP):$(LAB_PORT)/lab/tree/notebooks/explorer.ipynb
+
+lab: $(STAMP)
+	@test -f results/work/01_data_transformation.json || \
+	  echo "note: no results in results/ yet: run make reproduce first (the explorer needs notebooks 01 and 02)"
+	@echo "Explorer: $(LAB_URL)  (JupyterLab prints it again below with its access token; Ctrl-C stops it)"
+	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab notebooks/explorer.ipynb --ServerApp.root_dir=$(CURDIR) \
+	  --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 $(if $(NO_BROWSER),--no-browser)
 
 clean:
 	rm -rf results/reports results/figures results/tables results/summary.json results/index.html results/work runs

@@ -1,14 +1,17 @@
 """``seggpt prepare``: build datasets in the project's layout.
 
     seggpt prepare synthetic     --out DIR [--seed S] [--per-class N] [--size PX] [--free N] [--overwrite]
-    seggpt prepare coco          --src DIR --out DIR [--multiclass] [--skip-bad] [--overwrite]
+    seggpt prepare coco          --src DIR --out DIR [--multiclass] [--[no-]keep-splits] [--boxes-as-masks]
+                                 [--crowd-as-defect] [--skip-bad] [--overwrite]
     seggpt prepare magnetic-tile --src DIR --out DIR [--limit-per-class N] [--skip-bad] [--overwrite]
     seggpt prepare split         --src DIR --out DIR [--seed S] [--val F] [--test F]
                                  [--holdout-classes a,b | --holdout-n K] [--skip-bad] [--overwrite]
-    seggpt prepare stats         --src DIR [--out FILE]
-    seggpt prepare preview       --src DIR --out FILE.png [--per-class N]
+    seggpt prepare stats         --src DIR [--out FILE] [--overwrite]
+    seggpt prepare preview       --src DIR --out FILE.png [--per-class N] [--overwrite]
 
 Bad input prints ``error: ...`` (naming the file and the problem) and exits with status 2.
+Outputs follow :mod:`seggpt_lib.utils.outputs`: never inside (or equal to, or containing) --src,
+never over an existing output without --overwrite, and built aside then moved into place.
 """
 from __future__ import annotations
 
@@ -55,11 +58,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: automatic)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
-    p = sub.add_parser("coco", help="convert VISION-Datasets-style COCO segmentation")
-    p.add_argument("--src", required=True, help="folder with <Sub>/<split>/_annotations.coco.json")
-    p.add_argument("--out", required=True, help="output dataset folder")
+    p = sub.add_parser(
+        "coco", help="convert COCO segmentation (VISION Datasets, Roboflow exports)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert COCO instance segmentation into our layout; masks are decoded by pycocotools.",
+        epilog="Annotation files: every _annotations.coco.json under --src (SRC/<Sub>/<split>/, SRC/<split>/ as\n"
+               "Roboflow's train/ valid/ test/, or SRC/ itself).\n"
+               "Images (nothing is moved): each file_name is looked for beside its annotation file, then in\n"
+               "images/ beside it (Roboflow's <split>/images/), then in ../images/; also by its bare name.\n"
+               "Bad annotations are handled alone: a degenerate polygon (< 3 points) is skipped with a warning\n"
+               "and the image kept; a malformed or missing segmentation is an error (--skip-bad: that annotation\n"
+               "is skipped). Crowd regions (iscrowd=1) go to labels_ignore/<stem>.png unless --crowd-as-defect.\n"
+               "EXIF orientation is applied when reading images.")
+    p.add_argument("--src", required=True,
+                   help="export folder: <Sub>/<split>/, <split>/ or . holding _annotations.coco.json; images "
+                        "beside it, in images/ beside it, or in ../images/")
+    p.add_argument("--out", required=True,
+                   help="output dataset folder (with kept splits: OUT/train, OUT/val, OUT/test)")
     p.add_argument("--multiclass", action="store_true", help="class-index masks + class_index.json")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+    p.add_argument("--keep-splits", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the export's own train/valid/test split as OUT/train, OUT/val, OUT/test "
+                        "(usable in place: make reproduce DATA=folder:OUT); default: on when every annotation "
+                        "file is in a train/valid/test folder and train and test exist, else one merged dataset")
+    p.add_argument("--boxes-as-masks", action="store_true",
+                   help="fill the bbox of an annotation without a segmentation (detection-only exports are "
+                        "an error otherwise)")
+    p.add_argument("--crowd-as-defect", action="store_true",
+                   help="count crowd regions (iscrowd=1) as defect pixels "
+                        "(default: an ignore mask, labels_ignore/<stem>.png)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad files and bad annotations (alone) with a warning instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
     p = sub.add_parser("magnetic-tile", help="convert the magnetic-tile defect dataset")
@@ -85,12 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="dataset ROOT or split folder")
     p.add_argument("--out", default=None, help="also write the JSON to this file (not inside --src)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = sub.add_parser("preview", help="contact sheet PNG: samples, mask overlays, 64 px view")
     p.add_argument("--src", required=True, help="dataset ROOT")
     p.add_argument("--out", required=True, help="PNG file to write (not inside --src)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--low-res", type=int, default=64, help="also show images at this size (0: off)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -111,7 +141,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "coco":
         from .vision_coco import convert_vision_coco
         out = convert_vision_coco(args.src, args.out, multiclass=args.multiclass,
-                                  skip_bad=args.skip_bad, overwrite=args.overwrite)
+                                  skip_bad=args.skip_bad, overwrite=args.overwrite, keep_splits=args.keep_splits,
+                                  boxes_as_masks=args.boxes_as_masks, crowd_as_defect=args.crowd_as_defect)
+        if (out / "split.json").is_file() and not (out / "images").is_dir():  # the export's own split kept
+            from .common import read_classes_csv
+            parts = []
+            for sp in ("train", "val", "test"):
+                rows = read_classes_csv(out / sp) or [] if (out / sp).is_dir() else []
+                parts.append(f"{sp} {len(rows)}")
+            print(f"wrote {out} (the export's split: {', '.join(parts)} images) in {time.perf_counter() - t0:.1f} s")
+            return 0
     elif cmd == "magnetic-tile":
         from .magnetic_tile import convert_magnetic_tile
         out = convert_magnetic_tile(args.src, args.out, limit_per_class=args.limit_per_class,
@@ -129,15 +168,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
         return 0
     elif cmd == "stats":
-        from .stats import dataset_stats, write_stats
+        from .stats import check_stats_output, dataset_stats, write_stats
+        if args.out:
+            check_stats_output(args.out, args.src, args.overwrite)
         stats = dataset_stats(args.src, skip_bad=args.skip_bad)
         print(json.dumps(stats, indent=2))
         if args.out:
-            write_stats(stats, args.out, args.src)
+            write_stats(stats, args.out, args.src, overwrite=args.overwrite)
         return 0
     elif cmd == "preview":
         from .preview import contact_sheet
-        out = contact_sheet(args.src, args.out, per_class=args.per_class, low_res=args.low_res or None)
+        out = contact_sheet(args.src, args.out, per_class=args.per_class, low_res=args.low_res or None,
+                            overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
     else:  # pragma: no cover - argparse rejects unknown choices

@@ -22,11 +22,10 @@ import csv
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,10 +35,13 @@ from seggpt_lib.data.layout import header_size as image_size
 from seggpt_lib.data.layout import images_by_stem
 from seggpt_lib.data.layout import open_image as read_image
 from seggpt_lib.data.layout import read_classes_csv, read_label
+from seggpt_lib.utils import outputs
+from seggpt_lib.utils.outputs import OutputError
 
 __all__ = [
     "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError", "Problems",
     "Sample", "check_not_inside", "check_output", "class_from_filename", "copy_file", "image_size", "output_dir",
+    "output_file",
     "progress", "read_classes_csv", "read_image", "read_mask", "safe_name", "scan_dataset", "write_classes_csv",
     "write_image", "write_label",
 ]
@@ -243,69 +245,64 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
 
 
 # --------------------------------------------------------------------------------------------
-# the output-folder guard
+# the output-folder guard: the library's one rule (seggpt_lib.utils.outputs), raising DataPrepError
 # --------------------------------------------------------------------------------------------
-def _is_within(path: Path, parent: Path) -> bool:
-    try:
-        path.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
-def check_not_inside(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output path inside (or equal to, or containing) a source folder."""
-    out_r = Path(out).resolve()
-    for src in sources:
-        src_r = Path(src).resolve()
-        if _is_within(out_r, src_r):
-            raise DataPrepError(f"{out}: output is inside the source folder {src}; "
-                                f"nothing may be written into a source")
-        if _is_within(src_r, out_r):
-            raise DataPrepError(f"{out}: output folder contains the source folder {src}; refusing")
-
-
-def check_output(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = (),
-                 overwrite: bool = False) -> None:
-    """The output-folder guard: refuse ``out`` inside (or containing) a source, a file in
-    its place, or an existing non-empty folder without ``overwrite``. Cheap: converters call
-    it before reading their source, :func:`output_dir` calls it again."""
-    out = Path(out)
-    check_not_inside(out, sources)
-    if out.exists():
-        if not out.is_dir():
-            raise DataPrepError(f"{out}: exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise DataPrepError(f"{out}: output folder exists and is not empty (use --overwrite)")
+def _sources(sources) -> dict:
+    """Converter sources as labelled inputs: a mapping as given, a sequence as ``--src``."""
+    if isinstance(sources, Mapping):
+        return dict(sources)
+    return {f"--src{'' if i == 0 else f' #{i + 1}'}": s for i, s in enumerate(sources or ())}
 
 
 @contextlib.contextmanager
-def output_dir(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = (),
-               overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``out``; on success it replaces ``out``.
+def _as_data_prep_error() -> Iterator[None]:
+    try:
+        yield
+    except OutputError as e:
+        raise DataPrepError(str(e)) from None
 
-    Refuses when ``out`` is inside a source (or contains one), and when ``out`` exists and is
-    not empty unless ``overwrite``. The swap happens only after the body finished, so a crash
-    never leaves a half-written dataset at ``out`` (the previous content stays)."""
-    out = Path(out)
-    check_output(out, sources, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return outputs.is_within(path, parent)
+
+
+def check_not_inside(out: str | os.PathLike, sources, what: str = "--out") -> None:
+    """Refuse an output path inside (or equal to, or containing) a source (symlinks resolved)."""
+    with _as_data_prep_error():
+        outputs.check_not_inside(out, _sources(sources), what)
+
+
+def check_output(out: str | os.PathLike, sources=(), overwrite: bool = False, folder: bool = True,
+                 what: str = "--out") -> None:
+    """The output guard (:func:`seggpt_lib.utils.outputs.check_output`): refuse ``out`` inside
+    (or equal to, or containing) a source, and an existing file or non-empty folder without
+    ``overwrite``. Cheap: converters call it before reading their source, :func:`output_dir`
+    calls it again."""
+    with _as_data_prep_error():
+        outputs.check_output(out, _sources(sources), what=what, overwrite=overwrite, folder=folder)
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, sources=(), overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``out``; on success it replaces ``out``
+    (:func:`seggpt_lib.utils.outputs.output_dir`): a crash never leaves a half-written dataset
+    at ``out`` (the previous content stays)."""
+    staged = outputs.StagedDir(out, _sources(sources), what=what, overwrite=overwrite)
+    with _as_data_prep_error():
+        tmp = staged.open()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    staged.commit()
+
+
+@contextlib.contextmanager
+def output_file(out: str | os.PathLike, sources=(), overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is renamed onto ``out``
+    (:func:`seggpt_lib.utils.outputs.output_file`)."""
+    with _as_data_prep_error():
+        check_output(out, sources, overwrite, folder=False, what=what)
+    with outputs.output_file(out, _sources(sources), what=what, overwrite=overwrite) as tmp:
+        yield tmp

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .common import DataPrepError, check_not_inside, read_image, scan_dataset
+from .common import DataPrepError, check_output, output_file, read_image, scan_dataset
 
 
 def _overlay(img: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -17,12 +17,14 @@ def _overlay(img: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def contact_sheet(root, out_png, per_class: int = 4, cell: int = 128, low_res: int | None = 64) -> Path:
+def contact_sheet(root, out_png, per_class: int = 4, cell: int = 128, low_res: int | None = 64,
+                  overwrite: bool = False) -> Path:
     """Write a PNG with one row per class: for each of ``per_class`` samples the image, the
     image with its mask in red, and (with ``low_res``) the image downsized to ``low_res`` px
-    and blown up again (what a model at that input size sees). Returns the PNG path."""
+    and blown up again (what a model at that input size sees). Returns the PNG path. Never
+    written inside ``root``; an existing PNG is replaced only with ``overwrite``."""
     root, out_png = Path(root), Path(out_png)
-    check_not_inside(out_png, [root])
+    check_output(out_png, [root], overwrite, folder=False)
     samples = scan_dataset(root, verify=False)
     by_class: dict[str, list] = {}
     for s in samples:
@@ -48,6 +50,6 @@ def contact_sheet(root, out_png, per_class: int = 4, cell: int = 128, low_res: i
             for t, tile in enumerate(tiles):
                 sheet.paste(tile.resize((cell, cell), Image.NEAREST if t == 2 else Image.BILINEAR),
                             (x + t * cell, y))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png)
+    with output_file(out_png, [root], overwrite) as tmp:
+        sheet.save(tmp, format="PNG")
     return out_png

@@ -10,24 +10,47 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataPrepError, check_not_inside, progress, read_image, scan_dataset
+from .common import (
+    DataPrepError,
+    DatasetError,
+    Problems,
+    check_output,
+    output_file,
+    progress,
+    read_image,
+    read_mask,
+    scan_dataset,
+)
 from .split import SPLITS
 
 
 def root_stats(root, skip_bad: bool = False, show_progress: bool | None = None) -> dict:
-    samples = scan_dataset(root, skip_bad=skip_bad, verify=False)
+    """Statistics of one dataset ROOT. A bad file (missing partner, unreadable, truncated or
+    empty, a label whose size differs from its image) raises :class:`DataPrepError` naming it;
+    with ``skip_bad`` it is left out, listed in one :class:`DataPrepWarning` and under
+    ``"skipped"`` (nothing usable left still raises). Labels are read by the layout's rule
+    (:func:`seggpt_lib.data.layout.read_label`: non-zero = defect)."""
+    problems = Problems(skip_bad)
+    samples = scan_dataset(root, skip_bad=skip_bad, verify=False, problems=problems)
     s1 = np.zeros(3, np.float64)
     s2 = np.zeros(3, np.float64)
     n_px = 0
+    n_images = 0
     classes: dict[str, int] = {}
     frac: dict[str, list[float]] = {}
     widths, heights = [], []
     for s in progress(samples, desc="stats", total=len(samples), enabled=show_progress):
-        img = np.asarray(read_image(s.image, "RGB"), dtype=np.float64) / 255.0
-        lbl = np.asarray(read_image(s.label, "L"))
+        try:
+            img = np.asarray(read_image(s.image, "RGB"), dtype=np.float64) / 255.0
+            lbl = read_mask(s.label)
+        except DatasetError as e:
+            problems.catch(e)
+            continue
         if lbl.shape != img.shape[:2]:
-            raise DataPrepError(f"{s.label}: label size {lbl.shape[1]}x{lbl.shape[0]} differs from its "
-                                f"image {s.image.name} ({img.shape[1]}x{img.shape[0]})")
+            problems.report(s.label, f"label size {lbl.shape[1]}x{lbl.shape[0]} differs from its "
+                                     f"image {s.image.name} ({img.shape[1]}x{img.shape[0]})")
+            continue
+        n_images += 1
         flat = img.reshape(-1, 3)
         s1 += flat.sum(0)
         s2 += (flat * flat).sum(0)
@@ -36,16 +59,21 @@ def root_stats(root, skip_bad: bool = False, show_progress: bool | None = None) 
         frac.setdefault(s.cls, []).append(float(np.count_nonzero(lbl)) / lbl.size)
         heights.append(img.shape[0])
         widths.append(img.shape[1])
+    problems.warn()
+    if not n_images:
+        raise DataPrepError(f"{root}: no usable image/label pairs (skipped {len(problems.skipped)} bad file(s))")
     mean = s1 / n_px
     std = np.sqrt(np.maximum(s2 / n_px - mean * mean, 0.0))
+    extra = {"skipped": list(problems.skipped)} if problems.skipped else {}
     return {
-        "images": len(samples),
+        "images": n_images,
         "classes": dict(sorted(classes.items())),
         "mean": [round(float(v), 6) for v in mean],
         "std": [round(float(v), 6) for v in std],
         "width": [int(min(widths)), int(max(widths))],
         "height": [int(min(heights)), int(max(heights))],
         "defect_fraction": {c: round(float(np.mean(v)), 6) for c, v in sorted(frac.items())},
+        **extra,
     }
 
 
@@ -72,9 +100,14 @@ def dataset_stats(src, skip_bad: bool = False, show_progress: bool | None = None
     raise DataPrepError(f"{src}: neither a dataset ROOT (images/, labels/) nor a split folder (train/, val/, test/)")
 
 
-def write_stats(stats: dict, out_file, src) -> Path:
+def check_stats_output(out_file, src, overwrite: bool = False) -> None:
+    """Refuse ``out_file`` inside (or containing) ``src``, or existing without ``overwrite``."""
+    check_output(out_file, [src], overwrite, folder=False)
+
+
+def write_stats(stats: dict, out_file, src, overwrite: bool = False) -> Path:
+    """Write the statistics as JSON (never inside ``src``; an existing file only with ``overwrite``)."""
     out_file = Path(out_file)
-    check_not_inside(out_file, [src])
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(stats, indent=2) + "\n")
+    with output_file(out_file, [src], overwrite) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
     return out_file

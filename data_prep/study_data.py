@@ -15,7 +15,7 @@ import numpy as np
 
 from seggpt_lib.data.layout import FREE_CLASS, read_classes_csv
 
-from .common import copy_file, write_classes_csv
+from .common import check_not_inside, copy_file, write_classes_csv
 from .magnetic_tile import convert_magnetic_tile
 from .split import split_dataset
 
@@ -97,6 +97,7 @@ def prepare_study_data(src: str | os.PathLike, work: str | os.PathLike, *, limit
     src, work = Path(src), Path(work)
     if not src.is_dir():
         raise FileNotFoundError(f"magnetic-tile dataset not found: {src} (give --data)")
+    check_not_inside(work, {"--data": src}, what="work folder")  # before anything below is removed or written
     t0 = time.perf_counter()
     root = work / "source"
     if root.exists():

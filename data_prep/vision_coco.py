@@ -1,38 +1,83 @@
-"""VISION-Datasets-style COCO instance segmentation -> the project's layout.
+"""COCO instance segmentation (VISION Datasets, Roboflow exports) -> the project's layout.
 
-Source layouts accepted (``--src``)::
+Where the annotation files may be (``--src``; every ``_annotations.coco.json`` below it is read)::
 
-    SRC/<Sub>/<split>/_annotations.coco.json   several sub-datasets (Cable, Capacitor, ...)
-    SRC/<split>/_annotations.coco.json         one sub-dataset
+    SRC/<Sub>/<split>/_annotations.coco.json   VISION Datasets: several sub-datasets (Cable, Capacitor, ...)
+    SRC/<split>/_annotations.coco.json         one sub-dataset, or a Roboflow export (train/ valid/ test/)
     SRC/_annotations.coco.json                 one split folder
 
-Images lie next to their annotation file (``file_name`` is relative to it). Segmentations may
-be polygons, uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string, the
-COCO LEB128-like text encoding, decoded here without pycocotools).
+Where the images may be: an image's ``file_name`` is looked up, in this order, beside its
+annotation file (``<dir>/<file_name>``, the VISION and Roboflow layout), in ``<dir>/images/``
+(Roboflow's ``<split>/images/``), then in ``<dir>/../images/``; a ``file_name`` carrying folders
+is also tried by its bare name in each place. Nothing is moved; a missing image is an error that
+lists every place tried.
+
+Masks are decoded by **pycocotools** (``pycocotools.mask``), pixel for pixel what COCO tools
+compute: polygons (a pixel is inside when its centre is, so the square ``[0,0,10,0,10,10,0,10]``
+covers 10 x 10 = 100 pixels), uncompressed RLE (``counts`` a list) and compressed RLE
+(``counts`` a string). RLE is checked here first (size equal to the image, run lengths
+summing to height x width), as pycocotools trusts it.
+
+Bad annotations are handled one by one; an image keeps its other annotations:
+
+* a **degenerate polygon** (fewer than 3 points, e.g. 4 coordinates) is skipped on its own with a
+  warning naming the annotation id and the image (always, ``skip_bad`` or not);
+* a **malformed** segmentation (not numbers, an odd number of coordinates, coordinates far
+  outside the image, a bad RLE), an unknown category id, or **no segmentation**
+  (``"segmentation": []`` or missing: a detection-only export) is an error naming the
+  annotation and the image; with ``skip_bad`` that annotation alone is skipped (listed in the
+  warning). ``boxes_as_masks`` (``--boxes-as-masks``, opt-in) fills the bbox of an annotation
+  without a segmentation instead (pycocotools' box rule);
+* an image whose annotations were all skipped is left out with a warning (it is never written
+  as defect-free).
+
+Crowd regions (``"iscrowd": 1``): by default they are not defect pixels; they go to a separate
+ignore mask ``labels_ignore/<stem>.png`` (255 = crowd region, 0 elsewhere; written only for
+outputs that have crowd pixels; the label stays 0 there). Nothing in the library reads it yet,
+and ``seggpt prepare split`` does not carry it. An image with only crowd annotations is left out
+with a warning. ``crowd_as_defect`` (``--crowd-as-defect``) counts crowd regions as defect pixels
+of their category instead (no ignore mask).
+
+Splits: with ``keep_splits`` the export's own split is kept: annotation files in folders named
+``train``, ``valid``/``val``/``validation`` and ``test`` go to ``OUT/train``, ``OUT/val``,
+``OUT/test``, each a dataset in our layout (plus ``OUT/split.json`` listing the files), which
+``make reproduce DATA=folder:OUT`` uses in place. ``keep_splits=None`` decides by itself: on
+when every annotation file lies in such a folder and there are ``train`` and ``test`` ones (a
+Roboflow export), off otherwise (the VISION ``train``/``val``/``inference`` folders are merged).
+The Python default is ``False`` (one merged dataset, as :func:`data_prep.prepare.prepare_data`
+expects, which splits it itself); the CLI's default is ``None``. Merged, the source split is
+kept in the ``source_split`` column.
+
+Images: EXIF orientation is applied by the library's one reader
+(:func:`seggpt_lib.data.layout.open_image`), so sizes are compared with the JSON upright, and
+the image bytes are copied unchanged (every reader of the output turns them upright the same way).
 
 Output naming: the class is the category name, prefixed by the sub-dataset name when several
-sub-datasets are merged (``Cable_thunderbolt``); files are ``<class>_<originalstem>.<ext>``
-(image bytes copied unchanged). An image with annotations of several categories gives one
-output image per category, each mask holding only that category's pixels (so a prompt of one
-defect type never shows another type as foreground). Images with no annotations are class
-``free`` (``free_<Sub>_<stem>`` when merging). Binary masks (255) by default; ``multiclass``
-writes one output per image with class indices 1..K (see ``class_index.json``), named after
-the class covering most pixels, and lists all its classes in the ``classes`` column.
+sub-datasets are merged (``Cable_thunderbolt``); files are ``<class>_<originalstem>.<ext>``.
+An image with annotations of several categories gives one output image per category, each mask
+holding only that category's pixels (so a prompt of one defect type never shows another type as
+foreground). Images with no annotations are class ``free`` (``free_<Sub>_<stem>`` when merging).
+Binary masks (255) by default; ``multiclass`` writes one output per image with class indices
+1..K (see ``class_index.json``), named after the class covering most pixels, and lists all its
+classes in the ``classes`` column.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageDraw
+from pycocotools import mask as coco_mask
 
 from .common import (
     FREE_CLASS,
     DataPrepError,
+    DataPrepWarning,
     DatasetError,
     Problems,
     check_output,
@@ -46,6 +91,13 @@ from .common import (
 )
 
 ANNOTATION_FILE = "_annotations.coco.json"
+IGNORE_DIR = "labels_ignore"
+# an export's split folder names -> our split names
+SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
+# polygon and box coordinates beyond +-max(_COORD_MARGIN * image size, _COORD_LIMIT) are refused
+# (pycocotools walks every edge in fifth-pixel steps: a wild coordinate would allocate without bound)
+_COORD_MARGIN = 16
+_COORD_LIMIT = 100_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,28 +149,52 @@ def encode_rle_string(counts: list[int]) -> str:
     return "".join(out)
 
 
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """COCO RLE (``{"size": [h, w], "counts": list | str}``) -> bool (h, w). Runs alternate
-    background/foreground starting with background, over the pixels in column-major order."""
+def _check_rle(rle) -> tuple[int, int, list[int]]:
+    """``(h, w, run lengths)`` of a COCO RLE dict, or ValueError when it is not a valid one."""
+    if not isinstance(rle, dict):
+        raise ValueError("RLE must be a dict with 'size' and 'counts'")
     try:
         h, w = (int(v) for v in rle["size"])
     except (KeyError, TypeError, ValueError):
         raise ValueError("RLE needs 'size': [height, width]") from None
+    if h < 0 or w < 0:
+        raise ValueError(f"RLE size {h}x{w} is negative")
     counts = rle.get("counts")
     if isinstance(counts, (str, bytes)):
         counts = decode_rle_string(counts)
-    elif not isinstance(counts, list):
+    elif isinstance(counts, list):
+        try:
+            if any(isinstance(c, bool) or int(c) != c for c in counts):
+                raise ValueError
+            counts = [int(c) for c in counts]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError("RLE run lengths must be whole numbers") from None
+    else:
         raise ValueError("RLE 'counts' must be a list or a string")
-    counts = [int(c) for c in counts]
     if any(c < 0 for c in counts):
         raise ValueError("RLE has a negative run length")
     total = sum(counts)
     if total != h * w:
         raise ValueError(f"RLE run lengths sum to {total}, expected {h}*{w}={h * w}")
-    values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, counts)
-    return flat.reshape((w, h)).T
+    return h, w, counts
+
+
+def _decode(rle: dict) -> np.ndarray:
+    """pycocotools' decoding of one of its own RLEs, as bool (h, w)."""
+    with warnings.catch_warnings():  # pycocotools' __array__ predates NumPy 2's copy keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.array(coco_mask.decode(rle), dtype=bool)
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """COCO RLE (``{"size": [h, w], "counts": list | str}``) -> bool (h, w), decoded by
+    pycocotools after checking it (runs alternate background/foreground, starting with
+    background, over the pixels in column-major order). ValueError when it is not valid."""
+    h, w, counts = _check_rle(rle)
+    if h == 0 or w == 0:
+        return np.zeros((h, w), bool)
+    # pycocotools' own encoding of the (checked) runs: no trust in the input text
+    return _decode(coco_mask.frPyObjects({"size": [h, w], "counts": counts}, h, w))
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -136,19 +212,87 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
+# --------------------------------------------------------------------------------------------
+# polygons and boxes
+# --------------------------------------------------------------------------------------------
+def _numbers(values, what: str, height: int, width: int) -> list[float]:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{what} must be a list of numbers, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{what} holds a non-number {v!r}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"{what} holds {v}")
+        out.append(v)
+    bound = max(_COORD_MARGIN * max(height, width), _COORD_LIMIT)
+    if any(abs(v) > bound for v in out):
+        raise ValueError(f"{what} has coordinates far outside the {width}x{height} image")
+    return out
+
+
+def split_polygons(polygons, height: int, width: int) -> tuple[list[list[float]], list[str]]:
+    """Check COCO polygons: ``(good polygons, notes on degenerate ones)``. A degenerate polygon
+    (fewer than 3 points) is left out with a note; a malformed one (not a list of numbers, an odd
+    number of coordinates, coordinates far outside the image) raises ValueError."""
+    if not isinstance(polygons, (list, tuple)):
+        raise ValueError(f"polygons must be a list of lists, got {type(polygons).__name__}")
+    good, notes = [], []
+    for k, poly in enumerate(polygons):
+        coords = _numbers(poly, f"polygon {k}", height, width)
+        if len(coords) < 6:
+            notes.append(f"polygon {k} has {len(coords)} coordinates (fewer than 3 points)")
+        elif len(coords) % 2:
+            raise ValueError(f"polygon {k} has an odd number of coordinates ({len(coords)})")
+        else:
+            good.append(coords)
+    return good, notes
+
+
+def _rasterise_polygons(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
+    if not polygons or height == 0 or width == 0:
+        return np.zeros((height, width), bool)
+    rles = coco_mask.frPyObjects(polygons, height, width)   # every polygon has >= 6 coordinates
+    return _decode(coco_mask.merge(rles))
+
+
 def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
-    """COCO polygons (lists of x1, y1, x2, y2, ... in pixel coordinates) -> bool (h, w)."""
-    im = Image.new("L", (width, height), 0)
-    d = ImageDraw.Draw(im)
-    for poly in polygons:
-        if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
-            raise ValueError("a polygon needs an even number (>= 6) of coordinates")
-        pts = [(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly), 2)]
-        d.polygon(pts, fill=255, outline=255)
-    return np.asarray(im) > 0
+    """COCO polygons (lists of x1, y1, x2, y2, ... in pixel coordinates) -> bool (h, w), by
+    pycocotools (a pixel is inside when its centre is). ValueError on a degenerate or malformed
+    polygon."""
+    good, notes = split_polygons(polygons, height, width)
+    if notes:
+        raise ValueError("; ".join(notes))
+    return _rasterise_polygons(good, height, width)
+
+
+def bbox_to_mask(bbox, height: int, width: int) -> np.ndarray:
+    """A COCO box ``[x, y, w, h]`` -> bool (h, w), by pycocotools (as its polygon)."""
+    x, y, bw, bh = _check_bbox(bbox, height, width)
+    if height == 0 or width == 0:
+        return np.zeros((height, width), bool)
+    rles = coco_mask.frPyObjects(np.array([[x, y, bw, bh]], dtype=np.float64), height, width)
+    return _decode(rles[0])
+
+
+def _check_bbox(bbox, height: int, width: int) -> list[float]:
+    vals = _numbers(bbox, "bbox", height, width)
+    if len(vals) != 4:
+        raise ValueError(f"bbox must be [x, y, width, height], got {len(vals)} numbers")
+    if vals[2] < 0 or vals[3] < 0:
+        raise ValueError(f"bbox {vals} has a negative width or height")
+    return vals
+
+
+def has_segmentation(seg) -> bool:
+    """False for a detection-only annotation (``"segmentation"`` missing, None or empty)."""
+    return not (seg is None or (isinstance(seg, (list, tuple, dict)) and len(seg) == 0))
 
 
 def segmentation_to_mask(seg, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, or RLE of the image's size) -> bool (h, w), by
+    pycocotools. ValueError on a degenerate or malformed one."""
     if isinstance(seg, list):
         return polygons_to_mask(seg, height, width)
     if isinstance(seg, dict):
@@ -160,14 +304,37 @@ def segmentation_to_mask(seg, height: int, width: int) -> np.ndarray:
     raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
 
 
+def annotation_mask(ann: dict, height: int, width: int, boxes_as_masks: bool = False
+                    ) -> tuple[np.ndarray | None, list[str]]:
+    """One annotation's mask (None when all its polygons are degenerate) and notes on its
+    skipped degenerate polygons. ValueError when it is malformed or has no segmentation (unless
+    ``boxes_as_masks``: then its bbox is filled)."""
+    seg = ann.get("segmentation")
+    if not has_segmentation(seg):
+        if not boxes_as_masks:
+            raise ValueError("no segmentation")
+        if "bbox" not in ann:
+            raise ValueError("no segmentation and no bbox")
+        return bbox_to_mask(ann["bbox"], height, width), []
+    if isinstance(seg, list):
+        good, notes = split_polygons(seg, height, width)
+        return (_rasterise_polygons(good, height, width) if good else None), notes
+    return segmentation_to_mask(seg, height, width), []
+
+
 # --------------------------------------------------------------------------------------------
 # discovery
 # --------------------------------------------------------------------------------------------
 @dataclass
 class CocoSplit:
     sub: str | None       # sub-dataset name (None when SRC itself is the sub-dataset)
-    split: str
+    split: str            # the folder holding the annotation file
     ann_file: Path
+
+    @property
+    def our_split(self) -> str | None:
+        """``train``, ``val`` or ``test`` when the folder is named like an export split, else None."""
+        return SPLIT_NAMES.get(self.split.lower())
 
 
 def find_coco_files(src: str | os.PathLike) -> list[CocoSplit]:
@@ -186,8 +353,35 @@ def find_coco_files(src: str | os.PathLike) -> list[CocoSplit]:
     if not found:
         if not any(src.iterdir()):
             raise DataPrepError(f"{src}: empty source folder")
-        raise DataPrepError(f"{src}: no {ANNOTATION_FILE} found (expected SRC/<Sub>/<split>/{ANNOTATION_FILE})")
+        raise DataPrepError(f"{src}: no {ANNOTATION_FILE} found (expected SRC/<split>/{ANNOTATION_FILE}, "
+                            f"SRC/<Sub>/<split>/{ANNOTATION_FILE} or SRC/{ANNOTATION_FILE})")
     return found
+
+
+def has_export_splits(splits: list[CocoSplit]) -> bool:
+    """Whether the export carries its own split: every annotation file in a ``train``,
+    ``valid``/``val``/``validation`` or ``test`` folder, with ``train`` and ``test`` present."""
+    names = {s.our_split for s in splits}
+    return None not in names and {"train", "test"} <= names
+
+
+def image_candidates(ann_dir: Path, file_name: str) -> list[Path]:
+    """Where an image named ``file_name`` in ``ann_dir/_annotations.coco.json`` may be, in the
+    order tried: beside the JSON, in ``images/`` beside it, in ``../images/``; each with the
+    ``file_name`` as given and by its bare name."""
+    rel = file_name.replace("\\", "/")
+    name = PurePosixPath(rel).name
+    out: list[Path] = []
+    for base in (ann_dir, ann_dir / "images", ann_dir.parent / "images"):
+        for r in (rel, name):
+            p = base / r
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def find_image(ann_dir: Path, file_name: str) -> Path | None:
+    return next((p for p in image_candidates(ann_dir, file_name) if p.is_file()), None)
 
 
 def _load_json(path: Path) -> dict:
@@ -207,23 +401,49 @@ def _load_json(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # conversion
 # --------------------------------------------------------------------------------------------
-def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = False,
-                        overwrite: bool = False, show_progress: bool | None = None) -> Path:
-    """Convert every ``_annotations.coco.json`` under ``src`` into one dataset at ``out``.
+@dataclass
+class _Job:
+    sp: CocoSplit
+    sub: str | None
+    cats: dict[int, str]
+    info: dict
+    anns: list[dict]
+    dropped: int = 0                      # annotations of this image already skipped (skip_bad)
+    rows: list[dict] = field(default_factory=list)
 
-    Bad input (raises :class:`DataPrepError` naming the file, or with ``skip_bad`` skips it
-    and emits one :class:`DataPrepWarning` listing all): an empty source, an unreadable COCO
-    file, an annotation whose image id or category id is unknown, a malformed segmentation,
-    a missing, unreadable or truncated image, an image whose size differs from the COCO entry."""
+
+def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = False,
+                        overwrite: bool = False, show_progress: bool | None = None,
+                        keep_splits: bool | None = False, boxes_as_masks: bool = False,
+                        crowd_as_defect: bool = False) -> Path:
+    """Convert every ``_annotations.coco.json`` under ``src`` into one dataset at ``out`` (or,
+    with ``keep_splits``, into ``out/train``, ``out/val``, ``out/test``; None: when the export
+    has its own split). See the module docstring for where images may be, how masks are
+    decoded (pycocotools), crowd regions and the annotation-by-annotation handling of bad input.
+
+    Bad input (raises :class:`DataPrepError` naming the file, or with ``skip_bad`` skips it and
+    emits one :class:`DataPrepWarning` listing all): an empty source, an unreadable COCO file,
+    an annotation whose image id or category id is unknown, a malformed segmentation or none
+    (skipped alone), a missing, unreadable or truncated image, an image whose (upright) size
+    differs from the COCO entry. Degenerate polygons, and images left with no usable annotation,
+    are skipped with a warning whatever ``skip_bad``."""
     src, out = Path(src), Path(out)
     check_output(out, [src], overwrite)
     splits = find_coco_files(src)
     subs = sorted({s.sub for s in splits if s.sub is not None})
     merge = len(subs) > 1
     problems = Problems(skip_bad)
+    notes: list[str] = []   # always warnings: degenerate polygons, images left out
+    if keep_splits is None:
+        keep_splits = has_export_splits(splits)
+    elif keep_splits:
+        odd = next((s for s in splits if s.our_split is None), None)
+        if odd is not None:
+            raise DataPrepError(f"{odd.ann_file}: keeping the export's splits needs every {ANNOTATION_FILE} in a "
+                                f"folder named train, valid (or val) or test; this one is in {odd.split!r}")
 
     # pass 1: parse every file, resolve class names
-    parsed = []
+    jobs: list[_Job] = []
     for sp in splits:
         data = _load_json(sp.ann_file)
         cats = {}
@@ -232,7 +452,7 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
                 cats[int(c["id"])] = str(c["name"])
             except (KeyError, TypeError, ValueError):
                 problems.report(sp.ann_file, f"malformed category entry {c!r}")
-        images: dict[int, dict] = {}
+        images: dict[int, _Job] = {}
         for im in data["images"]:
             try:
                 iid = int(im["id"])
@@ -244,9 +464,7 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             if iid in images:
                 problems.report(sp.ann_file, f"image id {iid} is listed twice")
                 continue
-            images[iid] = im
-        anns_by_image: dict[int, list] = defaultdict(list)
-        bad_images: set[int] = set()
+            images[iid] = _Job(sp, sp.sub, cats, im, [])
         for a in data.get("annotations", []):
             aid = a.get("id", "?") if isinstance(a, dict) else "?"
             try:
@@ -257,39 +475,44 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             if iid not in images:
                 problems.report(sp.ann_file, f"annotation {aid} refers to unknown image id {iid}")
                 continue
+            job = images[iid]
+            where = f"annotation {aid} (image {job.info['file_name']})"
             if cid not in cats:
-                problems.report(sp.ann_file, f"annotation {aid} refers to unknown category id {cid}")
-                bad_images.add(iid)
+                problems.report(sp.ann_file, f"{where} refers to unknown category id {cid}")
+                job.dropped += 1
                 continue
-            if "segmentation" not in a:
-                problems.report(sp.ann_file, f"annotation {aid} (image {images[iid]['file_name']}) has no segmentation")
-                bad_images.add(iid)
+            if not boxes_as_masks and not has_segmentation(a.get("segmentation")):
+                problems.report(sp.ann_file, f"{where} has no segmentation (\"segmentation\" empty or missing): "
+                                             "a detection-only export? Boxes are not masks; --boxes-as-masks "
+                                             "fills each bbox instead")
+                job.dropped += 1
                 continue
-            anns_by_image[iid].append(a)
-        parsed.append((sp, sp.sub, cats, images, anns_by_image, bad_images))
+            job.anns.append(a)
+        jobs.extend(images[i] for i in sorted(images))
 
     def class_name(sub: str | None, cat: str) -> str:
         name = safe_name(cat)
         return f"{safe_name(sub)}_{name}" if merge and sub else name
 
-    all_classes = sorted({class_name(sub, cats[int(a["category_id"])])
-                          for (_sp, sub, cats, _i, anns, _b) in parsed
-                          for lst in anns.values() for a in lst})
+    def is_crowd(a: dict) -> bool:
+        v = a.get("iscrowd", 0)
+        return v not in (0, None, False, "0", "")
+
+    all_classes = sorted({class_name(j.sub, j.cats[int(a["category_id"])]) for j in jobs for a in j.anns
+                          if crowd_as_defect or not is_crowd(a)})
     if FREE_CLASS in all_classes:
         raise DataPrepError(f"{src}: a category is named {FREE_CLASS!r}, which is reserved for defect-free images")
     class_index = {c: i + 1 for i, c in enumerate(all_classes)}
     if multiclass and len(class_index) > 255:
         raise DataPrepError(f"{src}: {len(class_index)} classes do not fit a uint8 multi-class mask")
-
-    jobs = [(sp, sub, cats, images[iid], anns.get(iid, []), iid in bad)
-            for (sp, sub, cats, images, anns, bad) in parsed for iid in sorted(images)]
     if not jobs:
         raise DataPrepError(f"{src}: the COCO files list no images")
 
     with output_dir(out, sources=[src], overwrite=overwrite) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "labels").mkdir()
-        rows: list[dict] = []
+        if not keep_splits:
+            (tmp / "images").mkdir()
+            (tmp / "labels").mkdir()
+        rows_by_split: dict[str, list[dict]] = defaultdict(list)
         used: set[str] = set()
 
         def unique(stem: str) -> str:
@@ -300,10 +523,14 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             used.add(cand.lower())
             return cand
 
-        for sp, sub, cats, info, anns, bad in progress(jobs, desc="coco", total=len(jobs), enabled=show_progress):
-            if bad:
-                continue   # already reported
-            img_path = sp.ann_file.parent / str(info["file_name"])
+        for job in progress(jobs, desc="coco", total=len(jobs), enabled=show_progress):
+            sp, sub, info = job.sp, job.sub, job.info
+            file_name = str(info["file_name"])
+            img_path = find_image(sp.ann_file.parent, file_name)
+            if img_path is None:
+                tried = ", ".join(str(p) for p in image_candidates(sp.ann_file.parent, file_name))
+                problems.report(sp.ann_file, f"image {file_name!r} (id {info['id']}) not found; looked for {tried}")
+                continue
             try:
                 im = read_image(img_path)
             except DatasetError as e:
@@ -312,53 +539,89 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             w, h = im.size
             jw, jh = info.get("width"), info.get("height")
             if jw is not None and jh is not None and (int(jw), int(jh)) != (w, h):
-                problems.report(img_path, f"image is {w}x{h} but {sp.ann_file.name} says {jw}x{jh}")
+                problems.report(img_path, f"image is {w}x{h} (upright, after its EXIF orientation) but "
+                                          f"{sp.ann_file.name} says {jw}x{jh}")
                 continue
             per_class: dict[str, np.ndarray] = {}
-            failed = False
-            for a in anns:
+            ignore: np.ndarray | None = None
+            dropped, crowd_only = job.dropped, 0
+            for a in job.anns:
+                where = f"annotation {a.get('id', '?')} (image {file_name})"
                 try:
-                    m = segmentation_to_mask(a["segmentation"], h, w)
-                except (ValueError, TypeError, KeyError) as e:
-                    problems.report(sp.ann_file, f"annotation {a.get('id', '?')} (image {img_path.name}): "
-                                                 f"bad segmentation ({e})")
-                    failed = True
-                    break
-                cls = class_name(sub, cats[int(a["category_id"])])
+                    crowd = is_crowd(a)
+                    m, poly_notes = annotation_mask(a, h, w, boxes_as_masks)
+                except (ValueError, TypeError, KeyError, OverflowError) as e:
+                    problems.report(sp.ann_file, f"{where}: bad segmentation ({e})")
+                    dropped += 1
+                    continue
+                for note in poly_notes:
+                    notes.append(f"{sp.ann_file}: {where}: {note}; skipped, the image's other polygons kept")
+                if m is None:
+                    dropped += 1
+                    continue
+                if crowd and not crowd_as_defect:
+                    ignore = m if ignore is None else ignore | m
+                    crowd_only += 1
+                    continue
+                cls = class_name(sub, job.cats[int(a["category_id"])])
                 per_class[cls] = per_class.get(cls, np.zeros((h, w), bool)) | m
-            if failed:
+            if not per_class and (dropped or crowd_only):
+                why = ("only crowd (iscrowd) regions" if not dropped else
+                       f"no usable annotation ({dropped} skipped)")
+                notes.append(f"{img_path}: left out, {why}: not written as defect-free")
                 continue
-            stem, ext = Path(str(info["file_name"])).stem, img_path.suffix.lower()
+            split = sp.our_split if keep_splits else ""
+            base = tmp / split if split else tmp
+            rows = rows_by_split[split]
+            stem, ext = Path(file_name.replace("\\", "/")).stem, img_path.suffix.lower()
             surface = sub or src.resolve().name
             common = {"surface": surface, "source_split": sp.split}
+
+            def emit(name: str, label: np.ndarray, row: dict) -> None:
+                copy_file(img_path, base / "images" / f"{name}{ext}")
+                write_label(base / "labels" / f"{name}.png", label)
+                if ignore is not None:
+                    ig = ignore & (np.asarray(label) == 0)
+                    if ig.any():
+                        write_label(base / IGNORE_DIR / f"{name}.png", ig)
+                extra = row.pop("_extra", {})
+                rows.append({"file": f"{name}{ext}", **row, **common,
+                             "defect_pixels": int(np.count_nonzero(label)), **extra})
+
             if not per_class:
                 name = unique(f"{FREE_CLASS}_{safe_name(sub)}_{stem}" if merge and sub else f"{FREE_CLASS}_{stem}")
-                copy_file(img_path, tmp / "images" / f"{name}{ext}")
-                write_label(tmp / "labels" / f"{name}.png", np.zeros((h, w), np.uint8))
-                rows.append({"file": f"{name}{ext}", "class": FREE_CLASS, **common, "defect_pixels": 0})
-                continue
-            if multiclass:
+                emit(name, np.zeros((h, w), np.uint8), {"class": FREE_CLASS})
+            elif multiclass:
                 label = np.zeros((h, w), np.uint8)
                 for cls in sorted(per_class, key=lambda c: -per_class[c].sum()):  # smallest on top
                     label[per_class[cls]] = class_index[cls]
                 main = max(per_class, key=lambda c: (int(per_class[c].sum()), c))
-                name = unique(f"{main}_{stem}")
-                copy_file(img_path, tmp / "images" / f"{name}{ext}")
-                write_label(tmp / "labels" / f"{name}.png", label)
-                rows.append({"file": f"{name}{ext}", "class": main, **common,
-                             "defect_pixels": int(np.count_nonzero(label)),
-                             "classes": ";".join(sorted(per_class))})
+                emit(unique(f"{main}_{stem}"), label,
+                     {"class": main, "_extra": {"classes": ";".join(sorted(per_class))}})
             else:
                 for cls, m in sorted(per_class.items()):
-                    name = unique(f"{cls}_{stem}")
-                    copy_file(img_path, tmp / "images" / f"{name}{ext}")
-                    write_label(tmp / "labels" / f"{name}.png", m)
-                    rows.append({"file": f"{name}{ext}", "class": cls, **common,
-                                 "defect_pixels": int(np.count_nonzero(m))})
+                    emit(unique(f"{cls}_{stem}"), m, {"class": cls})
         problems.warn()
-        if not rows:
+        if notes:
+            warnings.warn(f"{len(notes)} annotation problem(s) handled alone:\n  " + "\n  ".join(notes),
+                          DataPrepWarning, stacklevel=2)
+        if not any(rows_by_split.values()):
             raise DataPrepError(f"{src}: no usable images (every one was bad)")
-        write_classes_csv(tmp, rows)
-        if multiclass:
-            (tmp / "class_index.json").write_text(json.dumps({"background": 0, **class_index}, indent=2) + "\n")
+        index_json = json.dumps({"background": 0, **class_index}, indent=2) + "\n"
+        for split, rows in sorted(rows_by_split.items()):
+            if rows:
+                write_classes_csv(tmp / split if split else tmp, rows)
+                if multiclass:
+                    (tmp / split / "class_index.json" if split else tmp / "class_index.json").write_text(index_json)
+        if keep_splits:
+            if multiclass:
+                (tmp / "class_index.json").write_text(index_json)
+            files = {sp_: sorted(r["file"] for r in rows_by_split.get(sp_, [])) for sp_ in ("train", "val", "test")}
+            meta = {"protocol": "export", "source": str(src), "seed": None, "holdout_classes": [],
+                    "counts": {k: len(v) for k, v in files.items()}, "files": files}
+            (tmp / "split.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if not files["train"] or not files["test"]:
+                warnings.warn(f"{out}: the export's split has no {'train' if not files['train'] else 'test'} "
+                              "images; make reproduce DATA=folder:OUT needs train/ and test/", DataPrepWarning,
+                              stacklevel=2)
     return out

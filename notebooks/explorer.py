@@ -16,16 +16,24 @@
 # %% [markdown]
 # # Explorer
 #
+# Open it with `make lab` (JupyterLab on this notebook; `make lab NO_BROWSER=1` on a machine
+# without a browser: open the address it prints). It reads the repository's `results/`
+# (written by `make reproduce`), also when run from `notebooks/`.
+#
 # Pick a test query, its prompts (from the training split: the query's own class gives a
-# positive pair, another class a negative one), top-k and tiling grid;
-# the prediction, the overlays
-# and the metrics update live. Green: ground truth missed; red: painted where there is no
-# defect; yellow: hit.
+# positive pair, another class a negative one), top-k and tiling grid; the prediction, the
+# overlays and the metrics redraw on every change. The highlighted prompts are exactly the ones
+# used, in the order you clicked them; top-k is their number. A positive pair is scored by its
+# IoU (catch or escape), a negative pair or a defect-free query by its response rate (yield or
+# overkill). The threshold slider sets the pixel threshold on the per-pixel defect score (0.5 =
+# the snapped mask) and redraws the mask, the score map and the line's pass/defect decision
+# without running the model again. One colour legend for every panel: red = predicted where
+# there is no defect, green = a true defect missed, yellow = hit, blue = a prompt's defect mask.
 #
 # The callbacks live in `seggpt_lib.experiments.viz.Explorer`, so the same thing works from plain Python:
 # `Explorer(...).update(query=..., prompts=[...], top_k=..., grid=...)` returns the metrics
 # and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`). Not a stage of
-# `seggpt reproduce`: open it in Jupyter.
+# `seggpt reproduce`.
 
 # %% tags=["parameters"]
 results_dir = "results"
@@ -48,12 +56,13 @@ from IPython.display import display
 from seggpt_lib.experiments import results as RES, evaluation as EV
 from seggpt_lib.experiments import viz as V
 
-R = Path(results_dir)
-split_root = Path(split_dir or RES.load_fragment(R, RES.DataFragment).split_root)
+R = V.find_results_dir(results_dir)  # "results" from notebooks/: the repository's results/
+split_root = V.find_results_dir(split_dir) if split_dir else Path(RES.load_fragment(R, RES.DataFragment).split_root)
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 q_root, p_root = EV.eval_roots(split_root)
 explorer = V.Explorer(em.predictor, q_root, p_root, work_size=EV.work_size_of(work_size, q_root, em),
                       tile_pairing=tile_pairing)
+print("results:", R.resolve())
 print("model:", em.describe())
 print(f"{len(explorer.queries)} queries, {len(explorer.prompt_files)} prompt candidates")
 
@@ -71,7 +80,7 @@ q = query or next(f for f in explorer.queries if explorer.query_class(f) != "fre
 pos = explorer.update(query=q, top_k=top_k, grid=grid)
 print(explorer.metrics_text(pos))
 V.show(pos["figure"])
-other = next(f for f in explorer.prompt_files if explorer.prompt_index.class_of(explorer.prompt_index.find(f)) != pos["query_class"])
+other = next(f for f in explorer.prompt_files if explorer.prompt_class(f) != pos["query_class"])
 neg = explorer.update(query=q, prompts=[other], top_k=1, grid=grid)
 print(explorer.metrics_text(neg))
 V.show(neg["figure"])

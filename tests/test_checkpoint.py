@@ -148,3 +148,24 @@ def test_safetensors_metadata_records_config(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         cfg = json.loads(f.metadata()["seggpt_config"])
     assert cfg["embed_dim"] == 64 and cfg["out_indices"] == [3]
+
+
+def test_unreadable_files_get_one_line_errors_without_unsafe_advice(tmp_path):
+    """PyTorch's own message suggests retrying with the unsafe loader: never passed on."""
+    import random
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, evil)
+    cases = {"evil.pth": "cannot be read safely", "random.pth": "not a readable checkpoint", "empty.pt": "empty file"}
+    (tmp_path / "random.pth").write_bytes(random.Random(0).randbytes(4096))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, what in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            read_state_dict(tmp_path / name)
+        msg = str(e.value)
+        assert what in msg and str(tmp_path / name) in msg, msg
+        assert "\n" not in msg and "weights_only" not in msg, msg

@@ -224,7 +224,7 @@ def _write_coco(split_dir: Path, images: list[tuple[str, tuple[int, int]]], anns
 
 def _expected_masks(w=20, h=16):
     poly = np.zeros((h, w), bool)
-    poly[3:8, 2:10] = True                                     # polygon (2,3)-(9,7), inclusive
+    poly[3:7, 2:9] = True                                      # polygon (2,3)-(9,7): pixel centres inside (pycocotools)
     rle_a = np.zeros((h, w), bool)
     rle_a[5:9, 11:17] = True
     rle_a[12, 0:4] = True
@@ -239,9 +239,9 @@ def _make_vision(root: Path) -> Path:
     cats = [(1, "thunderbolt"), (2, "break")]
     anns = [
         {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[2, 3, 9, 3, 9, 7, 2, 7]], "iscrowd": 0},
-        {"id": 2, "image_id": 2, "category_id": 2, "iscrowd": 1,
+        {"id": 2, "image_id": 2, "category_id": 2, "iscrowd": 0,
          "segmentation": {"size": [h, w], "counts": _coco_encode(mask_to_rle(rle_a)["counts"])}},
-        {"id": 3, "image_id": 3, "category_id": 1, "iscrowd": 1,
+        {"id": 3, "image_id": 3, "category_id": 1, "iscrowd": 0,
          "segmentation": {"size": [h, w], "counts": mask_to_rle(rle_b)["counts"]}},
         {"id": 4, "image_id": 3, "category_id": 2, "segmentation": [[2, 3, 9, 3, 9, 7, 2, 7]]},
     ]
@@ -279,7 +279,7 @@ def test_coco_polygon_and_rle_rasterisation_and_merge_naming(tmp_path):
     assert rows["Screw_thread_s1.png"]["surface"] == "Screw"
     assert rows["Screw_thread_s1.png"]["source_split"] == "valid"
     tri = np.asarray(Image.open(out / "labels" / "Screw_thread_s1.png")) > 0
-    assert tri[0, 0] and tri[0, 4] and tri[4, 4] and not tri[4, 0] and not tri[6, 6]
+    assert tri[0, 1] and tri[0, 3] and tri[2, 3] and not tri[0, 4] and not tri[4, 4] and not tri[3, 0]
 
     # one sub-dataset: no prefix; a split folder directly works too
     single = convert_vision_coco(src / "Cable", tmp_path / "single")
@@ -323,7 +323,7 @@ def test_coco_bad_inputs(tmp_path):
     data = json.loads(original)
     data["annotations"][0]["category_id"] = 9
     ann.write_text(json.dumps(data))
-    with pytest.raises(DataPrepError, match=r"annotation 1 refers to unknown category id 9"):
+    with pytest.raises(DataPrepError, match=r"annotation 1 \(image a_jpg\.rf\.1\.jpg\) refers to unknown category id 9"):
         convert_vision_coco(src, tmp_path / "o3b")
     ann.write_text(original)
 

@@ -248,11 +248,14 @@ def test_prompt_mask_validation(model, images, tmp_path):
     Image.fromarray(three).save(tmp_path / "three.png")
     with pytest.raises(PromptMaskError, match="three.png"):
         pred.predict(q, prompts[:1], [tmp_path / "three.png"])
+    # a colour mask: the layout's one rule (every non-black pixel is defect), as in training
+    from seggpt_lib.data.layout import read_label
+
     colour = np.zeros((80, 120, 3), np.uint8)
-    colour[..., 0] = 255
+    colour[masks[0] > 0] = (200, 30, 0)
     Image.fromarray(colour).save(tmp_path / "colour.png")
-    with pytest.raises(PromptMaskError, match="single-channel"):
-        pred.predict(q, prompts[:1], [tmp_path / "colour.png"])
+    assert np.array_equal(check_prompt_mask(tmp_path / "colour.png", (80, 120)), masks[0] > 0)
+    assert np.array_equal(read_label(tmp_path / "colour.png") != 0, masks[0] > 0)
     with pytest.raises(ValueError, match="prompt masks"):
         pred.predict(q, prompts, masks[:1])
     with pytest.raises(ValueError):

@@ -204,7 +204,8 @@ def test_cli_make_mapping(dataset, tmp_path, capsys):
     data = json.loads(text)
     assert data == MP.build_mapping(dataset, dataset, "negative", k=2, seed=5)
     assert list(data) == sorted(data)
-    assert cli.main(argv) == 0 and out.read_text() == text  # byte-identical rerun
+    assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never over an existing file
+    assert cli.main(argv + ["--overwrite"]) == 0 and out.read_text() == text  # byte-identical rerun
     assert MP.load_mapping(out) == data
 
     rc = cli.main(["make-mapping", "--queries", str(dataset), "--kind", "positive"])

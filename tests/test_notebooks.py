@@ -30,23 +30,6 @@ ALLOWED_IMPORTS = {"seggpt_lib", "data_prep", "pandas", "numpy", "matplotlib", "
                    "pathlib", "json", "math", "time"}
 
 
-def smoke_results(base: Path) -> Path:
-    """One tiny ``seggpt reproduce --smoke`` run per test session (shared with test_pipeline.py
-    through the session's base temp folder)."""
-    from seggpt_lib import cli
-
-    d = base / "smoke_results"
-    if not (d / "summary.json").is_file() or json.loads((d / "summary.json").read_text()).get("status") != "complete":
-        rc = cli.main(["reproduce", "--smoke", "--set", f"results_dir={d}", "--set", "heartbeat_s=0"])
-        assert rc == 0, "seggpt reproduce --smoke failed (see the output above)"
-    return d
-
-
-@pytest.fixture(scope="session")
-def results(tmp_path_factory) -> Path:
-    return smoke_results(tmp_path_factory.getbasetemp())
-
-
 def _table(results: Path, name: str) -> pd.DataFrame:
     p = results / "tables" / f"{name}.csv"
     assert p.is_file(), f"missing table {p.name}"
@@ -194,12 +177,35 @@ def test_04_pair_evaluation(results):
     side = _table(results, "04_per_image")
     assert {"positive_iou", "negative_iou", "negative_response_rate"} <= set(side.columns)
     assert len(_table(results, "04_original_per_image")) == 11
-    for f in ("04_summary", "04_rates", "04_positive_worst", "04_negative_strongest"):
+    for f in ("04_summary", "04_rates", "04_positive_worst", "04_negative_strongest", "04_catch_yield",
+              "04_catch_yield_by_class", "04_consistency"):
         _png(results, f)
     frag = RES.load_fragment(results, RES.PairEvaluationFragment)
     assert frag.grid == CFG.DEFAULTS["eval_grid"]
     s = frag.summary
     assert s["n_positive"] == 9 and abs(s["pes"] - (0.5 * s["catch_rate"] + 0.5 * s["yield_rate"])) < 1e-12
+    # the line's decision: a calibrated row beside the raw one, chosen on the validation split
+    cal = s["calibrated"]
+    assert cal["n_positive"] == 9 and abs(cal["pes"] - (0.5 * cal["catch_rate"] + 0.5 * cal["yield_rate"])) < 1e-12
+    assert "calibrated" in set(comp.columns) and row.loc["PES", "calibrated"] == cal["pes"]
+    dec = _table(results, "04_decision").set_index("row")
+    assert list(dec.index) == ["model, raw (snapped mask)", "model, calibrated on val", "paint nothing",
+                               "paint everything", "original (published)"]
+    assert dec.loc["model, raw (snapped mask)", "PES"] == s["pes"] and dec.loc["model, calibrated on val", "PES"] == cal["pes"]
+    assert dec.loc["original (published)", "catch_rate"] == 0.91 and dec.loc["paint nothing", "yield_rate"] == 1.0
+    _unit(dec[["catch_rate", "yield_rate", "PES"]].to_numpy().ravel())
+    op = frag.operating_point
+    assert op["objective"] == CFG.DEFAULTS["calibration_objective"]
+    split_root = Path(RES.load_fragment(results, RES.DataFragment).split_root)
+    assert Path(op["settings"]["val_dir"]).resolve() == (split_root / "val").resolve()
+    assert op["validation"]["pairs"]["positive"] > 0
+    # the smoke run trains its weights inside the results folder: the point lies beside them
+    weights = Path(RES.load_fragment(results, RES.TrainingFragment).weights)
+    assert (results / op["path"]).resolve() == (weights.parent / "operating_point.json").resolve()
+    assert json.loads((results / op["path"]).read_text())["default"] == op["default"]
+    for k in ("auc_negative", "auc_free"):
+        assert 0.0 <= frag.curve[k] <= 1.0
+    assert 0.0 <= frag.consistency["auroc"] <= 1.0 and "separate" in frag.consistency["sentence"]
 
 
 def test_reports_rendered(results):
@@ -262,8 +268,8 @@ def test_explorer_callbacks_from_python(results):
     topk.value = 2
     assert ex.last["top_k"] == 2
     prompt_box.value = (other,)
-    assert ex.last["kind"] == "negative"
-    assert "IoU" in ui.children[2].value
+    assert ex.last["kind"] == "negative" and ex.last["prompts"] == [other] and topk.value == 1
+    assert "response rate" in ui.children[2].value and "yield" in ui.children[2].value
 
 
 if __name__ == "__main__":  # pragma: no cover

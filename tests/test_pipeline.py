@@ -24,18 +24,6 @@ from seggpt_lib.experiments import viz as V
 REPO = Path(__file__).resolve().parents[1]
 
 
-def smoke_results(base: Path) -> Path:
-    """One tiny ``seggpt reproduce --smoke`` run per test session (shared with
-    test_notebooks.py through the session's base temp folder)."""
-    from seggpt_lib import cli
-
-    d = base / "smoke_results"
-    if not (d / "summary.json").is_file() or json.loads((d / "summary.json").read_text()).get("status") != "complete":
-        rc = cli.main(["reproduce", "--smoke", "--set", f"results_dir={d}", "--set", "heartbeat_s=0"])
-        assert rc == 0, "seggpt reproduce --smoke failed (see the output above)"
-    return d
-
-
 # ------------------------------------------------------------------------------------------
 # config
 # ------------------------------------------------------------------------------------------
@@ -182,13 +170,20 @@ def _fake_fragments(results: Path) -> None:
     recs = [PairResult("a_1.png", ["a_2.png"], "positive", "a", gt, gt),
             PairResult("a_1.png", ["b_2.png"], "negative", "a", np.zeros_like(gt), gt),
             PairResult("free_1.png", ["a_2.png"], "free", "free", gt, np.zeros_like(gt))]
-    _, summary = evaluate(recs)
+    silent = [PairResult(r.query, r.prompts, r.kind, r.query_class, np.zeros_like(gt), r.gt) for r in recs]
+    _, summary = evaluate(recs, calibrated=silent)
     RES.write_fragment(results, RES.DataFragment(source="synthetic", images={"total": 3}, classes=["a"]))
     RES.write_fragment(results, RES.TrainingFragment(preset="vit_micro", weights_label="w.safetensors", steps_done=7,
                                                      trained=True))
     RES.write_fragment(results, RES.GridAblationFragment(top_k=1, table=[
         {"grid": 1, "top_k": 1, "mIoU": 0.25}, {"grid": 2, "top_k": 1, "mIoU": 0.5}, {"grid": 2, "top_k": 3, "mIoU": 0.6}]))
-    RES.write_fragment(results, RES.PairEvaluationFragment(summary=summary, grid=2, top_k=1, device="cpu"))
+    RES.write_fragment(results, RES.PairEvaluationFragment(
+        summary=summary, grid=2, top_k=1, device="cpu", curve={"auc_negative": 0.75, "auc_free": 0.25},
+        operating_point={"path": "work/operating_point.json", "objective": "max_pes", "yield_target": None,
+                         "default": {"pixel_threshold": 0.5, "min_area": 16, "image_score": "max_area",
+                                     "image_threshold": 40.0, "consistency_threshold": None},
+                         "per_class": {}, "validation": {"n_pairs": 12}},
+        consistency={"auroc": 0.5, "sentence": "The prompt consistency does not separate them."}))
 
 
 def test_summary_and_index(tmp_path):
@@ -207,12 +202,20 @@ def test_summary_and_index(tmp_path):
         assert k in s
     assert s["preset"] == "vit_micro" and s["steps"] == 7 and s["wall_time_s"] == 12.5
     json.dumps(s, allow_nan=False)  # strict JSON: no NaN
+    # the calibrated row beside the raw one (the raw keys unchanged), the AUCs, the operating point
+    assert h["calibrated_catch_rate"] == 0.0 and h["calibrated_yield_rate"] == 1.0 and h["calibrated_pes"] == 0.5
+    assert h["calibrated_free_yield_rate"] == 1.0 and h["auc_negative"] == 0.75 and h["auc_free"] == 0.25
+    assert s["operating_point"]["default"]["min_area"] == 16 and s["operating_point"]["path"] == "work/operating_point.json"
     table = REP.headline_table(s)
     assert list(table["metric"])[:3] == ["mIoU grid 1", "mIoU grid 2", "mIoU grid 2, top-3"]
-    assert table.set_index("metric").loc["PES", "original"] == 0.546
+    t = table.set_index("metric")
+    assert t.loc["PES", "original"] == 0.546 and t.loc["PES", "ours"] == 1.0 and t.loc["PES", "calibrated"] == 0.5
     page = REP.write_index_html(tmp_path, s).read_text()
     assert "reports/01_data_transformation.html" in page and "paint_nothing" in page and "<script" not in page
     assert "0.546" in page and "positive mIoU" in page
+    assert "The line&#x27;s decision" in page or "The line's decision" in page
+    assert "model, raw (snapped mask)" in page and "model, calibrated on val" in page and "0.750" in page
+    assert "components &gt;= 16 px" in page and "does not separate" in page
 
 
 def test_failing_stage_names_notebook_and_partial_copy(tmp_path):
@@ -299,11 +302,6 @@ def test_model_panel_rows(tmp_path):
 # ------------------------------------------------------------------------------------------
 # end to end
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def results(tmp_path_factory) -> Path:
-    return smoke_results(tmp_path_factory.getbasetemp())
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_reproduce_end_to_end(results):
@@ -327,6 +325,16 @@ def test_reproduce_end_to_end(results):
     for name in CFG.NOTEBOOKS:
         assert f"reports/{name}.html" in page
     assert "tables/headline.csv" in page and "figures/04_summary.png" in page and "PES" in page
+    for k in ("calibrated_catch_rate", "calibrated_yield_rate", "calibrated_free_yield_rate", "calibrated_pes",
+              "auc_negative", "auc_free"):
+        v = s["headline"][k]
+        assert v is not None and 0.0 <= v <= 1.0, (k, v)
+    assert math.isclose(s["headline"]["calibrated_pes"],
+                        0.5 * s["headline"]["calibrated_catch_rate"] + 0.5 * s["headline"]["calibrated_yield_rate"])
+    assert s["operating_point"]["default"] and s["operating_point"]["path"]
+    assert "model, raw (snapped mask)" in page and "model, calibrated on val" in page
+    assert (results / "figures" / "04_catch_yield.png").is_file() and "figures/04_catch_yield.png" in page
+    assert "calibrated" in set(pd.read_csv(results / "tables" / "headline.csv").columns)
     assert "Beyond the original" in page and "tables/05_beyond.csv" in page and "figures/05_beyond.png" in page
     rows = s["beyond"]["rows"]
     assert len(rows) == 7 and rows[-1]["prompt"] == "paint nothing"  # 2 recipes x 3 prompts + the baseline
@@ -363,6 +371,49 @@ def test_official_format_weights_without_training(results, tmp_path):
     ev = EV.pair_evaluation(em, RES.load_fragment(res, RES.DataFragment).split_root, grid=1, max_queries=2,
                            log=lambda m: None)
     assert ev["summary"]["n_positive"] == 2 and ev["summary"]["n_negative"] == 2
+
+
+def test_calibration_reads_the_validation_split_only(results, tmp_path, monkeypatch):
+    """Notebook 04's calibration: collect_pairs sees the val/ folder and nothing else; inverting
+    every test label changes the test figures but not the operating point; the point goes to
+    RESULTS/work/ when the weights lie outside the results folder (never beside them)."""
+    from PIL import Image
+
+    split = tmp_path / "split"
+    shutil.copytree(Path(RES.load_fragment(results, RES.DataFragment).split_root), split)
+    em = EV.load_eval_model(results)
+    beside = Path(em.weights).parent / "operating_point.json"
+    before = beside.read_bytes() if beside.is_file() else None
+    seen: list[Path] = []
+    real = EV.collect_pairs
+
+    def spy(predictor, root, *a, **kw):
+        seen.append(Path(root).resolve())
+        return real(predictor, root, *a, **kw)
+
+    monkeypatch.setattr(EV, "collect_pairs", spy)
+    res = tmp_path / "res"
+
+    def run():
+        return EV.pair_evaluation(em, split, grid=1, max_queries=3, results_dir=res, log=lambda m: None)
+
+    a = run()
+    for f in (split / "test" / "labels").iterdir():  # poison the test split: every defect mask inverted
+        lab = np.asarray(Image.open(f))
+        if lab.any():
+            Image.fromarray(np.where(lab > 0, 0, 255).astype(np.uint8)).save(f)
+    b = run()
+    assert seen == [(split / "val").resolve()] * 2
+    pa, pb = a["operating_point"].to_dict(), b["operating_point"].to_dict()
+    for d in (pa, pb):
+        d["validation"].pop("seconds")
+    assert RES.jsonable(pa) == RES.jsonable(pb)  # NaN (a class without negatives) as None
+    assert a["table"]["gt_pixels"].sum() != b["table"]["gt_pixels"].sum()  # the poison reached the test pairs
+    assert a["operating_point_path"] == res / "work" / "operating_point.json" and a["operating_point_path"].is_file()
+    assert (beside.read_bytes() if beside.is_file() else None) == before
+    assert "calibrated" in a["summary"] and len(a["table"]) == len(b["table"])
+    assert EV.operating_point_path(tmp_path, tmp_path / "ck" / "model.safetensors") == tmp_path / "ck" / "operating_point.json"
+    assert EV.operating_point_path(tmp_path / "r", tmp_path / "model.safetensors") == tmp_path / "r" / "work" / "operating_point.json"
 
 
 def test_failing_stage_in_reproduce(tmp_path):

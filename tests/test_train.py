@@ -19,15 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET = "vit_nano"
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from data_prep.synthetic import generate_synthetic
-
-    root = tmp_path_factory.mktemp("synth") / "set"
-    generate_synthetic(root, seed=0, per_class=6, size=64, classes=["pit", "scratch", "stain"], show_progress=False)
-    return root
-
-
 def _cfg(synth: Path, tmp_path: Path, **kw) -> TrainConfig:
     d = dict(
         preset=TINY_PRESET, train_dataset_dir=str(synth), val_dataset_dir=str(synth), lr=1e-3,

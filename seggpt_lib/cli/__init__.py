@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-mapping": ("seggpt_lib.cli.make_mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
     "bench": ("seggpt_lib.cli.bench", "benchmark this SegGPT against transformers' SegGptForImageSegmentation"),
     "infer": ("seggpt_lib.cli.infer", "prompted inference over a mapping JSON: masks, overlays, per-image metrics, summary"),
+    "calibrate": ("seggpt_lib.cli.calibrate", "choose the line's decision (operating_point.json) on the validation split"),
     "tune-prompt": ("seggpt_lib.cli.tune_prompt", "learn a prompt image+mask for one defect class with SegGPT frozen"),
     "reproduce": ("seggpt_lib.cli.reproduce", "run the notebook pipeline (01-04, 06) with papermill and regenerate results/"),
     "study": ("seggpt_lib.cli.study", "magnetic-tile study: original vs class-aware negatives, image vs learned prompts, seen and held-out classes"),

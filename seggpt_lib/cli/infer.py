@@ -11,8 +11,12 @@ Inputs: the mapping ``{query_file: [prompt_file, ...]}`` (the original's format)
 ``DATASET/labels/<stem>.png``; prompts are ``PROMPT_IMG_DIR/<file>`` with their masks
 ``PROMPT_LABEL_DIR/<stem>.png`` (binary, the image's size).
 
-Outputs in ``--outdir`` (refused when it exists and is not empty, unless ``--overwrite``, which
-replaces only the files listed here):
+Outputs in ``--outdir`` (the rule of :mod:`seggpt_lib.utils.outputs`: refused when it is, lies inside
+or contains an input (``--dataset-dir``, the prompt folders, the mapping, the weights, the learned
+prompt; symlinks resolved), and when it exists and is not empty, unless ``--overwrite``, which
+replaces only the files listed here, other files in the folder stay). They are built in a hidden
+sibling folder and moved into ``--outdir`` only when the run succeeded: a failed run leaves no
+output (and, with ``--overwrite``, the previous outputs as they were):
 
 * ``color/<stem>.png``: the prediction snapped to the palette, at the query's resolution;
 * ``label/<stem>.png``: the binary prediction, 0/255;
@@ -46,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +62,7 @@ from PIL import Image
 from seggpt_lib.cli import parse_triple as _triple
 from seggpt_lib.data.layout import DatasetError, class_lookup, header_size, image_dir
 from seggpt_lib.engine.prompt_tuning import LearnedPromptError, load_learned_prompt, predictor_kwargs, to_prompt_pairs
+from seggpt_lib.eval.decision import OperatingPointError, load_operating_point, operating_point_beside
 from seggpt_lib.eval.mapping import validate_mapping
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, PairResult, evaluate, summary_markdown
 from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, pair_kind, score_mapping
@@ -70,8 +74,10 @@ from seggpt_lib.predict.predictor import (
     check_prompt_mask,
     load_mask_file,
 )
+from seggpt_lib.predict.tiling import MIN_TILE, check_grid, max_grid
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import PRECISIONS, resolve_device, resolve_precision
+from seggpt_lib.utils.outputs import OutputError, StagedDir
 
 __all__ = ["InferInputError", "add_arguments", "infer", "pair_kind", "results_text", "run"]
 
@@ -119,33 +125,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("metrics and output")
     g.add_argument("--catch-iou", type=float, default=CATCH_IOU, help=f"good catch when IoU >= this (default {CATCH_IOU})")
     g.add_argument("--yield-response", type=float, default=YIELD_RESPONSE, help=f"correct yield when response rate < this (default {YIELD_RESPONSE})")
-    g.add_argument("--outdir", required=True, metavar="DIR", help="output folder (must be new or empty)")
+    g.add_argument("--outdir", required=True, metavar="DIR", help="output folder (must be new or empty, and outside "
+                                                                "every input)")
     g.add_argument("--overwrite", action="store_true", help="replace this command's outputs in a non-empty --outdir")
     g.add_argument("--no-concat", action="store_true", help="skip the concat/ images")
+    g.add_argument("--operating-point", default=None, metavar="PATH|none",
+                   help="the line's decision (seggpt calibrate): also report calibrated rates (summary 'calibrated', "
+                        "calibrated_* columns); default: operating_point.json beside the weights when present; none: off")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ------------------------------------------------------------------------------------------
 # input checks (everything before any work)
 # ------------------------------------------------------------------------------------------
-def _check_outdir(outdir: Path, overwrite: bool) -> None:
-    if outdir.exists():
-        if not outdir.is_dir():
-            raise InferInputError(f"--outdir {outdir} exists and is not a folder")
-        if any(outdir.iterdir()) and not overwrite:
-            raise InferInputError(
-                f"--outdir {outdir} exists and is not empty; refusing to mix with another run's "
-                "outputs (choose a new folder, or pass --overwrite to replace this command's outputs)"
-            )
+def _output_stage(args: argparse.Namespace) -> StagedDir:
+    """``--outdir`` staged (:class:`seggpt_lib.utils.outputs.StagedDir`): the inputs it must stay
+    out of, and the names this command owns in it (only those are replaced with ``--overwrite``)."""
+    inputs = {"--dataset-dir": args.dataset_dir, "--prompt-img-dir": args.prompt_img_dir,
+              "--prompt-label-dir": args.prompt_label_dir, "--mapping": args.mapping,
+              "--learned-prompt": args.learned_prompt, "--weights": args.weights}
+    return StagedDir(args.outdir, inputs, what="--outdir", overwrite=args.overwrite, replace=OUTPUT_DIRS + OUTPUT_FILES)
 
 
-def _clear_outputs(outdir: Path) -> None:
-    """Remove a previous run's outputs (only the names this command writes)."""
-    for d in OUTPUT_DIRS:
-        if (outdir / d).is_dir():
-            shutil.rmtree(outdir / d)
-    for f in OUTPUT_FILES:
-        (outdir / f).unlink(missing_ok=True)
+def _check_outdir(stage: StagedDir) -> None:
+    """The output rule, before any work (InferInputError when refused)."""
+    try:
+        stage.check()
+    except OutputError as e:
+        raise InferInputError(str(e)) from None
 
 
 def _load_mapping(path: str, queries_only: bool = False) -> dict[str, list[str]]:
@@ -182,6 +189,18 @@ def _header_hw(path: Path) -> tuple[int, int]:
     """``(H, W)`` from the image header (no decoding): :func:`seggpt_lib.data.layout.header_size`."""
     w, h = header_size(path)
     return h, w
+
+
+def _check_grid(args: argparse.Namespace, grid: int) -> None:
+    """A grid the work canvas allows (:func:`seggpt_lib.predict.tiling.check_grid`), before any work."""
+    try:
+        check_grid(grid, args.work_size)
+    except ValueError:
+        flag = "--split" if getattr(args, "split_alias", None) is not None else "--grid"
+        raise InferInputError(
+            f"{flag} {grid} is too large for --work-size {args.work_size}: tiles would be "
+            f"{args.work_size // grid} px (at least {MIN_TILE} px per side: {flag} <= {max_grid(args.work_size)}, "
+            "or a larger --work-size)") from None
 
 
 def _check_inputs(mapping, args, q_dir: Path, p_dir: Path | None, p_label_dir: Path | None, gt_dir: Path):
@@ -333,8 +352,33 @@ def _grid(args: argparse.Namespace) -> int:
     return 1 if args.grid is None else args.grid
 
 
+def _operating_point(args: argparse.Namespace):
+    """``--operating-point``: a file, ``none``, or (default) operating_point.json beside the weights if present."""
+    choice = getattr(args, "operating_point", None)
+    if choice is not None and str(choice).lower() == "none":
+        return None
+    path = Path(choice) if choice else operating_point_beside(args.weights)
+    if choice is None and not path.is_file():
+        return None
+    try:
+        point = load_operating_point(path)
+    except OperatingPointError as e:
+        raise InferInputError(f"--operating-point: {e}") from None
+    args._operating_point_path = str(path)
+    return point
+
+
 def infer(args: argparse.Namespace) -> dict:
-    """Do the work of ``seggpt infer``; returns the summary. Raises InferInputError on bad input."""
+    """Do the work of ``seggpt infer``; returns the summary. Raises InferInputError on bad input.
+    The outputs are built aside and moved into ``--outdir`` at the end; a failure leaves none."""
+    stage = _output_stage(args)
+    try:
+        return _infer(args, stage)
+    finally:
+        stage.discard()  # a no-op after the commit
+
+
+def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
     t_start = time.perf_counter()
     grid = _grid(args)
     for name, v, lo in (("--grid", grid, 1), ("--max-batch", args.max_batch, 1), ("--work-size", args.work_size, 8)):
@@ -342,8 +386,9 @@ def infer(args: argparse.Namespace) -> dict:
             raise InferInputError(f"{name} must be >= {lo}, got {v}")
     if args.top_k is not None and args.top_k < 1:
         raise InferInputError(f"--top-k must be >= 1, got {args.top_k}")
+    _check_grid(args, grid)
     outdir = Path(args.outdir)
-    _check_outdir(outdir, args.overwrite)
+    _check_outdir(stage)
 
     learned = None
     if args.learned_prompt:
@@ -390,9 +435,9 @@ def infer(args: argparse.Namespace) -> dict:
         prompts = Folder(p_dir, p_label_dir, classes)
     t_loaded = time.perf_counter()
 
-    _clear_outputs(outdir)
+    work = stage.open()  # a hidden sibling of --outdir, moved into place when complete
     for d in OUTPUT_DIRS if not args.no_concat else OUTPUT_DIRS[:2]:
-        (outdir / d).mkdir(parents=True, exist_ok=True)
+        (work / d).mkdir(parents=True, exist_ok=True)
     k_max = 1 if learned is not None else max(len(ps[: args.top_k]) for ps in mapping.values())
     per_query = predictor.pairs_per_query(k_max, grid, args.tile_pairing, args.seam_pass)
     cfg = ScoringConfig(
@@ -400,9 +445,11 @@ def infer(args: argparse.Namespace) -> dict:
         tile_pairing=args.tile_pairing, seam_pass=args.seam_pass, ensemble=not args.no_ensemble,
         queries_per_call=max(1, math.ceil(4 * args.max_batch / per_query)),  # about four full passes per call
         columns=("n_prompts", "n_pairs", "seconds"),
+        operating_point=_operating_point(args),
     )
 
     records: list[PairResult] = []
+    calibrated: list[PairResult] = []
     model_s = 0.0
     with ThreadPoolExecutor(max_workers=2) as pool:
         writes = []
@@ -413,13 +460,16 @@ def infer(args: argparse.Namespace) -> dict:
             model_s += pred.timing["model_s"]
             r.extra["seconds"] = round(r.extra["seconds"], 4)
             records.append(r)
-            writes.append(pool.submit(_write_outputs, outdir, Path(r.query).stem, scored.image, r.gt, pred,
+            if scored.calibrated is not None:
+                calibrated.append(scored.calibrated)
+            writes.append(pool.submit(_write_outputs, work, Path(r.query).stem, scored.image, r.gt, pred,
                                       not args.no_concat))
         for w in writes:
             w.result()
     t_done = time.perf_counter()
 
-    table, summary = evaluate(records, catch_iou=args.catch_iou, yield_response=args.yield_response)
+    table, summary = evaluate(records, catch_iou=args.catch_iou, yield_response=args.yield_response,
+                              calibrated=calibrated if cfg.operating_point is not None else None)
     settings = {
         "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
         "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
@@ -431,6 +481,7 @@ def infer(args: argparse.Namespace) -> dict:
         "device": str(predictor.device), "max_batch": args.max_batch,
         "defect_color": list(predictor.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
         "model": predictor.model.cfg.to_dict(),
+        "operating_point": getattr(args, "_operating_point_path", None),
     }
     n = len(mapping)
     timing = {
@@ -440,9 +491,10 @@ def infer(args: argparse.Namespace) -> dict:
         "pairs": int(predictor.stats["pairs"]), "forward_passes": int(predictor.stats["forward_passes"]),
     }
     summary = {**summary, "n_images": n, "settings": settings, "timing": timing}
-    table.to_csv(outdir / "per_image.csv", index=False)
-    (outdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
-    (outdir / "results.txt").write_text(results_text(table, summary, settings), encoding="utf-8")
+    table.to_csv(work / "per_image.csv", index=False)
+    (work / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    (work / "results.txt").write_text(results_text(table, summary, settings), encoding="utf-8")
+    stage.commit()
     print(summary_markdown(summary), end="")
     print(f"{n} image(s), {timing['pairs']} pairs in {timing['forward_passes']} forward passes, "
           f"{timing['predict_s']:.2f} s ({timing['seconds_per_image']:.3f} s/image); outputs in {outdir}")
@@ -452,7 +504,7 @@ def infer(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     try:
         infer(args)
-    except (InferInputError, PromptMaskError, CheckpointError, LearnedPromptError) as e:
+    except (InferInputError, OutputError, PromptMaskError, DatasetError, CheckpointError, LearnedPromptError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, OSError) as e:

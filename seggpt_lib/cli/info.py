@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -23,9 +24,13 @@ def run(args: argparse.Namespace) -> int:
     print("\ncheckpoints: official .pth ({'model': ...}), bare state dicts, HuggingFace folders/files, "
           "this project's .safetensors and run checkpoints (always read with weights_only=True)")
     if args.weights:
-        from seggpt_lib.model.checkpoint import read_state_dict
+        from seggpt_lib.model.checkpoint import CheckpointError, read_state_dict
 
-        sd, cfg = read_state_dict(args.weights)
+        try:
+            sd, cfg = read_state_dict(args.weights)
+        except (CheckpointError, FileNotFoundError) as e:  # one line naming the file, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"\n{args.weights}: {len(sd)} tensors, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M parameters")
         print(f"architecture: {cfg.to_json() if cfg else 'not recorded (pass --preset where asked)'}")
     return 0

@@ -1,11 +1,16 @@
-"""`seggpt make-mapping`: command-line arguments -> library call."""
+"""`seggpt make-mapping`: command-line arguments -> library call.
+
+``--out`` follows :mod:`seggpt_lib.utils.outputs`: never inside (or equal to) ``--queries`` or
+``--prompts``, never over an existing file without ``--overwrite``, written aside and renamed
+into place (a failure leaves no file)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from seggpt_lib.eval.mapping import KINDS, build_mapping, save_mapping
+from seggpt_lib.eval.mapping import KINDS, build_mapping
+from seggpt_lib.utils.outputs import OutputError, check_output, output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,19 +24,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--same-class", action="store_true",
                         help="retrieval only: restrict candidates to the query's class")
     parser.add_argument("--out", metavar="FILE.json",
-                        help="output JSON (default: print to stdout)")
+                        help="output JSON (default: print to stdout); not inside --queries / --prompts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = args.prompts or args.queries
+    to_file = bool(args.out) and args.out != "-"
+    inputs = {"--queries": args.queries, "--prompts": args.prompts}
     try:
+        if to_file:
+            check_output(args.out, inputs, what="--out", overwrite=args.overwrite, folder=False)
         mapping = build_mapping(args.queries, prompts, args.kind, k=args.k, seed=args.seed,
                                 same_class=args.same_class)
-    except (ValueError, FileNotFoundError) as e:
+        if to_file:
+            with output_file(args.out, inputs, what="--out", overwrite=args.overwrite) as tmp:
+                tmp.write_text(json.dumps(mapping, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except (OutputError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out and args.out != "-":
-        save_mapping(mapping, args.out)
+    if to_file:
         print(f"wrote {len(mapping)} {args.kind} pairs (k={args.k}, seed={args.seed}) to {args.out}",
               file=sys.stderr)
     else:

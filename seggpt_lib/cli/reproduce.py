@@ -6,8 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PipelineError, load_config
+from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PipelineError, load_config, parse_data_spec
 from seggpt_lib.experiments.runner import reproduce
+from seggpt_lib.utils.outputs import OutputError, check_not_inside
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,19 @@ def _resolve_stages(text: str | None) -> list[str] | None:
     return out
 
 
+def _check_results_dir(cfg: dict) -> None:
+    """results_dir is never the data folder or the weights, inside them, or above them
+    (:mod:`seggpt_lib.utils.outputs`)."""
+    try:
+        _, data_path = parse_data_spec(cfg["data"])
+    except PipelineError:  # a missing data folder: reported by the stage that reads it
+        data_path = ""
+    try:
+        check_not_inside(cfg["results_dir"], {"data": data_path, "weights": cfg.get("weights")}, what="results_dir")
+    except OutputError as e:
+        raise PipelineError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         path = args.config
@@ -51,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, indent=2))
             return 0
         stages = _resolve_stages(args.stages)
+        _check_results_dir(cfg)
 
         def log(msg: str) -> None:
             print(msg, flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ from seggpt_lib.engine.prompt_tuning import (
     save_learned_prompt,
     tune_prompt,
 )
-from seggpt_lib.model.checkpoint import CheckpointError, atomic_write, build_from_checkpoint
+from seggpt_lib.model.checkpoint import CheckpointError, build_from_checkpoint
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import resolve_device
+from seggpt_lib.utils.outputs import OutputError, check_output, output_file, real_path
 
 
 def _parse_triple(kind=float):
@@ -63,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clamp", action="store_true", help="let the prompt leave the range of real pixels")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the learned prompt")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the learned prompt "
+                                                                            "(not inside --data)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out / --history / --preview")
     g.add_argument("--history", metavar="CSV", help="write the per-step loss / lr / seconds here")
     g.add_argument("--preview", metavar="PNG", help="write image | label | snapped mask of the learned prompt here")
     g.add_argument("--no-eval", action="store_true", help="skip measuring the loss over all images before and after")
@@ -82,13 +85,32 @@ def tuning_config(args: argparse.Namespace) -> PromptTuningConfig:
     )
 
 
+def _outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The files this command writes, by option."""
+    outs = {"--out": Path(args.out)}
+    for flag, value in (("--history", args.history), ("--preview", args.preview)):
+        if value:
+            outs[flag] = Path(value)
+    return outs
+
+
 def run(args: argparse.Namespace) -> int:
+    """Every output follows :mod:`seggpt_lib.utils.outputs`: never inside (or equal to) ``--data``,
+    ``--weights`` or ``--init-file``; never over an existing file without ``--overwrite``; each
+    written aside and renamed into place only after the tuning succeeded."""
     out = Path(args.out)
+    inputs = {"--data": args.data, "--weights": args.weights, "--init-file": args.init_file}
+    outs = _outputs(args)
     try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
+        for flag, path in outs.items():
+            check_output(path, inputs, what=flag, overwrite=args.overwrite, folder=False)
+        paths = list(outs.items())
+        for i, (flag, path) in enumerate(paths):
+            for other, path2 in paths[i + 1:]:
+                if real_path(path) == real_path(path2):
+                    raise ValueError(f"{flag} and {other} are the same file: {path}")
         data = Path(args.data)
         if not data.is_dir():
             raise FileNotFoundError(f"--data not found: {data}")
@@ -97,19 +119,19 @@ def run(args: argparse.Namespace) -> int:
         model = build_from_checkpoint(args.weights, preset=args.preset)
         prompt, history = tune_prompt(model, data, args.class_name, cfg, device=device, progress=not args.no_progress)
         prompt.info["weights"] = Path(args.weights).name
-        save_learned_prompt(prompt, out)
-        if args.history:
-            def write(tmp: str) -> None:
-                with open(tmp, "w", newline="") as f:
+        with contextlib.ExitStack() as stack:  # every file complete before any is renamed into place
+            tmp = {flag: stack.enter_context(output_file(path, inputs, what=flag, overwrite=args.overwrite))
+                   for flag, path in outs.items()}
+            save_learned_prompt(prompt, tmp["--out"])
+            if "--history" in tmp:
+                with open(tmp["--history"], "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
                     w.writeheader()
                     w.writerows(history)
-
-            atomic_write(args.history, write)
-        if args.preview:
-            arr = prompt.preview()
-            atomic_write(args.preview, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError, DatasetError) as e:
+            if "--preview" in tmp:
+                Image.fromarray(prompt.preview()).save(tmp["--preview"], format="PNG")
+    except (OutputError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError, CheckpointError,
+            DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_loss = prompt.info.get("initial_loss")

@@ -10,6 +10,20 @@ inference read)::
 
 (the images may also lie directly in ``ROOT`` when there is no ``images`` folder).
 
+How a label (or a prompt mask) file is read, the one rule of :func:`read_label` (training,
+evaluation, ``seggpt prepare`` and, via :func:`seggpt_lib.predict.predictor.load_mask_file`,
+inference prompts): a single-channel 8-bit file (``L``, ``P``: palette indices) as stored; a
+1-bit file as 0/255; a 16-bit or 32-bit file as stored when its values are whole numbers in
+0..255 (class indices preserved), as 0/255 when it holds one non-zero value (a binary mask such
+as 0/65535), else :class:`DatasetError` (values that cannot be class indices are never clipped);
+a colour file (RGB, RGBA, ...; alpha ignored) whose channels agree everywhere (grey saved as
+colour) as that grey value, and a true colour label as binary: **every non-black pixel is
+defect** (255), black is background. Non-zero is defect everywhere; a prompt mask must then be
+binary (0 and one defect value).
+
+``classes.csv`` is read as UTF-8 with or without a byte-order mark (a spreadsheet's "CSV UTF-8");
+two rows giving one file different classes are an error (identical repeated rows are allowed).
+
 An image's class: its ``classes.csv`` row (matched by file name, then by stem), else
 :func:`class_from_filename`. An image whose mask is empty is *defect-free* (``is_free``),
 whatever its class: such images are never positives, only queries of "free" pairs.
@@ -172,6 +186,8 @@ def _reading(path: Path, problem: str = "unreadable or truncated image") -> Iter
     """Turn PIL's errors into :class:`DatasetError` naming ``path``."""
     try:
         yield
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except _READ_ERRORS as e:
@@ -179,14 +195,18 @@ def _reading(path: Path, problem: str = "unreadable or truncated image") -> Iter
 
 
 def open_image(path: str | os.PathLike, mode: str | None = None) -> Image.Image:
-    """Fully decode ``path`` (truncation raises) and convert it to ``mode`` (None: as stored);
-    :class:`DatasetError` naming the file when it is missing, unreadable or truncated."""
+    """Fully decode ``path`` (truncation raises), turn it upright by its EXIF Orientation tag
+    (PIL's ``ImageOps.exif_transpose``: a phone photo tagged "rotate 90" comes back rotated, with
+    width and height swapped; the tag is dropped) and convert it to ``mode`` (None: as stored);
+    :class:`DatasetError` naming the file when it is missing, unreadable or truncated. Every
+    image and label reader goes through here, so they all see the same upright pixels."""
+    from PIL import ImageOps
+
     path = Path(path)
     with _reading(path), _strict_loading(), Image.open(path) as im:
         im.load()
-        if mode is None:
-            return im.copy()
-        return im.convert(mode) if im.mode != mode else im.copy()
+        im = ImageOps.exif_transpose(im)  # a new image (a plain copy when there is no tag)
+        return im.convert(mode) if mode is not None and im.mode != mode else im
 
 
 def decoded_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -204,16 +224,46 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
         return im.size
 
 
-def _mask_array(im: Image.Image) -> np.ndarray:
-    """A label image as a uint8 ``(H, W)`` array (palette images keep their indices)."""
+def _wide_mask(a: np.ndarray, path: Path | str) -> np.ndarray:
+    """A 16/32-bit (or float) label as uint8: values kept when they are whole numbers in 0..255,
+    0/255 when there is one non-zero value, else :class:`DatasetError` (see the module docstring)."""
+    if a.size == 0:
+        return a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise DatasetError(f"{path}: label contains NaN or infinite values")
+    lo = a.min()
+    if lo < 0:
+        raise DatasetError(f"{path}: label has negative values (min {lo}); labels are 0 = background, "
+                           "non-zero = defect")
+    whole = not np.issubdtype(a.dtype, np.floating) or bool(np.all(a == np.round(a)))
+    if whole and a.max() <= 255:
+        return a.astype(np.uint8)
+    nz = np.unique(a[a != 0])
+    if nz.size == 1:  # a binary mask stored wide (0/65535, 0/1000, 0/0.5)
+        return np.where(a != 0, 255, 0).astype(np.uint8)
+    shown = ", ".join(str(v) for v in nz[:6]) + (" ..." if nz.size > 6 else "")
+    raise DatasetError(f"{path}: {a.dtype} label values {{{shown}}} are neither class indices 0..255 nor a binary "
+                       "mask (0 and one defect value)")
+
+
+def _mask_array(im: Image.Image, path: Path | str = "label") -> np.ndarray:
+    """A label image as a uint8 ``(H, W)`` array by the module docstring's rule (palette images
+    keep their indices; a colour label is binary: non-black = 255)."""
     if im.mode in ("L", "P"):
         arr = np.asarray(im)
-    elif im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
+    elif im.mode.startswith("I") or im.mode == "F":
+        arr = _wide_mask(np.asarray(im), path)
     elif im.mode == "1":
         arr = np.asarray(im).astype(np.uint8) * 255
-    else:  # RGB(A), LA, ...: luminance
-        arr = np.asarray(im.convert("L"))
+    elif im.mode in ("LA", "La"):
+        arr = np.asarray(im.getchannel("L"))
+    else:  # RGB(A), PA, CMYK, ...: grey saved as colour keeps its value; a colour label is non-black = defect
+        rgb = np.asarray(im.convert("RGB"))
+        r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+        if np.array_equal(r, g) and np.array_equal(r, b):
+            arr = r
+        else:
+            arr = np.where(rgb.any(axis=2), 255, 0).astype(np.uint8)
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
@@ -223,28 +273,43 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
-    """A label as ``(H, W)`` uint8; :class:`DatasetError` naming the file on failure."""
-    return _mask_array(open_image(path))
+    """A label as ``(H, W)`` uint8 by the module docstring's rule (non-zero = defect; a colour
+    label: non-black = defect); :class:`DatasetError` naming the file on failure."""
+    im = open_image(path)
+    with _reading(Path(path), "unreadable label"):
+        return _mask_array(im, path)
 
 
 def read_classes_csv(root: str | os.PathLike) -> list[dict[str, str]] | None:
     """The rows of ``ROOT/classes.csv`` as dicts of all its columns, keys and values stripped
-    (None when the file is absent). A missing ``file`` or ``class`` column, an empty ``file``
-    or ``class``, or an unreadable file raise :class:`DatasetError` naming the file."""
+    (None when the file is absent). UTF-8 with or without a byte-order mark. A missing ``file``
+    or ``class`` column, an empty ``file`` or ``class``, two rows giving one file different
+    classes, or an unreadable file raise :class:`DatasetError` naming the file (a repeated
+    identical row is kept once)."""
     path = Path(root) / CLASSES_CSV
     if not path.is_file():
         return None
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [(c or "").strip() for c in (reader.fieldnames or [])]
             if "file" not in fields or "class" not in fields:
                 raise DatasetError(f"{path}: needs the columns 'file,class[,surface]', found {fields}")
             rows = []
-            for line, row in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            seen: dict[str, tuple[int, str]] = {}  # file -> (line, class)
+            for row in reader:
+                line = reader.line_num
+                row = {(k or "").strip(): (v if isinstance(v, str) else "").strip()
+                       for k, v in row.items() if k is not None}
                 if not row.get("file") or not row.get("class"):
                     raise DatasetError(f"{path}: line {line} has an empty 'file' or 'class'")
+                first = seen.get(row["file"])
+                if first is not None:
+                    if first[1] != row["class"]:
+                        raise DatasetError(f"{path}: {row['file']!r} is given two classes: {first[1]!r} (line "
+                                           f"{first[0]}) and {row['class']!r} (line {line})")
+                    continue  # the same row again
+                seen[row["file"]] = (line, row["class"])
                 rows.append(row)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: unreadable ({type(e).__name__}: {e})") from None

@@ -7,7 +7,12 @@ with N ranks and batch B sees the samples of one process with batch N*B, and a r
 continues exactly where the saved one stopped.
 
 Run folder ``log_dir/<run_id>/``: ``config.json``, ``metrics.csv``, TensorBoard events and
-``checkpoints/{last,best,step_N}/`` (``model.safetensors`` + ``trainer_state.pt``).
+``checkpoints/{last,best,step_N}/`` (``model.safetensors``, ``trainer_state.pt`` holding only
+tensors and plain values, ``config.json``, and ``checkpoint.json`` written last: a folder without
+it is incomplete). ``last`` is rewritten (atomically) every ``ckpt_interval`` steps, at epoch ends,
+at the end and on SIGINT/SIGTERM (the run stops after the current step); ``--resume`` continues
+from ``last``, else from the highest complete ``step_N``. ``max_steps``, when set, is the length of
+the run (epochs roll over); without it the run lasts ``epoch`` epochs.
 """
 from __future__ import annotations
 
@@ -17,22 +22,28 @@ import dataclasses
 import json
 import math
 import os
+import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from seggpt_lib import data as D
 from seggpt_lib.eval.metrics import iou
-from seggpt_lib.model.checkpoint import load_weights, save_weights
-from seggpt_lib.model.seggpt import SegGPT, build_seggpt
+from seggpt_lib.model.checkpoint import CheckpointError, load_weights, safe_torch_load, save_weights
+from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig, build_seggpt
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
+from seggpt_lib.utils.config import ConfigError, check_fields, field_types, is_number, read_json_config, type_matches
 from seggpt_lib.utils.device import autocast, precision_dtype, resolve_device, resolve_precision
 from seggpt_lib.utils.masking import patch_mask_to_pixels
 
@@ -94,53 +105,131 @@ class TrainConfig:
         return sorted(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
-        unknown = sorted(set(d) - set(cls.valid_keys()))
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(cls.valid_keys())}")
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """A config from (some of) its keys, the rest defaults. An unknown key, a value of the wrong
+        type or out of range raise :class:`~seggpt_lib.utils.config.ConfigError` (a ValueError)
+        naming ``source``, the key and the value."""
+        cls.check_keys(d, source)
         cfg = cls(**d)
         cfg.check(source)
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> "TrainConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"training config not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON: {e}") from e
-        return cls.from_dict(d, source=str(p))
+    def from_json(cls, path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
+        """The config of a JSON file (:func:`~seggpt_lib.utils.config.read_json_config`: every
+        error names the file; a missing file: ``FileNotFoundError``), updated by ``overrides``
+        (checked as ``--set``)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        d = read_json_config(path, what="training config")
+        cls.check_keys(d, str(path))
+        if overrides:
+            cls.check_keys(overrides, "--set")
+            d.update(overrides)
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def check_keys(cls, values: Mapping[str, Any], source: str = "config", prefix: str = "") -> None:
+        """Some of the keys (a partial config: a recipe, ``--set`` overrides): each must be a
+        field, of the field's type and in its range (:data:`TRAIN_RANGES`); model overrides must
+        be :class:`~seggpt_lib.model.seggpt.SegGPTConfig` fields of their types. Raises
+        :class:`~seggpt_lib.utils.config.ConfigError` naming ``source``, the key and the value."""
+        check_fields(values, cls, source, prefix, what="TrainConfig")
+        for k, v in values.items():
+            rule = TRAIN_RANGES.get(k)
+            if rule is not None and not rule[0](v):
+                raise ConfigError(f"{source}: {prefix}{k} must be {rule[1]}, got {v!r}")
+        if "model" in values:
+            check_fields(values["model"], SegGPTConfig, source, f"{prefix}model.", what="SegGPTConfig")
 
     def check(self, source: str = "config") -> None:
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"{source}: precision must be bf16, fp16, fp32 or auto, got {self.precision!r}")
-        if self.negative_target not in ("query_mask", "empty"):
-            raise ValueError(f"{source}: negative_target must be 'query_mask' or 'empty', got {self.negative_target!r}")
-        for k in ("batch_size", "grad_accum_steps", "epoch", "cycle_steps"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{source}: {k} must be >= 1, got {getattr(self, k)}")
+        self.check_keys(self.to_dict(), source)
         if not self.train_dataset_dir:
-            raise ValueError(f"{source}: train_dataset_dir is required")
-        if self.compile not in (False, True, "blocks", "full"):
-            raise ValueError(f"{source}: compile must be false, \"blocks\", \"full\" or true, got {self.compile!r}")
+            raise ConfigError(f"{source}: train_dataset_dir is required")
+        if self.negative_share + self.free_share > 1:
+            raise ConfigError(f"{source}: negative_share ({self.negative_share}) + free_share ({self.free_share}) "
+                              "must be <= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _at_least(lo: float) -> Callable[[Any], bool]:
+    return lambda v: is_number(v) and v >= lo
+
+
+def _share(v: Any) -> bool:
+    return is_number(v) and 0 <= v <= 1
+
+
+def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or rule(v)
+
+
+def _triple(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(rule(x) for x in v)
+
+
+# TrainConfig's ranges (types come from the annotations): key -> (test, what the message says)
+TRAIN_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "cycle_mult": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "lr_decay_factor": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "cycle_steps": (_at_least(1), "an integer >= 1"),
+    "warmup_steps": (_at_least(0), "an integer >= 0"),
+    "min_lr": (_at_least(0), "a number >= 0"),
+    "batch_size": (_at_least(1), "an integer >= 1"),
+    "epoch": (_at_least(1), "an integer >= 1"),
+    "data_count": (_optional(_at_least(1)), "an integer >= 1 or null"),
+    "mask_ratio": (_share, "a number in [0, 1]"),
+    "num_workers": (_at_least(0), "an integer >= 0"),
+    "eval_per_epoch": (_at_least(0), "an integer >= 0"),
+    "ckpt_interval": (_at_least(0), "an integer >= 0"),
+    "image_mean": (_triple(_share), "three numbers in [0, 1] (R, G, B)"),
+    "image_std": (_triple(lambda v: is_number(v) and v > 0), "three numbers > 0 (R, G, B)"),
+    "image_log_interval": (_at_least(0), "an integer >= 0"),
+    "n_classes": (_at_least(1), "an integer >= 1"),
+    "max_steps": (_optional(_at_least(0)), "an integer >= 0 or null"),
+    "max_minutes": (_optional(_at_least(0)), "a number >= 0 or null"),
+    "precision": (lambda v: v in ("auto", "bf16", "fp16", "fp32"), "bf16, fp16, fp32 or auto"),
+    "weight_decay": (_at_least(0), "a number >= 0"),
+    "grad_clip": (_at_least(0), "a number >= 0 (0: off)"),
+    "grad_accum_steps": (_at_least(1), "an integer >= 1"),
+    "negative_target": (lambda v: v in ("query_mask", "empty"), "'query_mask' or 'empty'"),
+    "negative_share": (_share, "a number in [0, 1]"),
+    "defect_color": (_optional(_triple(lambda v: is_number(v) and 0 <= v <= 255)),
+                     "three integers in [0, 255] (R, G, B) or null"),
+    "query_mask_share": (_share, "a number in [0, 1]"),
+    "free_share": (_share, "a number in [0, 1]"),
+    "fg_weight": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "layer_decay": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "val_pairs": (_at_least(0), "an integer >= 0"),
+    "log_interval": (_at_least(1), "an integer >= 1"),
+    "compile": (lambda v: isinstance(v, bool) or v in ("blocks", "full"), "false, \"blocks\", \"full\" or true"),
+}
+
+
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as JSON where they can be (numbers, lists, true/null)."""
+    """``key=value`` pairs of :class:`TrainConfig` keys; values parsed as JSON where they can be
+    (numbers, lists, true/null), else kept as text (also when the key takes text and the JSON
+    value would not fit: ``run_id=2024``). Each key and value is checked
+    (:meth:`TrainConfig.check_keys`): :class:`~seggpt_lib.utils.config.ConfigError` naming
+    ``--set``, the key and the value."""
     out: dict[str, Any] = {}
+    types_ = field_types(TrainConfig)
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
+        k = k.strip()
         try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
+            val = json.loads(v)
+        except (json.JSONDecodeError, RecursionError):
+            val = v
+        if k in types_ and not type_matches(val, types_[k]) and type_matches(v, types_[k]):
+            val = v  # text wanted: keep it as typed
+        out[k] = val
+        TrainConfig.check_keys({k: val}, f"--set {item}")
     return out
 
 
@@ -235,23 +324,56 @@ def param_groups(model: SegGPT, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------
-# checkpoints (folder written under a temporary name, then swapped in)
+# checkpoints: each folder is written under ``<name>.tmp``, completed by ``checkpoint.json``
+# (written last), then swapped in by rename; a crash never leaves a half-written folder in place
 # ------------------------------------------------------------------------------------------
+CKPT_MARKER = "checkpoint.json"
+CKPT_FILES = ("model.safetensors", "trainer_state.pt", "config.json")
+_STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (a ``weights_only`` load reads them back)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(x) for x in py_state], None if gauss is None else float(gauss)],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def save_checkpoint(folder: Path, model: SegGPT, state: dict[str, Any]) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "config.json").write_text(json.dumps(state["config"], indent=2))
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "python" in state:
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Rename the finished ``tmp`` onto ``folder``; the previous one stays as ``<name>.old`` until then."""
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
@@ -262,11 +384,91 @@ def save_checkpoint(folder: Path, model: SegGPT, state: dict[str, Any]) -> None:
         shutil.rmtree(old)
 
 
+def _fresh_tmp(folder: Path) -> Path:
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(folder: Path, model: SegGPT, state: dict[str, Any]) -> None:
+    """Write ``folder`` (weights, trainer state, config, then the completion marker) atomically."""
+    tmp = _fresh_tmp(folder)
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(state["config"], indent=2))
+    for name in CKPT_FILES:
+        _fsync(tmp / name)
+    marker = {"format": 2, "step": int(state["step"]), "files": list(CKPT_FILES)}
+    (tmp / CKPT_MARKER).write_text(json.dumps(marker, indent=2))
+    _fsync(tmp / CKPT_MARKER)
+    _swap_in(tmp, folder)
+
+
+def copy_checkpoint(src: Path, folder: Path) -> None:
+    """``folder`` as a copy of the complete checkpoint ``src`` (hard links where the disk allows:
+    checkpoint files are never modified in place, only replaced)."""
+    tmp = _fresh_tmp(folder)
+    for f in sorted(src.iterdir(), key=lambda f: f.name == CKPT_MARKER):  # the marker last
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    _swap_in(tmp, folder)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a COMPLETE checkpoint folder, else None. Complete: the marker and every file it
+    lists are there; a folder from before the marker existed counts when weights and state are."""
+    if not folder.is_dir() or not (folder / "model.safetensors").is_file() or not (folder / "trainer_state.pt").is_file():
+        return None
+    marker = folder / CKPT_MARKER
+    if not marker.is_file():
+        m = _STEP_DIR.match(folder.name)
+        return int(m.group(1)) if m else -1  # an older run's folder: step known once the state is read
+    try:
+        info = json.loads(marker.read_text())
+        if not all((folder / name).is_file() for name in info["files"]):
+            return None
+        return int(info["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint ``--resume`` continues from: ``checkpoints/last`` when complete, else the
+    complete ``step_N`` with the highest N (a ``.old`` folder stands in for one that a crash
+    left missing mid-swap); None when there is none."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    for name in ("last", "last.old"):
+        if checkpoint_step(ck / name) is not None:
+            return ck / name
+    steps: list[tuple[int, Path]] = []
+    for f in ck.iterdir():
+        m = _STEP_DIR.match(f.name)
+        if m and not (m.group(2) and (ck / f"step_{m.group(1)}").exists()) and checkpoint_step(f) is not None:
+            steps.append((int(m.group(1)), f))
+    return max(steps)[1] if steps else None
+
+
+_STATE_KEYS = ("step", "optimizer", "scaler", "rng")
+
+
 def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, read with ``weights_only=True`` (tensors and plain values
+    only: a file that needs more is refused with an error, never executed)."""
     path = folder / "trainer_state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no trainer state in {folder} (expected {path.name}); is this a run's checkpoint folder?")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and optimizer
+    state = safe_torch_load(path, what="trainer state", hint=(
+        "written by another program or tampered with; to continue from these weights, start a new run with "
+        f"init_weights={folder / 'model.safetensors'}"))
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise CheckpointError(f"{path}: not a trainer state (expected a dict with {', '.join(_STATE_KEYS)})")
+    return state
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,6 +487,19 @@ class TrainResult:
     step: int
     best_miou: float
     history: list[dict[str, Any]]
+    interrupted: str | None = None  # the signal (SIGINT/SIGTERM) that stopped the run early, with last saved
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a step; ``checkpoints/last`` holds that step.
+
+    A KeyboardInterrupt, so that callers which do not handle it stop as on any Ctrl-C;
+    ``result`` is the run so far (``result.interrupted`` names the signal)."""
+
+    def __init__(self, result: TrainResult) -> None:
+        self.result = result
+        super().__init__(f"{result.interrupted}: stopped at step {result.step} with {result.run_dir / 'checkpoints' / 'last'} "
+                         f"saved; resume with: seggpt train --resume {result.run_dir}")
 
 
 def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> torch.Tensor:
@@ -292,6 +507,47 @@ def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> tor
     rgb = denormalize(pred_img.float(), mean, std)
     h = rgb.shape[-2] // 2
     return cmap_to_lbl(rgb[:, :, h:], palette)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM while training: note the signal, let the current step finish (the trainer
+    then saves ``checkpoints/last`` and returns); a second Ctrl-C aborts at once without saving."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.signum: int | None = None
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving checkpoints/last "
+                  "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+
+def _worker_ignores_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Trainer:
@@ -325,8 +581,8 @@ class Trainer:
         )
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
         self.steps_per_epoch = max(1, self.data_count // self.global_batch)
-        total = cfg.epoch * self.steps_per_epoch
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        # an explicit max_steps is the run's length (epochs roll over); else epoch x steps per epoch
+        self.total_steps = int(cfg.max_steps) if cfg.max_steps else cfg.epoch * self.steps_per_epoch
 
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.999),
@@ -344,6 +600,7 @@ class Trainer:
         self.forward_model = torch.compile(self.ddp_model) if full else self.ddp_model
 
         self.step = 0
+        self._last_saved_step: int | None = None  # step of checkpoints/last as this trainer knows it
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
         if run_dir is None:
@@ -381,25 +638,57 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        folder = self.run_dir / "checkpoints" / "last"
+        folder = find_resume_checkpoint(self.run_dir)
+        if folder is None:
+            ck = self.run_dir / "checkpoints"
+            there = sorted(f.name for f in ck.iterdir()) if ck.is_dir() else []
+            raise FileNotFoundError(
+                f"{self.run_dir}: no complete checkpoint to resume from (looked for checkpoints/last, then "
+                f"checkpoints/step_N; found {there or 'none'}); start a new run instead")
         state = load_trainer_state(folder)
         load_weights(self.model, folder / "model.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.best_miou = float(state.get("best_miou", -1.0))
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["step"])
+            self.best_miou = float(state.get("best_miou", -1.0))
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{folder / 'trainer_state.pt'}: the trainer state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
+        if folder.name == "last":
+            self._last_saved_step = self.step
+        if self.info.is_main:
+            why = "" if folder.name == "last" else " (checkpoints/last is missing or incomplete)"
+            print(f"resuming {self.run_dir} at step {self.step} from {folder}{why}", file=sys.stderr, flush=True)
         csv_path = self.run_dir / "metrics.csv"
         if csv_path.is_file():  # keep rows up to the checkpoint: the rest is re-done
             with open(csv_path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+                all_rows = list(csv.DictReader(f))
+            rows = [r for r in all_rows if int(r["step"]) <= self.step]
             self.history = rows
+            if len(rows) < len(all_rows) and self.info.is_main:  # rows past an older checkpoint go
+                tmp = csv_path.with_name(csv_path.name + ".tmp")
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(rows)
+                os.replace(tmp, csv_path)
 
     def _save(self, name: str) -> None:
         if self.info.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._state())
+
+    def _save_last(self) -> None:
+        """``checkpoints/last`` at the current step (once per step)."""
+        if self._last_saved_step != self.step:
+            self._save("last")
+            self._last_saved_step = self.step
+
+    def _copy_last(self, name: str) -> None:
+        if self.info.is_main:
+            ck = self.run_dir / "checkpoints"
+            copy_checkpoint(ck / "last", ck / name)
 
     # -- logging ------------------------------------------------------------------------
     def _log(self, row: dict[str, Any]) -> None:
@@ -487,14 +776,46 @@ class Trainer:
         return DataLoader(
             self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
             collate_fn=D.collate, pin_memory=self.device.type == "cuda", drop_last=True,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=_worker_ignores_sigint if self.cfg.num_workers > 0 else None,
         )
 
-    def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
+    def _limits_line(self, end: int) -> str:
+        """Which limit ends the run, said once at its start."""
+        cfg = self.cfg
+        by_epochs = cfg.epoch * self.steps_per_epoch
+        if cfg.max_steps:
+            why = f"max_steps={cfg.max_steps}"
+            if cfg.max_steps != by_epochs:
+                why += (f" (it takes precedence over epoch={cfg.epoch}, which alone would end at step {by_epochs}: "
+                        f"{self.steps_per_epoch} steps per epoch)")
+        else:
+            why = f"epoch={cfg.epoch} x {self.steps_per_epoch} steps per epoch (set max_steps for a fixed number of steps)"
+        line = f"training to step {self.total_steps}: {why}"
+        if end < self.total_steps:
+            line += f"; this call stops at step {end} (stop_at_step)"
+        if cfg.max_minutes:
+            line += f"; or when max_minutes={cfg.max_minutes:g} is spent"
+        if self.step:
+            line += f"; starting at step {self.step}"
+        return line
 
+    def _no_checkpoint_hint(self) -> str:
+        found = find_resume_checkpoint(self.run_dir)
+        if found is None:
+            return "No checkpoint has been written yet: there is nothing to resume"
+        n = checkpoint_step(found)
+        return f"The last good checkpoint is {found}" + (f" (step {n})" if n is not None and n >= 0 else "")
+
+    def fit(self, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
+        """Train up to ``total_steps`` (or ``stop_at_step``). SIGINT/SIGTERM end the run cleanly at
+        the end of the current step with ``checkpoints/last`` written, then raise
+        :class:`TrainingInterrupted` (a KeyboardInterrupt carrying the result); ``last`` is also
+        written every ``ckpt_interval`` steps and at epoch ends."""
         cfg = self.cfg
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         eval_every = max(1, self.steps_per_epoch // max(cfg.eval_per_epoch, 1)) if cfg.eval_per_epoch else 0
+        if self.info.is_main:
+            print(self._limits_line(end), file=sys.stderr, flush=True)
         self.model.train()
         bar = None
         if self.info.is_main and progress:
@@ -504,88 +825,100 @@ class Trainer:
         t0 = time.perf_counter()
         t_last, samples_since = t0, 0
         last_val: dict[str, float] = {}
-        while self.step < end:
-            epoch = self.step // self.steps_per_epoch
-            start = (self.step - epoch * self.steps_per_epoch) * self.global_batch
-            it = iter(self._loader(epoch, start))
-            while self.step < end and self.step // self.steps_per_epoch == epoch:
-                lr = lr_at(self.step, cfg)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-                loss_acc, fg_acc = 0.0, 0.0
-                for micro in range(cfg.grad_accum_steps):
-                    batch = next(it)
-                    inputs = D.model_inputs(batch, self.device)
-                    sync = micro == cfg.grad_accum_steps - 1 or self.info.world_size == 1
-                    ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) else _nullcontext()
-                    with ctx:
-                        with autocast(self.device, self.precision):
-                            loss, pred, _ = self.forward_model(**inputs)
-                        self.scaler.scale(loss / cfg.grad_accum_steps).backward()
-                    loss_acc += loss.detach().float().item() / cfg.grad_accum_steps
-                    if micro == 0 and (self.step % cfg.log_interval == 0 or self.step + 1 == end):
-                        with torch.no_grad():
-                            pred_img = self.model.unpatchify(pred.detach().float())
-                            lbl = _snap_query(pred_img, batch["palette"].to(self.device), cfg.image_mean, cfg.image_std)
-                            fg_acc = (lbl > 0).float().mean().item()
-                        if cfg.image_log_interval and self.step % cfg.image_log_interval == 0:
-                            self._log_images(batch, pred_img.cpu(), "train/prediction")
-                loss_g, fg_g = _all_reduce_sum([loss_acc, fg_acc], self.device, self.info)
-                loss_g /= self.info.world_size
-                fg_g /= self.info.world_size
-                if not math.isfinite(loss_g):
-                    if bar is not None:
-                        bar.close()
-                    raise NonFiniteLoss(
-                        f"loss became {loss_g} at step {self.step}; stopping. The last good checkpoint is "
-                        f"{self.run_dir / 'checkpoints' / 'last'} (lower lr, use bf16/fp32, or check the data)"
-                    )
-                if cfg.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                samples_since += self.global_batch
+        interrupted: str | None = None
+        stop = _StopOnSignal(verbose=self.info.is_main)
+        try:
+            stop.install()
+            while self.step < end:
+                epoch = self.step // self.steps_per_epoch
+                start = (self.step - epoch * self.steps_per_epoch) * self.global_batch
+                it = iter(self._loader(epoch, start))
+                while self.step < end and self.step // self.steps_per_epoch == epoch:
+                    lr = lr_at(self.step, cfg)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
+                    loss_acc, fg_acc = 0.0, 0.0
+                    for micro in range(cfg.grad_accum_steps):
+                        batch = next(it)
+                        inputs = D.model_inputs(batch, self.device)
+                        sync = micro == cfg.grad_accum_steps - 1 or self.info.world_size == 1
+                        ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) else _nullcontext()
+                        with ctx:
+                            with autocast(self.device, self.precision):
+                                loss, pred, _ = self.forward_model(**inputs)
+                            self.scaler.scale(loss / cfg.grad_accum_steps).backward()
+                        loss_acc += loss.detach().float().item() / cfg.grad_accum_steps
+                        if micro == 0 and (self.step % cfg.log_interval == 0 or self.step + 1 == end):
+                            with torch.no_grad():
+                                pred_img = self.model.unpatchify(pred.detach().float())
+                                lbl = _snap_query(pred_img, batch["palette"].to(self.device), cfg.image_mean, cfg.image_std)
+                                fg_acc = (lbl > 0).float().mean().item()
+                            if cfg.image_log_interval and self.step % cfg.image_log_interval == 0:
+                                self._log_images(batch, pred_img.cpu(), "train/prediction")
+                    loss_g, fg_g = _all_reduce_sum([loss_acc, fg_acc], self.device, self.info)
+                    loss_g /= self.info.world_size
+                    fg_g /= self.info.world_size
+                    if not math.isfinite(loss_g):
+                        raise NonFiniteLoss(
+                            f"loss became {loss_g} at step {self.step}; stopping (lower lr, use bf16/fp32, or check "
+                            f"the data). {self._no_checkpoint_hint()}"
+                        )
+                    if cfg.grad_clip:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    samples_since += self.global_batch
 
-                if cfg.max_minutes and self.step < end:
-                    time_up = (time.perf_counter() - t0) > cfg.max_minutes * 60
-                    if _all_reduce_sum([float(time_up)], self.device, self.info)[0] > 0:
-                        end = self.step  # every rank stops at the same step
-                do_eval = bool(eval_every) and (self.step % eval_every == 0 or self.step in (self.total_steps, end))
-                do_log = (self.step - 1) % cfg.log_interval == 0 or self.step == end or do_eval
-                if do_eval:
-                    last_val = self.evaluate()
-                if do_log:
-                    now = time.perf_counter()
-                    sps = samples_since / max(now - t_last, 1e-9)
-                    t_last, samples_since = now, 0
-                    row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "loss": loss_g,
-                           "fg_frac": fg_g, "samples_per_s": sps, "elapsed_s": now - t0,
-                           **({k: last_val.get(k, float("nan")) for k in ("val_loss", "val_miou", "val_fg_frac")} if do_eval else
-                              {"val_loss": float("nan"), "val_miou": float("nan"), "val_fg_frac": float("nan")})}
-                    self._log(row)
+                    if cfg.max_minutes and self.step < end:
+                        time_up = (time.perf_counter() - t0) > cfg.max_minutes * 60
+                        if _all_reduce_sum([float(time_up)], self.device, self.info)[0] > 0:
+                            end = self.step  # every rank stops at the same step
+                    do_eval = bool(eval_every) and (self.step % eval_every == 0 or self.step in (self.total_steps, end))
+                    do_log = (self.step - 1) % cfg.log_interval == 0 or self.step == end or do_eval
+                    if do_eval:
+                        last_val = self.evaluate()
+                    if do_log:
+                        now = time.perf_counter()
+                        sps = samples_since / max(now - t_last, 1e-9)
+                        t_last, samples_since = now, 0
+                        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "loss": loss_g,
+                               "fg_frac": fg_g, "samples_per_s": sps, "elapsed_s": now - t0,
+                               **({k: last_val.get(k, float("nan")) for k in ("val_loss", "val_miou", "val_fg_frac")} if do_eval else
+                                  {"val_loss": float("nan"), "val_miou": float("nan"), "val_fg_frac": float("nan")})}
+                        self._log(row)
+                        if bar is not None:
+                            post = {"loss": f"{loss_g:.4f}", "fg": f"{fg_g:.3f}", "sps": f"{sps:.1f}"}
+                            if last_val:
+                                post["miou"] = f"{last_val.get('val_miou', float('nan')):.3f}"
+                            bar.set_postfix(post)
+                    if do_eval and last_val.get("val_miou", float("nan")) >= self.best_miou:  # ties: keep the later
+                        self.best_miou = last_val["val_miou"]
+                        self._save("best")
+                    if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
+                        self._save_last()
+                        self._copy_last(f"step_{self.step}")
                     if bar is not None:
-                        post = {"loss": f"{loss_g:.4f}", "fg": f"{fg_g:.3f}", "sps": f"{sps:.1f}"}
-                        if last_val:
-                            post["miou"] = f"{last_val.get('val_miou', float('nan')):.3f}"
-                        bar.set_postfix(post)
-                if do_eval and last_val.get("val_miou", float("nan")) >= self.best_miou:  # ties: keep the later
-                    self.best_miou = last_val["val_miou"]
-                    self._save("best")
-                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
-                    self._save(f"step_{self.step}")
-                if bar is not None:
-                    bar.update(1)
-            if self.step < end:
-                self._save("last")  # end of an epoch
-        self._save("last")
-        if bar is not None:
-            bar.close()
+                        bar.update(1)
+                    if self.step < end:  # a signal (on any rank): every rank stops after this step
+                        if _all_reduce_sum([float(stop.signum is not None)], self.device, self.info)[0] > 0:
+                            interrupted = stop.name or "a signal to another rank"
+                            end = self.step
+                if self.step < end:
+                    self._save_last()  # end of an epoch
+            self._save_last()
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
         if self.writer is not None:
             self.writer.flush()
-        return TrainResult(self.run_dir, self.step, self.best_miou, self.history)
+        result = TrainResult(self.run_dir, self.step, self.best_miou, self.history, interrupted)
+        if interrupted:
+            raise TrainingInterrupted(result)
+        return result
 
     def close(self) -> None:
         if self.writer is not None:
@@ -614,14 +947,12 @@ def train(cfg: TrainConfig | dict[str, Any], run_dir: str | os.PathLike[str] | N
 
 def resume(run_dir: str | os.PathLike[str], stop_at_step: int | None = None, progress: bool = True,
            overrides: dict[str, Any] | None = None) -> TrainResult:
-    """Continue a run from ``run_dir/checkpoints/last`` at its saved step."""
+    """Continue a run at its saved step: from ``checkpoints/last``, else the highest complete ``step_N``."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-    d = json.loads(cfg_path.read_text())
-    d.update(overrides or {})
-    trainer = Trainer(TrainConfig.from_dict(d, source=str(cfg_path)), run_dir, resume=True)
+    trainer = Trainer(TrainConfig.from_json(cfg_path, overrides), run_dir, resume=True)
     try:
         return trainer.fit(stop_at_step=stop_at_step, progress=progress)
     finally:

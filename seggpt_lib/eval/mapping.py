@@ -37,6 +37,7 @@ import numpy as np
 
 from seggpt_lib.data.layout import FREE_CLASS as FREE
 from seggpt_lib.data.layout import IMAGE_EXTS, image_dir, read_manifest
+from seggpt_lib.utils.config import read_json_config
 
 KINDS = ("positive", "negative", "free", "retrieval")
 THUMB_SIZE = 32
@@ -162,6 +163,21 @@ def build_mapping(
     return {q: mapping[q] for q in sorted(mapping)}
 
 
+def _shape_problems(mapping: Any) -> list[str]:
+    """What is wrong with a mapping's shape (``{query: [prompt, ...]}``, names non-empty text)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"a mapping must be a JSON object {{query: [prompts]}}, got {type(mapping).__name__}")
+    problems = []
+    for q, ps in mapping.items():
+        if not isinstance(q, str) or not q.strip():
+            problems.append(f"{q!r}: a query must be a file name")
+        elif not isinstance(ps, list) or not all(isinstance(p, str) and p.strip() for p in ps):
+            problems.append(f"{q!r}: prompts must be a list of file names, got {ps!r}")
+        elif not ps:
+            problems.append(f"{q!r}: empty prompt list")
+    return problems
+
+
 def validate_mapping(mapping: Any, query_dir: str | Path, prompt_dir: str | Path) -> None:
     """Check a mapping before any work starts.
 
@@ -170,14 +186,7 @@ def validate_mapping(mapping: Any, query_dir: str | Path, prompt_dir: str | Path
     ``FileNotFoundError`` listing every missing query and prompt file, or a
     ``ValueError`` listing every malformed entry.
     """
-    if not isinstance(mapping, dict):
-        raise ValueError(f"a mapping must be a JSON object {{query: [prompts]}}, got {type(mapping).__name__}")
-    problems = []
-    for q, ps in mapping.items():
-        if not isinstance(ps, list) or not all(isinstance(p, str) for p in ps):
-            problems.append(f"{q!r}: prompts must be a list of file names, got {ps!r}")
-        elif not ps:
-            problems.append(f"{q!r}: empty prompt list")
+    problems = _shape_problems(mapping)
     if problems:
         raise ValueError("invalid mapping:\n  " + "\n  ".join(problems))
     q_dir, p_dir = image_dir(query_dir), image_dir(prompt_dir)
@@ -202,9 +211,19 @@ def save_mapping(mapping: dict[str, list[str]], path: str | Path) -> None:
 
 
 def load_mapping(path: str | Path) -> dict[str, list[str]]:
-    """Read a mapping JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Read a mapping JSON file: a non-empty object ``{query: [prompt, ...]}`` of file names.
+    A missing file raises ``FileNotFoundError``; anything else wrong (unreadable, not UTF-8,
+    not JSON, a duplicate query, the wrong shape) a ``ValueError`` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"mapping not found: {p}")
+    mapping = read_json_config(p, what="mapping", error=ValueError)
+    if not mapping:
+        raise ValueError(f"{p}: a mapping must be a non-empty JSON object {{query: [prompts]}}")
+    problems = _shape_problems(mapping)
+    if problems:
+        raise ValueError(f"{p}: invalid mapping:\n  " + "\n  ".join(problems))
+    return mapping
 
 
 # --------------------------------------------------------------------------- CLI

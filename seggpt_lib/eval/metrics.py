@@ -268,6 +268,7 @@ def evaluate(
     records: Iterable[PairResult],
     catch_iou: float = CATCH_IOU,
     yield_response: float = YIELD_RESPONSE,
+    calibrated: Iterable[PairResult] | None = None,
 ):
     """Score a list of :class:`PairResult` records.
 
@@ -285,6 +286,12 @@ def evaluate(
     ``yield_response``, and ``baselines`` = ``{"paint_nothing": {...},
     "paint_everything": {...}}`` each with ``miou, catch_rate, negative_miou,
     yield_rate, free_yield_rate, pes``, computed on the same pairs.
+
+    ``calibrated``: the same pairs, in the same order, with the masks of the line's decision
+    (:mod:`seggpt_lib.eval.decision`). The raw rows and rates stay as they are; the summary
+    gains ``calibrated`` (``miou, catch_rate, negative_miou, yield_rate, free_yield_rate, pes``
+    and the counts) and the table ``calibrated_iou``, ``calibrated_catch``,
+    ``calibrated_response_rate``, ``calibrated_yield``, ``calibrated_pred_pixels``.
     """
     rows = [_row(r, catch_iou, yield_response) for r in records]
     table = pd.DataFrame(rows)
@@ -323,6 +330,13 @@ def evaluate(
         name: {k: v for k, v in _rates(df, catch_iou, yield_response).items() if k != "pes_yield_source"}
         for name, df in (("paint_nothing", nothing), ("paint_everything", everything))
     }
+    if calibrated is not None:
+        cal_table, cal = evaluate(calibrated, catch_iou, yield_response)
+        if len(cal_table) != len(table) or list(cal_table["file"]) != list(table["file"]):
+            raise ValueError("calibrated records must be the same pairs as the records, in the same order")
+        for col in ("iou", "catch", "response_rate", "yield", "pred_pixels"):
+            table[f"calibrated_{col}"] = cal_table[col].to_numpy()
+        summary["calibrated"] = {k: v for k, v in cal.items() if k not in ("baselines", "catch_iou", "yield_response")}
     return table, summary
 
 
@@ -345,6 +359,8 @@ def summary_markdown(summary: dict) -> str:
                 f"{_fmt(s.get('pes'), 4)} |")
 
     lines.append(line("model", summary))
+    if "calibrated" in summary:
+        lines.append(line("model, calibrated", summary["calibrated"]))
     for name, label in (("paint_nothing", "paint nothing"), ("paint_everything", "paint everything")):
         if name in summary.get("baselines", {}):
             lines.append(line(label, summary["baselines"][name]))

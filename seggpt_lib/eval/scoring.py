@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seggpt_lib.data.layout import class_lookup, class_of, image_dir
+from seggpt_lib.eval.decision import Decision, OperatingPoint, decide
 from seggpt_lib.eval.metrics import KINDS, PairResult
 from seggpt_lib.predict.predictor import Prediction, PromptPairs, SegGPTPredictor, load_mask_file, load_rgb
 
@@ -160,6 +161,10 @@ class ScoringConfig:
     queries_per_call: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     columns: tuple[str, ...] = ("seconds",)
+    # the line's decision (seggpt_lib.eval.decision): each pair also gets a calibrated row
+    # (ScoredPair.calibrated) decided with the config of its first prompt's class
+    operating_point: OperatingPoint | None = None
+    consistency: bool = False  # measure the prompt consistency (Prediction.consistency)
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.columns if c not in COLUMNS]
@@ -176,6 +181,9 @@ class ScoredPair:
     result: PairResult
     prediction: Prediction
     image: np.ndarray
+    prompt_class: str | None = None  # class of the first prompt (learned: its class)
+    decision: Decision | None = None  # with an operating point
+    calibrated: PairResult | None = None  # the row of the decision's mask (raw row unchanged)
 
 
 def default_queries_per_call(predictor: SegGPTPredictor, n_prompts: int, config: ScoringConfig) -> int:
@@ -240,6 +248,9 @@ def score_mapping(
     per_call = cfg.queries_per_call or default_queries_per_call(predictor, n_prompts, cfg)
     kw = dict(grid=cfg.grid, ensemble=cfg.ensemble, tile_pairing=cfg.tile_pairing, seam_pass=cfg.seam_pass,
               work_size=cfg.work_size, keep_raw=cfg.keep_raw)
+    op = cfg.operating_point
+    if cfg.consistency or (op is not None and op.needs_consistency):
+        kw["consistency"] = True
     cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def prompt(f: str) -> tuple[np.ndarray, np.ndarray]:
@@ -265,21 +276,28 @@ def score_mapping(
                         for q, qc in zip(chunk, q_classes)]
                 used = [[learned.name(k)] for k in keys]
                 p_classes = [[k] for k in keys]
+                first_classes = keys
                 preds = predictor.predict_batch(images, prompt_pairs=[learned.by_class[k] for k in keys], **kw)
             else:
                 used = [list(mapping[q][: cfg.top_k]) for q in chunk]
                 pairs = [[prompt(f) for f in fs] for fs in used]
                 p_classes = [[prompts.class_of(f) for f in fs] for fs in used] if kind == "auto" else [[]] * len(chunk)
+                first_classes = [prompts.class_of(fs[0]) if fs else None for fs in used]
                 preds = predictor.predict_batch(images, [[a for a, _ in pp] for pp in pairs],
                                                 [[m for _, m in pp] for pp in pairs], **kw)
-            for q, image, qc, ps, pcs, pred in zip(chunk, images, q_classes, used, p_classes, preds):
+            for q, image, qc, ps, pcs, pred, pc in zip(chunk, images, q_classes, used, p_classes, preds, first_classes):
                 gt = queries.mask(q)
                 extra = dict(cfg.extra)
                 for c in cfg.columns:
                     extra[c] = {"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": pred.timing["total_s"]}[c]
                 result = PairResult(query=q, prompts=ps, kind=pair_kind(kind, qc, pcs, gt), query_class=qc,
                                     pred=pred.mask, gt=gt, extra=extra)
-                yield ScoredPair(result, pred, image)
+                scored = ScoredPair(result, pred, image, prompt_class=pc)
+                if op is not None:
+                    scored.decision = decide(pred.score, op.config_for(pc), pred.consistency)
+                    scored.calibrated = PairResult(query=q, prompts=ps, kind=result.kind, query_class=qc,
+                                                   pred=scored.decision.mask, gt=gt, extra=dict(extra))
+                yield scored
             bar.update(len(chunk))
     finally:
         bar.close()

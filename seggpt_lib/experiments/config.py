@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,16 @@ from seggpt_lib.data.layout import DATA_SOURCES
 from seggpt_lib.engine.trainer import TrainConfig
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE
 from seggpt_lib.model.checkpoint import read_state_dict
-from seggpt_lib.model.seggpt import PRESETS, preset_config
+from seggpt_lib.model.seggpt import PRESETS, SegGPTConfig, preset_config
+from seggpt_lib.utils.config import (
+    ConfigError,
+    check_fields,
+    field_types,
+    is_number,
+    read_json_config,
+    type_matches,
+    type_name,
+)
 from seggpt_lib.utils.device import resolve_device_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +112,9 @@ class PipelineConfig:
     mapping_seed: int = 0
     catch_iou: float = CATCH_IOU  # good catch: IoU >= this (the protocol's threshold)
     yield_response: float = YIELD_RESPONSE  # correct yield: response rate < this (the protocol's threshold)
+    # the line's decision (04): chosen on the validation split, then applied to the test pairs
+    calibration_objective: str = "max_pes"  # max_pes | max_catch_at_yield (seggpt_lib.eval.calibration)
+    calibration_yield_target: float = 0.6  # max_catch_at_yield: the yield (negative and defect-free) to reach
     # --- beyond the original (05): the other negatives recipe, same budget, and prompt tuning
     beyond_minutes: float | None = None  # training budget of 05's model; None: train_minutes (the same as 02's)
     beyond_tune_steps: int = 30  # prompt-tuning steps per class
@@ -149,13 +160,10 @@ class PipelineConfig:
         return p
 
     def check(self, source: str = "config") -> None:
-        """Types (from the annotations) and ranges; raises :class:`PipelineError` naming the key."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not type_matches(v, hints[f.name]):
-                raise PipelineError(f"{source}: {f.name} must be {type_name(hints[f.name])}, got {v!r}")
-        _check_values(self.to_dict(), source)
+        """Types (from the annotations) and ranges of every key, nested keys included
+        (:func:`check_key`); raises :class:`PipelineError` naming ``source``, the key and the value."""
+        for k, v in self.to_dict().items():
+            check_key(k, v, source)
 
     def train_settings(self) -> TrainSettings:
         """Notebook 02's training run."""
@@ -258,33 +266,7 @@ class BeyondConfig:
         return dataclasses.replace(self, **changes)
 
 
-def type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
-
-
-def type_matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` (as read from JSON) fits the annotation ``tp`` (bool is no number, an
-    int is a float, a JSON list a tuple)."""
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin in (list, tuple, Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(type_matches(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
+# type_name, type_matches: seggpt_lib.utils.config's (the one checker), imported above
 
 
 DEFAULTS: dict[str, Any] = PipelineConfig().to_dict()  # derived: PipelineConfig is the one place of the defaults
@@ -322,7 +304,8 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
                          "work_size", "tile_pairing", "max_batch", "max_queries", "mapping_seed", "catch_iou",
                          "n_panels"),
     "04_pair_evaluation": ("results_dir", "device", "precision", "eval_grid", "top_k", "work_size", "tile_pairing",
-                           "max_batch", "max_queries", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
+                           "max_batch", "max_queries", "mapping_seed", "catch_iou", "yield_response",
+                           "calibration_objective", "calibration_yield_target", "n_panels"),
     "05_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
                   "precision", "seed", "normalize", "train", "eval_every", "val_pairs", "checkpoint",
                   "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_grid", "work_size",
@@ -375,17 +358,10 @@ def _apply(cfg: dict[str, Any], key: str, value: Any) -> None:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A config JSON file's keys (``_``-prefixed keys are comments and left out)."""
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"pipeline config not found: {p}")
-    try:
-        file_cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{p}: not valid JSON: {e}") from None
-    if not isinstance(file_cfg, dict):
-        raise PipelineError(f"{p}: expected a JSON object")
-    return {k: v for k, v in file_cfg.items() if not k.startswith("_")}
+    """A config JSON file's keys (``_``-prefixed keys are comments and left out); every problem
+    (missing, unreadable, not JSON, not an object) raises :class:`PipelineError` naming the file
+    (:func:`seggpt_lib.utils.config.read_json_config`)."""
+    return read_json_config(path, what="pipeline config", error=PipelineError, drop_comments=True)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -406,18 +382,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         sources.append(("--set", ov))
     explicit: list[str] = []
     for name, src in sources:
+        touched: list[str] = []
         for key, value in src.items():
             top = key.split(".")[0]
             if top not in cfg:
                 raise PipelineError(f"{name}: unknown key {top!r}; valid keys: {', '.join(sorted(PipelineConfig.keys()))}")
             if "." in key:
+                if top not in _NESTED:
+                    raise PipelineError(f"{name}: unknown key {key!r}: {top} has no sub-keys "
+                                        f"(keys with sub-keys: {', '.join(_NESTED)})")
                 _apply(cfg, key, value)
             elif top in PipelineConfig.MERGED and isinstance(value, dict):
                 cfg[top] = {**cfg[top], **value}  # train, synthetic: merged key by key
             else:
                 cfg[key] = copy.deepcopy(value)
+            touched.append(top)
             if name == "--set":
                 explicit.append(top)
+        for top in dict.fromkeys(touched):  # each value checked where it was given: the file, smoke or --set
+            check_key(top, cfg[top], name)
     out = PipelineConfig.from_dict(cfg).to_dict()
     out["_explicit"] = sorted(set(explicit))
     return out
@@ -430,47 +413,106 @@ def notebook_config(name: str, namespace: Mapping[str, Any]) -> PipelineConfig:
     return PipelineConfig.from_dict({k: namespace[k] for k in keys}, source=f"notebook {name}")
 
 
-def _check_values(cfg: dict[str, Any], source: str = "config") -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise PipelineError(f"{source}: {msg}")
+def _at_least(lo: float, optional: bool = False):
+    return lambda v: (optional and v is None) or (is_number(v) and v >= lo)
 
-    need(isinstance(cfg["steps"], int) and cfg["steps"] >= 0, f"steps must be an integer >= 0, got {cfg['steps']!r}")
-    tm = cfg["train_minutes"]
-    need(tm is None or (isinstance(tm, (int, float)) and tm >= 0), f"train_minutes must be a number >= 0 or null, got {tm!r}")
-    bm = cfg["beyond_minutes"]
-    need(bm is None or (isinstance(bm, (int, float)) and bm >= 0),
-         f"beyond_minutes must be a number >= 0 or null (null: train_minutes), got {bm!r}")
-    need(isinstance(cfg["beyond_tune_steps"], int) and cfg["beyond_tune_steps"] >= 1,
-         f"beyond_tune_steps must be an integer >= 1, got {cfg['beyond_tune_steps']!r}")
-    need(isinstance(cfg["grids"], list) and cfg["grids"] and all(isinstance(s, int) and s >= 1 for s in cfg["grids"]),
-         f"grids must be a list of integers >= 1, got {cfg['grids']!r}")
-    for k in ("eval_grid", "beyond_grid", "top_k", "beyond_top_k"):
-        need(isinstance(cfg[k], int) and cfg[k] >= 1, f"{k} must be an integer >= 1, got {cfg[k]!r}")
-    need(cfg["tile_pairing"] in ("all", "aligned"), f"tile_pairing must be 'all' or 'aligned', got {cfg['tile_pairing']!r}")
-    need(cfg["checkpoint"] in ("best", "last"), f"checkpoint must be 'best' or 'last', got {cfg['checkpoint']!r}")
-    need(cfg["normalize"] in ("imagenet", "dataset"), f"normalize must be 'imagenet' or 'dataset', got {cfg['normalize']!r}")
-    need(cfg["device"] in ("cpu", "cuda", "auto") or str(cfg["device"]).startswith("cuda:"),
-         f"device must be cpu, cuda, cuda:N or auto, got {cfg['device']!r}")
-    ws = cfg["work_size"]
-    need(ws == "auto" or (isinstance(ws, int) and ws >= 8), f"work_size must be 'auto' or an integer >= 8, got {ws!r}")
-    need(isinstance(cfg["train"], dict), "train must be an object of TrainConfig keys")
-    check_recipe(cfg["train"], source)
-    need(isinstance(cfg["model"], dict), "model must be an object of preset overrides")
-    unknown = sorted(set(cfg["synthetic"]) - set(SYNTHETIC))
-    need(not unknown, f"synthetic: unknown key(s) {unknown}; valid keys: {', '.join(SYNTHETIC)}")
+
+def _one_of(*choices: Any):
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _share(v: Any) -> bool:
+    return is_number(v) and 0 <= v <= 1
+
+
+# PipelineConfig's ranges (types come from the annotations): key -> (test, what the message says)
+PIPELINE_RANGES: dict[str, tuple[Any, str]] = {
+    "val": (lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
+    "test": (lambda v: is_number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
+    "limit_per_class": (_at_least(0, optional=True), "an integer >= 0 or null"),
+    "split_seed": (_at_least(0), "an integer >= 0"),
+    "preset": (lambda v: v == "auto" or v in PRESETS, f"'auto' or a preset ({', '.join(PRESETS)})"),
+    "steps": (_at_least(0), "an integer >= 0"),
+    "train_minutes": (_at_least(0, optional=True), "a number >= 0 or null"),
+    "device": (lambda v: v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit()),
+               "cpu, cuda, cuda:N or auto"),
+    "precision": (_one_of("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+    "seed": (_at_least(0), "an integer >= 0"),
+    "normalize": (_one_of("imagenet", "dataset"), "'imagenet' or 'dataset'"),
+    "eval_every": (_at_least(1), "an integer >= 1"),
+    "val_pairs": (_at_least(0), "an integer >= 0"),
+    "checkpoint": (_one_of("best", "last"), "'best' or 'last'"),
+    "n_panels": (_at_least(0), "an integer >= 0"),
+    "grids": (lambda v: bool(v) and all(is_number(s) and s >= 1 for s in v), "a list of integers >= 1"),
+    "top_k": (_at_least(1), "an integer >= 1"),
+    "extra_top_k": (_at_least(0), "an integer >= 0 (0: none)"),
+    "eval_grid": (_at_least(1), "an integer >= 1"),
+    "work_size": (lambda v: v == "auto" or (is_number(v) and v >= 8), "'auto' or an integer >= 8"),
+    "tile_pairing": (_one_of("all", "aligned"), "'all' or 'aligned'"),
+    "max_batch": (_at_least(1), "an integer >= 1"),
+    "max_queries": (_at_least(1, optional=True), "an integer >= 1 or null"),
+    "mapping_seed": (_at_least(0), "an integer >= 0"),
+    "catch_iou": (_share, "a number in [0, 1]"),
+    "yield_response": (_share, "a number in [0, 1]"),
+    "calibration_objective": (_one_of("max_pes", "max_catch_at_yield"), "'max_pes' or 'max_catch_at_yield'"),
+    "calibration_yield_target": (_share, "a number in [0, 1]"),
+    "beyond_minutes": (_at_least(0, optional=True), "a number >= 0 or null (null: train_minutes)"),
+    "beyond_tune_steps": (_at_least(1), "an integer >= 1"),
+    "beyond_max_queries": (_at_least(1, optional=True), "an integer >= 1 or null"),
+    "beyond_top_k": (_at_least(1), "an integer >= 1"),
+    "beyond_grid": (_at_least(1), "an integer >= 1"),
+    "heartbeat_s": (_at_least(0), "a number >= 0 (0: none)"),
+}
+
+# the synthetic set's keys (generate_synthetic's arguments): key -> (type, test, what the message says)
+SYNTHETIC_KEYS: dict[str, tuple[Any, Any, str]] = {
+    "per_class": (int, _at_least(0), "an integer >= 0"),
+    "size": (int, _at_least(32), "an integer >= 32"),
+    "n_free": (int | None, _at_least(0, optional=True), "an integer >= 0 or null (null: per_class)"),
+    "seed": (int, _at_least(0), "an integer >= 0"),
+}
+assert set(SYNTHETIC_KEYS) == set(SYNTHETIC)
+
+# the keys whose value is an object of sub-keys (``train.lr``, ``synthetic.size``, ``model.depth``)
+_NESTED: tuple[str, ...] = ("train", "synthetic", "model")
+
+
+def check_key(key: str, value: Any, source: str = "config") -> None:
+    """One :class:`PipelineConfig` key: known, of its annotation's type, in its range
+    (:data:`PIPELINE_RANGES`); ``train``'s keys are TrainConfig's (:func:`check_recipe`),
+    ``model``'s :class:`~seggpt_lib.model.seggpt.SegGPTConfig`'s, ``synthetic``'s
+    :data:`SYNTHETIC_KEYS`. Raises :class:`PipelineError` naming ``source``, the key and the value."""
+    types_ = field_types(PipelineConfig)
+    if key not in types_:
+        raise PipelineError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(types_))}")
+    if not type_matches(value, types_[key]):
+        raise PipelineError(f"{source}: {key} must be {type_name(types_[key])}, got {value!r}")
+    rule = PIPELINE_RANGES.get(key)
+    if rule is not None and not rule[0](value):
+        raise PipelineError(f"{source}: {key} must be {rule[1]}, got {value!r}")
+    if key == "train":
+        check_recipe(value, source)
+    elif key == "model":
+        check_fields(value, SegGPTConfig, source, "model.", error=PipelineError, what="SegGPTConfig (model)")
+    elif key == "synthetic":
+        unknown = sorted(set(value) - set(SYNTHETIC_KEYS))
+        if unknown:
+            raise PipelineError(f"{source}: unknown synthetic key 'synthetic.{unknown[0]}' "
+                                f"(valid keys: {', '.join(SYNTHETIC_KEYS)})")
+        for k, v in value.items():
+            tp, test, what = SYNTHETIC_KEYS[k]
+            if not (type_matches(v, tp) and test(v)):
+                raise PipelineError(f"{source}: synthetic.{k} must be {what}, got {v!r}")
 
 
 def check_recipe(recipe: Mapping[str, Any], source: str = "config") -> None:
     """A training recipe's keys are :class:`~seggpt_lib.engine.trainer.TrainConfig` fields and its
-    values fit their types."""
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(recipe) - set(hints))
-    if unknown:
-        raise PipelineError(f"{source}: train: unknown TrainConfig key(s) {unknown}; valid keys: {', '.join(sorted(hints))}")
-    for k, v in recipe.items():
-        if not type_matches(v, hints[k]):
-            raise PipelineError(f"{source}: train.{k} must be {type_name(hints[k])}, got {v!r}")
+    values fit their types and ranges (:meth:`TrainConfig.check_keys`, the same check as
+    ``seggpt train``'s); :class:`PipelineError` naming ``source`` and ``train.<key>``."""
+    try:
+        TrainConfig.check_keys(recipe, source, prefix="train.")
+    except ConfigError as e:
+        raise PipelineError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------

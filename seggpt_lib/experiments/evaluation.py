@@ -14,13 +14,21 @@ import pandas as pd
 from PIL import Image
 
 from seggpt_lib.data.layout import read_label, read_rgb
+from seggpt_lib.eval.calibration import PairScore, calibrate, catch_yield_curve, collect_pairs, pairs_summary
+from seggpt_lib.eval.decision import (
+    OPERATING_POINT_FILE,
+    DecisionConfig,
+    OperatingPoint,
+    operating_point_beside,
+    save_operating_point,
+)
 from seggpt_lib.eval.mapping import build_mapping
-from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, PairResult, evaluate
+from seggpt_lib.eval.metrics import CATCH_IOU, KINDS, YIELD_RESPONSE, PairResult, evaluate
 from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
 from seggpt_lib.experiments.config import PipelineError, resolve_preset
 from seggpt_lib.experiments.dataset import scan_index, split_roots
-from seggpt_lib.experiments.results import read_fragment
+from seggpt_lib.experiments.results import read_fragment, result_dirs
 from seggpt_lib.model.checkpoint import build_from_checkpoint
 from seggpt_lib.predict.predictor import SegGPTPredictor
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
@@ -240,29 +248,233 @@ def grid_ablation(em: EvalModel, split_root: str | os.PathLike, grids: Sequence[
             "work_size": ws, "tile_pairing": tile_pairing}
 
 
+def operating_point_path(results_dir: str | os.PathLike, weights: str | os.PathLike) -> Path:
+    """Where the pipeline writes the operating point of ``weights``: ``operating_point.json`` beside
+    them (:func:`~seggpt_lib.eval.decision.operating_point_beside`) when that folder lies inside
+    ``results_dir`` (weights the pipeline trained), else ``results_dir/work/operating_point.json``:
+    never into a folder of the user's."""
+    beside = operating_point_beside(weights)
+    try:
+        beside.parent.resolve().relative_to(Path(results_dir).resolve())
+        return beside
+    except ValueError:
+        return result_dirs(results_dir)["work"] / OPERATING_POINT_FILE
+
+
+def calibrate_operating_point(em: EvalModel, val_root: str | os.PathLike, *, grid: int = 2, top_k: int = 1,
+                              work_size: int = 1024, tile_pairing: str = "aligned", objective: str = "max_pes",
+                              yield_target: float = 0.6, seed: int = 0, catch_iou: float = CATCH_IOU,
+                              yield_response: float = YIELD_RESPONSE,
+                              log: Callable[[str], None] = print) -> OperatingPoint | None:
+    """The line's decision chosen on the dataset folder ``val_root`` ALONE (the validation split):
+    its positive, negative and defect-free pairs (queries and prompts from it,
+    :func:`~seggpt_lib.eval.calibration.collect_pairs`) predicted as the test pairs will be
+    (``grid``, ``top_k``, ``work_size``, ``tile_pairing``), then
+    :func:`~seggpt_lib.eval.calibration.calibrate` for ``objective``. ``validation`` of the point
+    also holds the AUCs of its catch / yield curve on those pairs. None (and a log line) when
+    the folder has no positive pairs to calibrate on."""
+    t0 = time.perf_counter()
+    cfg = ScoringConfig(grid=grid, top_k=top_k, work_size=int(work_size), tile_pairing=tile_pairing)
+    try:
+        pairs = collect_pairs(em.predictor, val_root, cfg, k=top_k, seed=seed)
+        settings = {"val_dir": str(val_root), "weights": em.weights, "grid": grid, "top_k": top_k,
+                    "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
+                    "defect_color": [int(c) for c in em.predictor.defect_color]}
+        point = calibrate(pairs, objective, yield_target, catch_iou=catch_iou, yield_response=yield_response,
+                          settings=settings)
+    except ValueError as e:
+        log(f"no calibration on {val_root}: {e}")
+        return None
+    curve = catch_yield_curve(pairs, point.default, catch_iou=catch_iou, yield_response=yield_response)
+    point.validation.update(auc_negative=curve["auc_negative"], auc_free=curve["auc_free"],
+                            pairs=pairs_summary(pairs), seconds=time.perf_counter() - t0)
+    log(f"calibrated on {val_root} ({len(pairs)} pairs, {objective}) in {time.perf_counter() - t0:.1f} s: "
+        + json.dumps(point.default.to_dict()))
+    return point
+
+
 def pair_evaluation(em: EvalModel, split_root: str | os.PathLike, grid: int = 2, top_k: int = 1,
                     work_size: int | str = "auto", tile_pairing: str = "aligned", catch_iou: float = CATCH_IOU,
                     yield_response: float = YIELD_RESPONSE, seed: int = 0, max_queries: int | None = None,
+                    calibration_objective: str | None = "max_pes", calibration_yield_target: float = 0.6,
+                    results_dir: str | os.PathLike | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Positive prompts, negative prompts and defect-free queries of the test split, ``grid x grid`` tiles.
+    """Positive prompts, negative prompts and defect-free queries of the test split, ``grid x grid``
+    tiles, each pair scored raw (the snapped mask) and, with ``calibration_objective``, with the
+    line's decision chosen on the VALIDATION split (:func:`calibrate_operating_point`; the test
+    split is not read for it), in one pass.
 
-    Returns ``table`` (every pair, :func:`seggpt_lib.eval.metrics.evaluate`'s columns), ``summary``
-    (its summary, with the paint-nothing / paint-everything baselines), ``mappings``,
-    ``work_size``."""
+    Returns ``table`` (every pair, :func:`seggpt_lib.eval.metrics.evaluate`'s columns, the
+    ``calibrated_*`` ones and ``consistency``), ``summary`` (its summary, with the paint-nothing /
+    paint-everything baselines and ``calibrated``), ``operating_point`` (or None) and
+    ``operating_point_path`` (written there when ``results_dir`` is given:
+    :func:`operating_point_path`), ``curve`` (:func:`~seggpt_lib.eval.calibration.catch_yield_curve`
+    of the test pairs under the calibrated decision, per prompt class too), ``raw_curve`` (under
+    the raw decision), ``mappings``, ``work_size``."""
 
-    q_root, _ = eval_roots(split_root)
+    q_root, p_root = eval_roots(split_root)
     ws = work_size_of(work_size, q_root, em)
-    records, mappings = [], {}
-    for kind in ("positive", "negative", "free"):
+    point, point_path = None, None
+    if calibration_objective:
+        val_root = split_roots(split_root).get("val")
+        if val_root is None:
+            log(f"{split_root}: no val/ split: no calibration")
+        else:
+            point = calibrate_operating_point(em, val_root, grid=grid, top_k=top_k, work_size=ws,
+                                              tile_pairing=tile_pairing, objective=calibration_objective,
+                                              yield_target=calibration_yield_target, seed=seed, catch_iou=catch_iou,
+                                              yield_response=yield_response, log=log)
+        if point is not None and results_dir is not None:
+            point_path = save_operating_point(point, operating_point_path(results_dir, em.weights))
+    cfg = ScoringConfig(grid=grid, top_k=top_k, work_size=ws, tile_pairing=tile_pairing,
+                        extra={"grid": grid, "top_k": top_k}, operating_point=point, consistency=True)
+    queries, prompts = index_folder(scan_index(q_root)), index_folder(scan_index(p_root))
+    records, calibrated, pairs, mappings = [], [], [], {}
+    for kind in KINDS:
         m = prompt_mapping(split_root, kind, k=top_k, seed=seed, max_queries=max_queries)
         mappings[kind] = m
         if not m:
             log(f"no {kind} pairs in the test split")
             continue
-        records += predict_mapping(em, split_root, m, kind, grid=grid, top_k=top_k, work_size=ws,
-                                   tile_pairing=tile_pairing, log=log)
-    table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response)
-    return {"table": table, "summary": summary, "mappings": mappings, "work_size": ws, "tile_pairing": tile_pairing}
+        t0 = time.perf_counter()
+        for s in score_mapping(em.predictor, queries, {q: m[q] for q in sorted(m)}, kind, cfg, prompts=prompts):
+            c = s.prediction.consistency
+            s.result.extra["consistency"] = math.nan if c is None else float(c)
+            records.append(s.result)
+            if s.calibrated is not None:
+                calibrated.append(s.calibrated)
+            gt = None if s.result.gt is None else np.asarray(s.result.gt).astype(bool)
+            pairs.append(PairScore(s.result.query, s.result.kind, s.result.query_class, s.prompt_class,
+                                   np.asarray(s.prediction.score, dtype=np.float32), gt, c))
+        log(f"{kind} grid {grid} top-{top_k}: {len(m)} queries in {time.perf_counter() - t0:.1f} s")
+    table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response,
+                              calibrated=calibrated if point is not None else None)
+    kw = dict(catch_iou=catch_iou, yield_response=yield_response)
+    curve = catch_yield_curve(pairs, point.default if point is not None else DecisionConfig(), by_class=True, **kw)
+    raw_curve = catch_yield_curve(pairs, DecisionConfig(), **kw)
+    return {"table": table, "summary": summary, "operating_point": point, "operating_point_path": point_path,
+            "curve": curve, "raw_curve": raw_curve, "mappings": mappings, "work_size": ws, "tile_pairing": tile_pairing}
+
+
+def decision_table(raw: dict[str, Any], calibrated: dict[str, Any] | None = None,
+                   baselines: dict[str, Any] | None = None):
+    """The line's decision in rows: the model raw (snapped masks) and calibrated (the operating
+    point chosen on validation), the paint-nothing / paint-everything baselines and the original's
+    published point; columns catch rate, yield rate (negative prompts), defect-free yield, PES."""
+    cols = ("catch_rate", "yield_rate", "free_yield_rate", "pes")
+    b = baselines or {}
+    rows = [("model, raw (snapped mask)", raw), ("model, calibrated on val", calibrated),
+            ("paint nothing", b.get("paint_nothing")), ("paint everything", b.get("paint_everything")),
+            ("original (published)", {k: PUBLISHED.get(k, math.nan) for k in cols})]
+    out = [{"row": name, **{("PES" if c == "pes" else c): (v or {}).get(c, math.nan) for c in cols}}
+           for name, v in rows if v is not None]
+    df = pd.DataFrame(out)
+    return df.astype({c: float for c in df.columns if c != "row"})
+
+
+def decision_points(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The points of the catch / yield figure (:func:`seggpt_lib.experiments.viz.catch_yield_figure`)
+    from :func:`pair_evaluation`'s ``summary``: raw, calibrated (when there), the original's
+    published point and the two trivial baselines as measured on the same pairs."""
+    keys = ("catch_rate", "yield_rate", "free_yield_rate")
+    b = summary.get("baselines", {})
+    pts = {"raw": {k: summary.get(k) for k in keys}}
+    if summary.get("calibrated"):
+        pts["calibrated"] = {k: summary["calibrated"].get(k) for k in keys}
+    pts["original"] = {"catch_rate": PUBLISHED["catch_rate"], "yield_rate": PUBLISHED["yield_rate"]}
+    for name in ("paint_nothing", "paint_everything"):
+        if name in b:
+            pts[name] = {k: b[name].get(k) for k in keys}
+    return pts
+
+
+def operating_point_text(point: OperatingPoint | dict[str, Any] | None) -> str:
+    """One line saying which decision was chosen (objective, per-pixel threshold, min area, image
+    score and threshold, consistency threshold, classes with their own point)."""
+    if point is None:
+        return "no operating point (no validation split to calibrate on): raw masks only"
+    d = point.to_dict() if isinstance(point, OperatingPoint) else point
+    c = d["default"]
+    obj = d.get("objective", "max_pes")
+    if obj == "max_catch_at_yield" and d.get("yield_target") is not None:
+        obj += f" (yield target {d['yield_target']:g})"
+    parts = [f"pixel score >= {c['pixel_threshold']:g}", f"components >= {c['min_area']} px",
+             f"{c['image_score']} >= {c['image_threshold']:.4g}"]
+    if c.get("consistency_threshold") is not None:
+        parts.append(f"prompt consistency >= {c['consistency_threshold']:.3f}")
+    per = d.get("per_class") or {}
+    own = f"; {len(per)} prompt class(es) with their own point ({', '.join(sorted(per))})" if per else ""
+    n = (d.get("validation") or {}).get("n_pairs")
+    return (f"operating point ({obj}, chosen on {n} validation pairs): a defect when "
+            + ", ".join(parts) + own + ".")
+
+
+def operating_point_record(point: OperatingPoint | None, path: str | os.PathLike | None,
+                           results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What the summary keeps of an operating point: the decision(s), objective, where it was
+    written (relative to ``results_dir`` when inside it) and its validation figures."""
+    if point is None:
+        return {}
+    d = point.to_dict()
+    v = d.get("validation") or {}
+    label = None
+    if path is not None:
+        label = str(path)
+        if results_dir is not None:
+            try:
+                label = str(Path(path).resolve().relative_to(Path(results_dir).resolve()))
+            except ValueError:
+                pass
+    return {"path": label, "objective": d["objective"], "yield_target": d["yield_target"], "default": d["default"],
+            "per_class": d["per_class"], "settings": d["settings"],
+            "validation": {k: v.get(k) for k in ("n_pairs", "pairs", "raw", "calibrated", "auc_negative", "auc_free",
+                                                 "seconds")}}
+
+
+def curve_record(curve: dict[str, Any], raw_curve: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The AUCs of :func:`pair_evaluation`'s catch / yield curves (the test pairs): under the
+    calibrated decision (``auc_negative``, ``auc_free``, per prompt class) and the raw one."""
+    out = {"auc_negative": curve.get("auc_negative"), "auc_free": curve.get("auc_free")}
+    if raw_curve is not None:
+        out.update(raw_auc_negative=raw_curve.get("auc_negative"), raw_auc_free=raw_curve.get("auc_free"))
+    out["per_class"] = {c: {"auc_negative": v.get("auc_negative"), "auc_free": v.get("auc_free")}
+                        for c, v in (curve.get("per_class") or {}).items()}
+    return out
+
+
+def consistency_separation(table, good: float = 0.7, weak: float = 0.6) -> dict[str, Any]:
+    """Does the prompt consistency (column ``consistency``) separate positive from negative pairs?
+    ``auroc``: the chance that a positive pair scores higher than a negative one (ties count
+    half; 0.5 = no separation), ``separates`` (AUROC >= ``good``), the finite ``positive`` /
+    ``negative`` / ``free`` values and a ``sentence`` saying so."""
+    def vals(kind: str) -> np.ndarray:
+        if "consistency" not in table or "kind" not in table:
+            return np.zeros(0)
+        v = table.loc[table["kind"] == kind, "consistency"].to_numpy(dtype=float)
+        return v[np.isfinite(v)]
+
+    pos, neg, free = vals("positive"), vals("negative"), vals("free")
+    auroc = math.nan
+    if pos.size and neg.size:
+        s = np.sort(neg)
+        below = np.searchsorted(s, pos, side="left")
+        ties = np.searchsorted(s, pos, side="right") - below
+        auroc = float((below + 0.5 * ties).sum() / (pos.size * neg.size))
+    n = f"{pos.size} positive and {neg.size} negative pairs with a value"
+    if math.isnan(auroc):
+        sentence = f"The prompt consistency cannot be judged here ({n})."
+    elif auroc >= good:
+        sentence = (f"The prompt consistency separates positive from negative pairs: AUROC {auroc:.2f} "
+                    f"(0.5 = chance; {n}), so a consistency threshold can withdraw answers to a wrong prompt.")
+    elif auroc >= weak:
+        sentence = (f"The prompt consistency separates positive from negative pairs only weakly: AUROC {auroc:.2f} "
+                    f"(0.5 = chance; {n}).")
+    else:
+        sentence = (f"The prompt consistency does not separate positive from negative pairs for this model: "
+                    f"AUROC {auroc:.2f} (0.5 = chance; {n}), so it cannot tell a wrong prompt apart.")
+    return {"auroc": auroc, "separates": bool(auroc >= good) if not math.isnan(auroc) else False,
+            "n_positive": int(pos.size), "n_negative": int(neg.size), "n_free": int(free.size),
+            "positive": pos, "negative": neg, "free": free, "sentence": sentence}
 
 
 def per_image_tables(table) -> dict[str, Any]:
@@ -273,6 +485,9 @@ def per_image_tables(table) -> dict[str, Any]:
     cols = {"positive": ["file", "class", "prompts", "iou", "catch", "pred_pixels", "gt_pixels"],
             "negative": ["file", "class", "prompts", "iou", "response_rate", "yield", "pred_pixels"],
             "free": ["file", "class", "prompts", "response_rate", "yield", "pred_pixels"]}
+    extra = {"positive": ["calibrated_iou", "calibrated_catch"], "negative": ["calibrated_response_rate", "calibrated_yield"],
+             "free": ["calibrated_response_rate", "calibrated_yield"]}
+    cols = {k: c + [x for x in extra[k] if x in table] for k, c in cols.items()}
     out = {k: table[table["kind"] == k][c].reset_index(drop=True) for k, c in cols.items()}
     pos = out["positive"][["file", "class", "iou"]].rename(columns={"iou": "positive_iou"})
     neg = out["negative"][["file", "iou", "response_rate"]].rename(
@@ -287,21 +502,26 @@ def published_per_image():
 
 
 def comparison_table(summary: dict[str, Any], grid_miou: dict[int, float] | None = None):
-    """Our headline figures beside the original's published ones and the trivial baselines."""
+    """Our headline figures (``ours``: the raw masks; ``calibrated``: with the line's decision, when
+    the summary has it) beside the original's published ones and the trivial baselines."""
 
     b = summary.get("baselines", {})
     nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
+    cal = summary.get("calibrated")
     rows = []
     for s, v in sorted((grid_miou or {}).items()):
-        rows.append({"metric": f"mIoU, grid {s} (positive)", "ours": v, "original": PUBLISHED["grid_miou"].get(int(s), math.nan),
+        rows.append({"metric": f"mIoU, grid {s} (positive)", "ours": v, "calibrated": math.nan,
+                     "original": PUBLISHED["grid_miou"].get(int(s), math.nan),
                      "paint_nothing": nothing.get("miou", math.nan), "paint_everything": everything.get("miou", math.nan)})
     for key, label in (("miou", "positive mIoU"), ("catch_rate", "catch rate"), ("negative_miou", "negative mIoU"),
                        ("yield_rate", "yield rate (negative prompts)"), ("free_yield_rate", "defect-free yield"),
                        ("pes", "PES")):
         pub = PUBLISHED.get({"miou": "positive_miou"}.get(key, key), math.nan)
-        rows.append({"metric": label, "ours": summary.get(key, math.nan), "original": pub,
-                     "paint_nothing": nothing.get(key, math.nan), "paint_everything": everything.get(key, math.nan)})
-    return pd.DataFrame(rows)
+        rows.append({"metric": label, "ours": summary.get(key, math.nan), "calibrated": (cal or {}).get(key, math.nan),
+                     "original": pub, "paint_nothing": nothing.get(key, math.nan),
+                     "paint_everything": everything.get(key, math.nan)})
+    df = pd.DataFrame(rows, columns=["metric", "ours", "calibrated", "original", "paint_nothing", "paint_everything"])
+    return df if cal else df.drop(columns=["calibrated"])
 
 
 def example_rows(em: EvalModel, split_root: str | os.PathLike, table, mapping: dict[str, list[str]], n: int = 3,

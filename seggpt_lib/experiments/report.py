@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from seggpt_lib.experiments.config import REPO_ROOT
-from seggpt_lib.experiments.evaluation import PUBLISHED
+from seggpt_lib.experiments.evaluation import PUBLISHED, decision_table, operating_point_text
 from seggpt_lib.experiments.results import (
     BeyondFragment,
     DataFragment,
@@ -66,6 +66,12 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
     s04 = d04.summary if d04 is not None else {}
     for k in HEADLINE_KEYS:
         headline[k] = s04.get("miou" if k == "positive_miou" else k)
+    # the line's decision: the calibrated row beside the raw one (never in its place), the AUCs
+    cal04 = s04.get("calibrated") or {}
+    for k in HEADLINE_KEYS:
+        headline[f"calibrated_{k}"] = cal04.get("miou" if k == "positive_miou" else k)
+    curve04 = d04.curve if d04 is not None else {}
+    headline["auc_negative"], headline["auc_free"] = curve04.get("auc_negative"), curve04.get("auc_free")
     published_grid = PUBLISHED["grid_miou"]  # the original's mIoU by tiling grid
     summary = {
         "status": status,
@@ -73,6 +79,10 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
         "published": {**{f"miou_grid_{g}": published_grid[g] for g in (1, 2, 4)},
                       **{k: PUBLISHED[k] for k in ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "pes")}},
         "baselines": s04.get("baselines", {}),
+        "operating_point": d04.operating_point if d04 is not None else {},
+        "decision": {"curve": curve04, "consistency": d04.consistency if d04 is not None else {},
+                     "calibrated_counts": {k: cal04.get(k) for k in ("n_positive", "n_catch", "n_negative", "n_yield",
+                                                                     "n_free", "n_free_yield")} if cal04 else {}},
         "counts": {k: s04.get(k) for k in ("n_positive", "n_catch", "n_negative", "n_yield", "n_free", "n_free_yield")},
         "thresholds": {"catch_iou": s04.get("catch_iou", cfg.get("catch_iou")),
                        "yield_response": s04.get("yield_response", cfg.get("yield_response"))},
@@ -105,7 +115,8 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
 
 
 def headline_table(summary: dict[str, Any]):
-    """The headline as a table: metric, ours, original, paint nothing, paint everything."""
+    """The headline as a table: metric, ours (the raw masks), calibrated (the line's decision chosen
+    on validation; empty where it does not apply), original, paint nothing, paint everything."""
     h, pub, b = summary.get("headline", {}), summary.get("published", {}), summary.get("baselines", {})
     nothing, everything = b.get("paint_nothing", {}), b.get("paint_everything", {})
     labels = {"positive_miou": "positive mIoU", "catch_rate": "catch rate", "negative_miou": "negative mIoU",
@@ -116,14 +127,15 @@ def headline_table(summary: dict[str, Any]):
         if k.startswith("miou_grid_"):
             rest = k[len("miou_grid_"):]
             label = f"mIoU grid {rest.replace('_top', ', top-')}"
-            rows.append({"metric": label, "ours": v, "original": pub.get(k), "paint_nothing": nothing.get("miou"),
-                         "paint_everything": everything.get("miou")})
+            rows.append({"metric": label, "ours": v, "calibrated": None, "original": pub.get(k),
+                         "paint_nothing": nothing.get("miou"), "paint_everything": everything.get("miou")})
     for k in HEADLINE_KEYS:
         if k in h:
-            rows.append({"metric": labels[k], "ours": h[k], "original": pub.get(k),
+            rows.append({"metric": labels[k], "ours": h[k], "calibrated": h.get(f"calibrated_{k}"), "original": pub.get(k),
                          "paint_nothing": nothing.get(bkey.get(k, k)), "paint_everything": everything.get(bkey.get(k, k))})
-    df = pd.DataFrame(rows, columns=["metric", "ours", "original", "paint_nothing", "paint_everything"])
-    return df.astype({c: float for c in ("ours", "original", "paint_nothing", "paint_everything")}, errors="ignore")
+    cols = ["metric", "ours", "calibrated", "original", "paint_nothing", "paint_everything"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.astype({c: float for c in cols[1:]}, errors="ignore")
 
 
 def _html_table(df, floatfmt: str = ".3f") -> str:
@@ -172,6 +184,36 @@ def _beyond_html(summary: dict[str, Any]) -> list[str]:
             f"{b.get('grid')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
 
 
+def _decision_html(summary: dict[str, Any]) -> list[str]:
+    """The line's decision: the raw and calibrated rows of the test pairs, beside the baselines and
+    the original's point; the operating point, the AUCs, the prompt consistency's verdict."""
+    h = summary.get("headline", {})
+    keys = ("catch_rate", "yield_rate", "free_yield_rate", "pes")
+    if h.get("catch_rate") is None:
+        return []
+    cal = {k: h.get(f"calibrated_{k}") for k in keys}
+    df = decision_table({k: h.get(k) for k in keys}, cal if cal["catch_rate"] is not None else None,
+                        summary.get("baselines"))
+    op = summary.get("operating_point") or {}
+    d = summary.get("decision") or {}
+
+    def auc(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    notes = [operating_point_text(op or None)]
+    if op.get("path"):
+        notes.append(f"Written to <code>{html.escape(str(op['path']))}</code>.")
+    notes.append(f"Catch / yield curve on the test pairs (the decision's image threshold swept): AUC "
+                 f"{auc(h.get('auc_negative'))} with negative prompts, {auc(h.get('auc_free'))} with defect-free "
+                 f"queries (figure <a href=\"figures/04_catch_yield.png\">04_catch_yield</a>).")
+    sentence = (d.get("consistency") or {}).get("sentence")
+    if sentence:
+        notes.append(sentence)
+    return ["<h2>The line's decision: raw and calibrated</h2>", _html_table(df),
+            "<p><small>" + " ".join(n if n.startswith("Written") or n.startswith("Catch") else html.escape(n)
+                                    for n in notes) + "</small></p>"]
+
+
 def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """``index.html``: headline table, run settings, links to every report, table and figure
     (relative links; inline CSS, no script, nothing fetched)."""
@@ -202,6 +244,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
         "<p><small>original: the published figures of the project this one grows from (11 VISION queries, grid 2; "
         "one per defect type). Paint nothing / paint everything: trivial baselines on the same pairs. "
         "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
+        *_decision_html(summary),
         *_beyond_html(summary),
         "<h2>Run</h2>",
         f"<table class=meta>{meta_rows}</table>",
@@ -218,6 +261,12 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     for p in sorted(dirs["figures"].glob("*.png")):
         parts.append(f"<a href=\"figures/{h(p.name)}\"><img src=\"figures/{h(p.name)}\" alt=\"{h(p.stem)}\">{h(p.stem)}</a>")
     parts.append("</div><h2>Files</h2><ul><li><a href=\"summary.json\">summary.json</a>: every figure and setting</li></ul>")
+    parts.append("<h2>Explorer</h2><p>Try other queries, prompts, top-k and grids on this run interactively: "
+                 "<code>make lab</code> in the repository opens <code>notebooks/explorer.ipynb</code> in JupyterLab "
+                 "at <a href=\"http://localhost:8888/lab/tree/notebooks/explorer.ipynb\">"
+                 "http://localhost:8888/lab/tree/notebooks/explorer.ipynb</a> (while it runs; "
+                 "<code>make lab NO_BROWSER=1</code> on a headless machine). It reads the repository's "
+                 "<code>results/</code>; for another results folder set its <code>results_dir</code> parameter.</p>")
     parts.append("</body></html>\n")
     path = root / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -229,7 +229,10 @@ class GridAblationFragment(Fragment):
 
 @dataclass
 class PairEvaluationFragment(Fragment):
-    """Notebook 04: catch, yield and PES (``summary``: :func:`seggpt_lib.eval.metrics.evaluate`'s)."""
+    """Notebook 04: catch, yield and PES (``summary``: :func:`seggpt_lib.eval.metrics.evaluate`'s,
+    the raw masks' figures with ``calibrated`` beside them: the line's decision chosen on the
+    validation split, ``operating_point``), the AUCs of the catch / yield curve (``curve``) and
+    whether the prompt consistency separates positive from negative pairs (``consistency``)."""
 
     NAME: ClassVar[str] = "04_pair_evaluation"
     summary: dict[str, Any] = field(default_factory=dict)
@@ -240,6 +243,25 @@ class PairEvaluationFragment(Fragment):
     weights: str | None = None
     device: str | None = None
     comparison: list[dict[str, Any]] = field(default_factory=list)
+    operating_point: dict[str, Any] = field(default_factory=dict)  # evaluation.operating_point_record
+    curve: dict[str, Any] = field(default_factory=dict)  # evaluation.curve_record
+    consistency: dict[str, Any] = field(default_factory=dict)  # auroc, separates, counts, sentence
+
+    @classmethod
+    def build(cls, ev: dict[str, Any], em, results_dir: str | os.PathLike, grid: int, top_k: int,
+              comparison) -> "PairEvaluationFragment":
+        """From :func:`~seggpt_lib.experiments.evaluation.pair_evaluation`'s result ``ev``, the
+        :class:`~seggpt_lib.experiments.evaluation.EvalModel` scored and the comparison table."""
+        from seggpt_lib.experiments import evaluation as EV
+
+        sep = EV.consistency_separation(ev["table"])
+        return cls(summary=ev["summary"], grid=grid, top_k=top_k, work_size=ev["work_size"],
+                   tile_pairing=ev["tile_pairing"], weights=em.weights, device=em.device,
+                   comparison=comparison.to_dict("records"),
+                   operating_point=EV.operating_point_record(ev["operating_point"], ev["operating_point_path"],
+                                                             results_dir),
+                   curve=EV.curve_record(ev["curve"], ev.get("raw_curve")),
+                   consistency={k: v for k, v in sep.items() if k not in ("positive", "negative", "free")})
 
 
 @dataclass

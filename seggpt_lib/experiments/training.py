@@ -14,9 +14,9 @@ import torch
 from seggpt_lib.data.pairs import PairConfig, PairDataset
 from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.engine.trainer import TrainConfig, build_model, train
-from seggpt_lib.model.checkpoint import save_weights
 from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset
 from seggpt_lib.experiments.dataset import has_positive_pairs, scan_index, split_roots
+from seggpt_lib.model.checkpoint import save_weights
 
 
 def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, settings: TrainSettings,

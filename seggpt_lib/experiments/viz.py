@@ -39,12 +39,14 @@ from seggpt_lib.utils.masking import patch_mask_to_pixels
 
 __all__ = [
     "PANEL_TITLES",
+    "EXPLORER_LEGEND",
     "Explorer",
     "bar_chart",
     "colorize",
     "contact_sheet",
     "dataset_samples",
     "figure_png",
+    "find_results_dir",
     "five_panel_figure",
     "model_panel_rows",
     "overlay",
@@ -52,6 +54,9 @@ __all__ = [
     "pair_samples_figure",
     "prediction_panel_row",
     "rate_figure",
+    "catch_yield_by_class",
+    "catch_yield_figure",
+    "consistency_histograms",
     "resize_image",
     "show",
     "stack_pair",
@@ -417,22 +422,209 @@ def rate_figure(table, catch_iou: float = CATCH_IOU, yield_response: float = YIE
 
 
 # ------------------------------------------------------------------------------------------
+# the line's decision (notebook 04): catch against yield, prompt consistency
+# ------------------------------------------------------------------------------------------
+_NEG_RGB, _FREE_RGB = "#3d5a80", "#ee964b"
+# name -> (label, marker, size, face colour or None = the yield kind's colour)
+_DECISION_MARKERS: dict[str, tuple[str, str, float, str | None]] = {
+    "raw": ("raw (snapped mask)", "o", 60, None),
+    "calibrated": ("calibrated on val", "*", 200, None),
+    "original": ("original (published)", "D", 55, "#222222"),
+    "paint_nothing": ("paint nothing", "s", 55, "#9a9a9a"),
+    "paint_everything": ("paint everything", "^", 60, "#9a9a9a"),
+}
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _auc_text(v: Any) -> str:
+    return f"AUC {v:.3f}" if _finite(v) else "AUC –"
+
+
+def _catch_yield_axes(ax, curve: dict[str, Any], points: dict[str, dict[str, Any]] | None, legend: bool,
+                      raw_curve: dict[str, Any] | None = None) -> None:
+    from matplotlib.lines import Line2D
+
+    for key, auc_key, colour, label in (("yield_negative", "auc_negative", _NEG_RGB, "negative prompts"),
+                                        ("yield_free", "auc_free", _FREE_RGB, "defect-free queries")):
+        y = np.asarray(curve.get(key) or [], dtype=float)
+        c = np.asarray(curve.get("catch") or [], dtype=float)
+        if y.size and np.isfinite(y).any():
+            ax.step(y, c, where="post", color=colour, lw=1.8, label=f"{label} ({_auc_text(curve.get(auc_key))})")
+        if raw_curve is not None:
+            yr = np.asarray(raw_curve.get(key) or [], dtype=float)
+            cr = np.asarray(raw_curve.get("catch") or [], dtype=float)
+            if yr.size and np.isfinite(yr).any():
+                ax.step(yr, cr, where="post", color=colour, lw=1.0, ls=":",
+                        label=f"{label}, raw decision ({_auc_text(raw_curve.get(auc_key))})")
+    handles = []
+    for name, p in (points or {}).items():
+        label, marker, size, face = _DECISION_MARKERS.get(name, (name, "P", 60, "#555555"))
+        shown = False
+        for ykey, colour in (("yield_rate", _NEG_RGB), ("free_yield_rate", _FREE_RGB)):
+            x, yv = p.get(ykey), p.get("catch_rate")
+            if _finite(x) and _finite(yv):
+                ax.scatter([x], [yv], marker=marker, s=size, color=face or colour, edgecolors="k", linewidths=0.7,
+                           zorder=5)
+                shown = True
+        if shown:
+            handles.append(Line2D([], [], ls="", marker=marker, markersize=math.sqrt(size), markerfacecolor="white",
+                                  markeredgecolor="k", label=label))
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    if legend:
+        h, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=h + handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def catch_yield_figure(curve: dict[str, Any], points: dict[str, dict[str, Any]] | None = None,
+                       raw_curve: dict[str, Any] | None = None, title: str = ""):
+    """Catch rate against yield rate as the decision's image threshold sweeps
+    (:func:`seggpt_lib.eval.calibration.catch_yield_curve`'s ``curve``): one curve with the yield on
+    negative prompts, one on defect-free queries, their AUC in the legend; ``raw_curve`` (the raw
+    decision's) dotted. ``points``: ``{name: {catch_rate, yield_rate, free_yield_rate}}``, named
+    ``raw``, ``calibrated``, ``original``, ``paint_nothing``, ``paint_everything`` (see
+    :func:`seggpt_lib.experiments.evaluation.decision_points`), each drawn at its negative-prompt
+    yield (blue) and defect-free yield (orange); the marker says which point it is."""
+    fig = _new_figure((9.6, 5.4))
+    ax = fig.subplots()
+    _catch_yield_axes(ax, curve, points, legend=True, raw_curve=raw_curve)
+    ax.set_xlabel("yield rate (correct yields / pairs without the prompted defect)")
+    ax.set_ylabel("catch rate (IoU ≥ catch threshold)")
+    ax.set_title(title or "Catch against yield as the decision threshold sweeps", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def catch_yield_by_class(per_class: dict[str, dict[str, Any]], max_panels: int = 16, ncols: int = 4,
+                         title: str = ""):
+    """Small multiples of :func:`catch_yield_figure`'s curves, one per prompt class (the first
+    ``max_panels`` classes by name), AUCs in each title."""
+    names = sorted(per_class)[:max_panels]
+    ncols = max(1, min(ncols, len(names)))
+    nrows = max(1, math.ceil(len(names) / ncols))
+    fig = _new_figure((2.7 * ncols, 2.5 * nrows + 0.4))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True)).ravel()
+    for ax, name in zip(axes, names):
+        c = per_class[name]
+        _catch_yield_axes(ax, c, None, legend=False)
+        ax.set_title(f"{name}\nAUC neg {_fmt_auc(c.get('auc_negative'))} · free {_fmt_auc(c.get('auc_free'))}",
+                     fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Catch (y) against yield (x) per prompt class: negative prompts blue, defect-free orange",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt_auc(v: Any) -> str:
+    return f"{v:.2f}" if _finite(v) else "–"
+
+
+def consistency_histograms(positive: Sequence[float], negative: Sequence[float], free: Sequence[float] = (),
+                           threshold: float | None = None, auroc: float | None = None, bins: int = 24, title: str = ""):
+    """Distributions of the prompt consistency of positive vs negative pairs (and defect-free
+    queries, outlined), with the calibrated consistency threshold dashed when there is one and
+    the AUROC (positive above negative) in the title."""
+    fig = _new_figure((6.4, 3.6))
+    ax = fig.subplots()
+    groups = [("positive prompts", np.asarray(positive, float), "#2a9d4b"),
+              ("negative prompts", np.asarray(negative, float), _NEG_RGB),
+              ("defect-free queries", np.asarray(free, float), _FREE_RGB)]
+    allv = np.concatenate([v[np.isfinite(v)] for _, v, _ in groups] + [np.zeros(0)])
+    edges = np.linspace(allv.min(), allv.max(), bins + 1) if allv.size and allv.min() < allv.max() else bins
+    for i, (label, v, colour) in enumerate(groups):
+        v = v[np.isfinite(v)]
+        if not v.size:
+            continue
+        if i < 2:
+            ax.hist(v, bins=edges, alpha=0.55, color=colour, label=f"{label} (n={v.size})")
+        else:
+            ax.hist(v, bins=edges, histtype="step", lw=1.5, color=colour, label=f"{label} (n={v.size})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"calibrated threshold {threshold:.3f}")
+    ax.set_xlabel("prompt consistency (cos to the prompt's defect − cos to its background)")
+    ax.set_ylabel("pairs")
+    sub = f" · AUROC {auroc:.2f} (0.5 = chance)" if _finite(auroc) else ""
+    ax.set_title((title or "Prompt consistency: positive vs negative pairs") + sub, fontsize=10)
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------
 # the explorer
 # ------------------------------------------------------------------------------------------
+PROMPT_RGB = (40, 120, 255)
+
+# the explorer's one colour legend, used by every one of its panels and by its widget
+EXPLORER_LEGEND: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red: predicted, no true defect (false alarm)", PRED_RGB),
+    ("green: true defect, not predicted (missed)", GT_RGB),
+    ("yellow: predicted true defect (hit)", BOTH_RGB),
+    ("blue: a prompt's defect mask", PROMPT_RGB),
+)
+
+
+def find_results_dir(results_dir: str | Path) -> Path:
+    """``results_dir`` as given when it is absolute or exists relative to the working directory,
+    else relative to the repository root: the notebooks run from ``notebooks/`` find the
+    repository's ``results/`` with the default ``results_dir = "results"``."""
+    p = Path(results_dir).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    from seggpt_lib.experiments.config import REPO_ROOT
+
+    return REPO_ROOT / p
+
+
+def _legend_html() -> str:
+    """The explorer's colour legend as HTML swatches (for the widget)."""
+    items = "".join(
+        f"<span style='display:inline-block;width:0.9em;height:0.9em;margin:0 0.3em 0 0.9em;vertical-align:middle;"
+        f"background:rgb{tuple(rgb)}'></span>{text}" for text, rgb in EXPLORER_LEGEND)
+    return f"<div style='font-size:0.9em'>{items}</div>"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class Explorer:
     """Callback logic of the explorer notebook: pick a query, its prompts, top-k and tiling grid, get
     the prediction, the overlay and the metrics.
 
     >>> ex = Explorer(predictor, "data/split/test", "data/split/train")
     >>> out = ex.update(query=ex.queries[0], top_k=1, grid=2)
-    >>> out["iou"], out["response_rate"], out["figure"]
+    >>> out["iou"], out["response_rate"], out["figure"], out["title"]
 
     ``prompts`` default to the query's own class (positive prompts, sorted, the query itself
-    excluded); pass any prompt files of ``prompt_root`` to try negative prompts.
+    excluded); pass any prompt files of ``prompt_root`` to try negative prompts. The first ``top_k``
+    of ``prompts`` are used, in the order given. A positive pair is scored by its IoU (catch or
+    escape); a negative pair and a defect-free query by the response rate (yield or overkill):
+    their ``iou`` is None.
+
+    Every panel of the figure uses one colour legend (:data:`EXPLORER_LEGEND`): on the query red is
+    predicted without a true defect, green a true defect not predicted, yellow both; a prompt's
+    mask is blue.
+
+    Decision threshold: the mask shown and scored is the line's decision
+    (:func:`seggpt_lib.eval.decision.decide`, pixel threshold only) on the prediction's per-pixel
+    defect score at ``threshold`` (0.5: the predictor's own snapped mask); :meth:`redraw` decides
+    the last prediction again at another threshold without running the model (the widget's
+    threshold slider). A prediction without a score keeps its mask (and the widget no slider).
     """
 
     def __init__(self, predictor, query_root: str | Path, prompt_root: str | Path, work_size: int | None = None,
-                 tile_pairing: str = "all", catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE) -> None:
+                 tile_pairing: str = "all", catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE,
+                 threshold: float = 0.5) -> None:
 
         self.predictor = predictor
         self.query_index = DefectIndex.scan(query_root, verify=False)
@@ -442,6 +634,9 @@ class Explorer:
         self.catch_iou = float(catch_iou)
         self.yield_response = float(yield_response)
         self.last: dict[str, Any] | None = None
+        self.threshold = float(threshold)
+        self.prediction = None  # the last update's Prediction
+        self._state: dict[str, Any] | None = None  # what redraw needs of the last update
         self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     # -- choices --------------------------------------------------------------------------
@@ -458,14 +653,27 @@ class Explorer:
     def query_class(self, query: str) -> str:
         return self.query_index.class_of(self.query_index.find(query))
 
-    def default_prompts(self, query: str, n: int = 3) -> list[str]:
-        """Up to ``n`` prompts of the query's own class (another class's when it is defect-free)."""
+    def prompt_class(self, prompt: str) -> str:
+        return self.prompt_index.class_of(self.prompt_index.find(prompt))
+
+    def default_prompts(self, query: str, n: int = 3, exclude: Sequence[str] = ()) -> list[str]:
+        """Up to ``n`` prompts of the query's own class (another class's when it is defect-free),
+        none of ``exclude``."""
         cls = self.query_class(query)
         idx = self.prompt_index
-        same = [f for i, f in enumerate(idx.files) if not idx.is_free[i] and idx.class_of(i) == cls and f != query]
+        skip = set(exclude) | {query}
+        same = [f for i, f in enumerate(idx.files) if not idx.is_free[i] and idx.class_of(i) == cls and f not in skip]
         if not same:
-            same = [f for f in self.prompt_files if f != query]
-        return same[:n]
+            same = [f for f in self.prompt_files if f not in skip]
+        return same[: max(0, int(n))]
+
+    def prompt_options(self, query: str, first: Sequence[str] = ()) -> list[str]:
+        """The prompt candidates in display order: ``first`` (in that order), then the query's class,
+        then the others by class."""
+        cls = self.query_class(query)
+        rest = [f for f in self.prompt_files if f not in set(first)]
+        rest.sort(key=lambda f: (self.prompt_class(f) != cls, self.prompt_class(f), f))
+        return [f for f in first if f in set(self.prompt_files)] + rest
 
     # -- data -----------------------------------------------------------------------------
     def _load(self, which: str, file: str) -> tuple[np.ndarray, np.ndarray]:
@@ -480,18 +688,42 @@ class Explorer:
             self._cache[key] = (read_rgb(idx.image_path(i)), read_label(idx.label_path(i)))
         return self._cache[key]
 
+    def decision(self, prediction, threshold: float | None = None):
+        """The line's decision on ``prediction`` at pixel threshold ``threshold`` (default
+        ``self.threshold``; 0.5 is the predictor's own snapped mask): ``(mask, defect)``, from
+        :func:`seggpt_lib.eval.decision.decide` on the per-pixel defect score (pixel threshold
+        only). A prediction without a score keeps its mask."""
+        from seggpt_lib.eval.decision import DecisionConfig, decide
+
+        t = self.threshold if threshold is None else float(threshold)
+        score = getattr(prediction, "score", None)
+        if score is None:
+            mask = np.asarray(prediction.mask, dtype=bool)
+            return mask, bool(mask.any())
+        d = decide(score, DecisionConfig(pixel_threshold=t))
+        return np.asarray(d.mask, dtype=bool), bool(d.defect)
+
     # -- the callback ---------------------------------------------------------------------
     def update(self, query: str | None = None, prompts: Sequence[str] | None = None, top_k: int = 1,
-               grid: int = 1, figure: bool = True) -> dict[str, Any]:
-        """Predict ``query`` from the first ``top_k`` of ``prompts`` on an n×n ``grid``; return the
-        metrics (``kind``, ``iou``, ``catch``, ``response_rate``, ``yield``, ``pred_pixels``,
-        ``gt_pixels``, ``n_pairs``, ``seconds``, ``prompts`` used) and ``figure`` (query with the
-        prediction overlaid, prediction vs ground truth, and the first prompt with its mask)."""
+               grid: int = 1, figure: bool = True, threshold: float | None = None) -> dict[str, Any]:
+        """Predict ``query`` from the first ``top_k`` of ``prompts`` (in the order given) on an n×n
+        ``grid``; return the metrics (``kind``, ``iou`` (positive pairs only, else None), ``catch``,
+        ``response_rate``, ``yield``, ``verdict``, ``defect`` (the line's pass/defect decision at
+        pixel ``threshold``), ``pred_pixels``, ``gt_pixels``, ``n_pairs``, ``seconds``, ``prompts``
+        used and their number ``top_k``), ``note`` (set when no prompt was given and the query's
+        default prompts were used), ``title`` and ``figure`` (the query, the prediction against the
+        ground truth, the defect score map (else the model's output), and every prompt used with
+        its mask). :meth:`redraw` changes the threshold without running the model again."""
 
         query = query or self.queries[0]
-        prompts = list(prompts) if prompts else self.default_prompts(query, max(1, int(top_k)))
-        top_k = max(1, int(top_k))
-        used = prompts[:top_k]
+        asked = max(1, int(top_k))
+        note = ""
+        prompts = [p for p in prompts] if prompts else []
+        if not prompts:
+            prompts = self.default_prompts(query, asked)
+            note = (f"no prompt chosen: using the {_plural(len(prompts), 'default prompt')} of "
+                    f"{'another class' if self.query_class(query) == 'free' else 'class ' + self.query_class(query)}")
+        used = list(dict.fromkeys(prompts))[:asked]
         if not used:
             raise ValueError("no prompt chosen")
         q_img, q_gt = self._load("query", query)
@@ -501,77 +733,229 @@ class Explorer:
         pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], grid=int(grid),
                                       tile_pairing=self.tile_pairing, work_size=int(ws))
         seconds = time.perf_counter() - t0
+        self.prediction = pred
+        self._state = {"query": query, "used": used, "grid": int(grid), "note": note, "seconds": seconds,
+                       "q_img": q_img, "gt": q_gt != 0, "prompts": p, "pred": pred}
+        return self.redraw(threshold, figure=figure)
+
+    def redraw(self, threshold: float | None = None, figure: bool = True) -> dict[str, Any]:
+        """The last :meth:`update`'s prediction decided again at pixel ``threshold`` (default
+        ``self.threshold``), without running the model: mask, metrics, verdicts and figure."""
+        st = self._state
+        if st is None:
+            raise ValueError("nothing to redraw: call update first")
+        if threshold is not None:
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+            self.threshold = float(threshold)
+        pred, gt, used, query = st["pred"], st["gt"], st["used"], st["query"]
         q_cls = self.query_class(query)
-        p_cls = [self.prompt_index.class_of(self.prompt_index.find(f)) for f in used]
-        gt = q_gt != 0
+        p_cls = [self.prompt_class(f) for f in used]
         if not gt.any():
             kind = "free"
         elif all(c != q_cls for c in p_cls):
             kind = "negative"
         else:
             kind = "positive"
-        score = iou_fn(pred.mask, gt)
-        resp = response_rate(pred.mask)
+        mask, defect = self.decision(pred)
+        resp = response_rate(mask)
         out: dict[str, Any] = {
-            "query": query, "query_class": q_cls, "prompts": used, "prompt_classes": p_cls, "kind": kind,
-            "top_k": top_k, "grid": int(grid), "iou": score, "catch": is_catch(score, self.catch_iou) if kind == "positive" else None,
-            "response_rate": resp, "yield": is_yield(resp, self.yield_response) if kind != "positive" else None,
-            "pred_pixels": int(pred.mask.sum()), "gt_pixels": int(gt.sum()), "n_pairs": int(pred.n_pairs),
-            "seconds": seconds,
+            "query": query, "query_class": q_cls, "prompts": list(used), "prompt_classes": p_cls, "kind": kind,
+            "top_k": len(used), "grid": st["grid"], "tile_pairing": self.tile_pairing,
+            "iou": None, "catch": None, "response_rate": resp, "yield": None,
+            "threshold": self.threshold if getattr(pred, "score", None) is not None else None,
+            "defect": defect, "pred_pixels": int(mask.sum()), "gt_pixels": int(gt.sum()),
+            "n_pairs": int(pred.n_pairs), "seconds": st["seconds"], "note": st["note"],
         }
+        if kind == "positive":
+            out["iou"] = iou_fn(mask, gt)
+            out["catch"] = is_catch(out["iou"], self.catch_iou)
+            out["verdict"] = "good catch" if out["catch"] else "escape"
+        else:
+            out["yield"] = is_yield(resp, self.yield_response)
+            out["verdict"] = "correct yield" if out["yield"] else "overkill"
+        out["title"] = self._title(out)
         if figure:
-            panels = [overlay(q_img, pred.mask), overlay_pred_gt(q_img, pred.mask, gt),
-                      to_rgb_uint8(pred.color), overlay(p[0][0], p[0][1], GT_RGB)]
-            titles = [f"{query} + prediction", "green missed / red false / yellow hit", "snapped prediction",
-                      f"prompt {used[0]}"]
-            fig = contact_sheet(panels, titles, ncols=4, cell=2.6,
-                                suptitle=f"{kind}: IoU {score:.3f}, response {resp:.6f}, grid {grid}, top-{top_k}")
-            out["figure"] = fig
+            out["figure"] = self._figure(out, st["q_img"], gt, mask, pred, st["prompts"])
         self.last = out
         return out
 
+    def _score_text(self, o: dict[str, Any]) -> str:
+        if o["kind"] == "positive":
+            return f"IoU {o['iou']:.3f} → {o['verdict']} (catch: IoU ≥ {self.catch_iou:g})"
+        return f"response rate {o['response_rate']:.6f} → {o['verdict']} (yield: response < {self.yield_response:g})"
+
+    def _ran_text(self, o: dict[str, Any]) -> str:
+        return (f"{_plural(len(o['prompts']), 'prompt')}, {_plural(o['n_pairs'], 'pair')} ran "
+                f"(grid {o['grid']}, {o['tile_pairing']} tile pairing)")
+
+    def _decision_text(self, o: dict[str, Any]) -> str:
+        at = "" if o["threshold"] is None else f" at pixel threshold {o['threshold']:.2f}"
+        return f"line's decision{at}: {'DEFECT' if o['defect'] else 'PASS'}"
+
+    def _title(self, o: dict[str, Any]) -> str:
+        what = {"positive": "positive pair", "negative": "negative pair", "free": "defect-free query"}[o["kind"]]
+        return f"{what}: {self._score_text(o)}\n{self._decision_text(o)}; {self._ran_text(o)}"
+
+    def _figure(self, o: dict[str, Any], q_img, gt, mask, pred, prompts):
+        from matplotlib.patches import Patch
+
+        score = getattr(pred, "score", None)
+        panels = [(to_rgb_uint8(q_img), f"query {o['query']} ({o['query_class']})", None),
+                  (overlay_pred_gt(q_img, mask, gt), "prediction vs truth", None)]
+        if score is not None:
+            panels.append((np.asarray(score, dtype=np.float32),
+                           f"defect score 0 → 1 (≥ {o['threshold']:.2f}: predicted)", "gray"))
+        else:
+            panels.append((to_rgb_uint8(pred.color), "model output (its own colours)", None))
+        for j, ((img, m), f, c) in enumerate(zip(prompts, o["prompts"], o["prompt_classes"])):
+            panels.append((overlay(img, m, PROMPT_RGB), f"prompt {j + 1}: {f} ({c})", None))
+        n = len(panels)
+        ncols = min(n, 4)
+        nrows = math.ceil(n / ncols)
+        cell = 2.6
+        fig = _new_figure((cell * ncols, (cell + 0.3) * nrows + 1.3))
+        fig.set_layout_engine("constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for k in range(nrows * ncols):
+            ax = axes[k // ncols][k % ncols]
+            ax.axis("off")
+            if k < n:
+                img, title, cmap = panels[k]
+                if cmap:
+                    ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+                else:
+                    ax.imshow(img, interpolation="nearest")
+                ax.set_title(title, fontsize=7)
+        fig.suptitle(o["title"], fontsize=9)
+        fig.legend(handles=[Patch(color=np.asarray(rgb) / 255, label=t) for t, rgb in EXPLORER_LEGEND],
+                   loc="outside lower center", ncol=2, fontsize=7, frameon=False)
+        return fig
+
     def metrics_text(self, out: dict[str, Any] | None = None) -> str:
-        """One line of the metrics of an :meth:`update` result."""
+        """One line of the metrics of an :meth:`update` result: the IoU for a positive pair, the
+        response rate for a negative pair or a defect-free query."""
         o = out or self.last or {}
         if not o:
             return ""
-        verdict = ""
-        if o["kind"] == "positive":
-            verdict = "good catch" if o["catch"] else "escape"
-        else:
-            verdict = "correct yield" if o["yield"] else "overkill"
-        return (f"{o['kind']} | IoU {o['iou']:.3f} | response {o['response_rate']:.6f} | {verdict} | "
-                f"{o['n_pairs']} pairs in {o['seconds']:.2f} s")
+        extra = " | IoU is for positive pairs only" if o["kind"] != "positive" else f" | response {o['response_rate']:.6f}"
+        return (f"{o['kind']} | {self._score_text(o)}{extra} | {self._decision_text(o)} | "
+                f"{_plural(len(o['prompts']), 'prompt')}, "
+                f"{_plural(o['n_pairs'], 'pair')} in {o['seconds']:.2f} s")
 
     def widget(self, grid_choices: Sequence[int] = (1, 2, 4), max_top_k: int = 5):
-        """The ipywidgets UI (query, prompts, top-k, grid) calling :meth:`update` on change."""
+        """The ipywidgets UI: query, tiling grid, top-k and the prompts; every change redraws.
+
+        The highlighted prompts are exactly the ones used, in the order they were clicked; top-k
+        is their number (moving the slider drops the last clicked, or adds the query's default
+        prompts). Prompts chosen by the explorer (a new query, a top-k change) are moved to the
+        top of the list so they stay in sight; an empty selection falls back to the default
+        prompts and says so. The threshold slider (shown when the predictions carry a per-pixel
+        defect score) decides the last prediction again (mask, score map, pass/defect verdict)
+        without running the model. Children: ``[HBox(query, grid, top-k[, threshold]), prompts,
+        text, figure]``."""
+        import html as _html
+
         import ipywidgets as W
+        from IPython import get_ipython
         from IPython.display import Image, display
 
-        q = W.Dropdown(options=self.queries, description="query")
-        pr = W.SelectMultiple(options=self.prompt_files, rows=6, description="prompts")
+        in_ipython = get_ipython() is not None
+
+        q = W.Dropdown(options=[(f"{f}  ({self.query_class(f)})", f) for f in self.queries], description="query",
+                       layout=W.Layout(width="22em"))
+        pr = W.SelectMultiple(options=[], rows=8, description="prompts", layout=W.Layout(width="36em"))
         k = W.IntSlider(value=1, min=1, max=max_top_k, description="top-k")
-        s = W.Dropdown(options=list(grid_choices), value=grid_choices[0], description="grid")
+        s = W.Dropdown(options=list(grid_choices), value=grid_choices[0], description="grid",
+                       layout=W.Layout(width="10em"))
+        t = W.FloatSlider(value=self.threshold, min=0.0, max=1.0, step=0.01, description="threshold",
+                          tooltip="pixel threshold on the defect score (0.5: the snapped mask)")
         text = W.HTML()
         out = W.Output()
+        row = W.HBox([q, s, k])
+        state: dict[str, Any] = {"order": [], "busy": False}
 
-        def set_default_prompts(*_):
-            pr.value = tuple(self.default_prompts(q.value, max_top_k))
+        def label(f: str) -> str:
+            return f"{self.prompt_class(f)}  /  {f}"
 
-        def refresh(*_):
+        def show_selection(order: list[str], to_top: bool) -> None:
+            """Highlight exactly ``order`` (moved to the top of the list when ``to_top``)."""
+            state["busy"] = True
+            try:
+                if to_top:
+                    pr.options = [(label(f), f) for f in self.prompt_options(q.value, order)]
+                pr.value = tuple(order)
+                if k.value != max(1, len(order)):
+                    k.value = max(1, len(order))
+            finally:
+                state["busy"] = False
+            state["order"] = list(order)
+
+        def refresh(note: str = "", predict: bool = True) -> None:
             with out:
-                out.clear_output(wait=True)
+                if in_ipython:
+                    out.clear_output(wait=True)
                 try:
-                    res = self.update(query=q.value, prompts=list(pr.value) or None, top_k=k.value, grid=s.value)
+                    if predict:
+                        res = self.update(query=q.value, prompts=state["order"] or None,
+                                          top_k=max(1, len(state["order"])), grid=s.value, threshold=t.value)
+                    else:
+                        res = self.redraw(threshold=t.value)
                 except ValueError as e:
-                    text.value = f"<b>error:</b> {e}"
+                    text.value = f"<b>error:</b> {_html.escape(str(e))}"
                     return
-                text.value = f"<code>{self.metrics_text(res)}</code>"
-                display(Image(data=figure_png(res["figure"])))
+                state["last_note"] = note
+                used = " ".join(f"<b>{j + 1}.</b> {_html.escape(label(f))}" for j, f in enumerate(res["prompts"]))
+                notes = [n for n in (note, res.get("note")) if n]
+                text.value = ("".join(f"<div style='color:#b45309'><b>note:</b> {_html.escape(n)}</div>" for n in notes)
+                              + f"<div>prompts used: {used}</div>"
+                              + f"<div><code>{_html.escape(self.metrics_text(res))}</code></div>" + _legend_html())
+                if in_ipython:
+                    display(Image(data=figure_png(res["figure"])))
 
-        q.observe(set_default_prompts, names="value")
-        for w in (pr, k, s):
-            w.observe(refresh, names="value")
-        set_default_prompts()
-        refresh()
-        return W.VBox([W.HBox([q, s, k]), pr, text, out])
+        def on_query(change=None) -> None:
+            show_selection(self.default_prompts(q.value, k.value), to_top=True)
+            refresh()
+
+        def on_prompts(change) -> None:
+            if state["busy"]:
+                return
+            chosen = list(change["new"])
+            order = [f for f in state["order"] if f in chosen] + [f for f in chosen if f not in state["order"]]
+            note = ""
+            if not order:
+                order = self.default_prompts(q.value, k.value)
+                note = (f"no prompt selected: fell back to the {_plural(len(order), 'default prompt')} "
+                        f"({', '.join(order)})")
+                show_selection(order, to_top=True)
+            else:
+                if len(order) > max_top_k:
+                    note = f"at most {max_top_k} prompts: kept the first {max_top_k} clicked"
+                    order = order[:max_top_k]
+                show_selection(order, to_top=False)
+            refresh(note)
+
+        def on_top_k(change) -> None:
+            if state["busy"]:
+                return
+            n = int(change["new"])
+            order = state["order"][:n]
+            note = ""
+            if len(order) < n:
+                order += self.default_prompts(q.value, n - len(order), exclude=order)
+                if len(order) < n:
+                    order += [f for f in self.prompt_files if f not in order and f != q.value][: n - len(order)]
+                if len(order) < n:
+                    note = f"only {_plural(len(order), 'prompt')} available"
+            show_selection(order, to_top=True)
+            refresh(note)
+
+        q.observe(on_query, names="value")
+        pr.observe(on_prompts, names="value")
+        k.observe(on_top_k, names="value")
+        s.observe(lambda change: refresh(), names="value")
+        t.observe(lambda change: refresh(state.get("last_note", ""), predict=False), names="value")
+        on_query()
+        if getattr(self.prediction, "score", None) is not None:  # a per-pixel score: the threshold slider
+            row.children = (q, s, k, t)
+        return W.VBox([row, pr, text, out])

@@ -9,14 +9,17 @@ Formats understood by :func:`load_weights`:
 * the project's own ``.safetensors`` (official names, the model config in the metadata) and
   training checkpoint folders (``.../checkpoints/last`` holding ``model.safetensors``).
 
-Pickles are always read with ``torch.load(..., weights_only=True)``: a checkpoint never runs code.
+Pickles are always read with ``torch.load(..., weights_only=True)`` (:func:`safe_torch_load`): a
+checkpoint never runs code, and a file that is not one gets a one-line error naming it.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -181,10 +184,57 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+_TORCH_ADVICE = ("weights only load failed", "weights_only", "torch.serialization", "check the documentation",
+                 "do those steps only", "please file an issue", "this file can still be loaded")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """The informative line of an exception message, without PyTorch's advice to turn safety off."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [ln.strip(" \t.") for ln in text.splitlines()]
+    keep = [ln for ln in lines if ln and not any(a in ln.lower() for a in _TORCH_ADVICE)]
+    line = keep[0] if keep else (lines[0] if lines else "")
+    line = line.replace("WeightsUnpickler error: ", "").split(". ")[0]  # the first sentence
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def safe_torch_load(path: str | os.PathLike[str], what: str = "checkpoint",
+                    hint: str = "use a .safetensors file or a plain state dict of tensors") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+
+    Every failure is a one-line :class:`CheckpointError` naming the file and what is wrong: empty,
+    not a PyTorch file (corrupt, truncated, another format), or holding Python objects that only
+    an unsafe load could build (refused: loading them could run code).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: empty file (0 bytes), not a {what}")
+    try:
+        with warnings.catch_warnings():  # garbage often "looks like" another pickle protocol: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if re.search(r"was not an allowed global|is blocked|must be \S+ to load", msg):
+            g = re.search(r"GLOBAL (\S+)", msg)
+            obj = f"a Python object ({g.group(1)})" if g else "Python objects"
+            raise CheckpointError(
+                f"{p}: cannot be read safely: it holds {obj} that only an unsafe load could build, and loading "
+                f"it could run code; it was not loaded ({hint})") from None
+        raise CheckpointError(f"{p}: not a readable {what} (corrupt, truncated or another format: {_one_line(msg)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{p}: not a readable {what} (corrupt, truncated or another format: "
+                              f"{type(e).__name__}: {_one_line(str(e))})") from None
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, SegGPTConfig | None]:
     """Read any supported file into official names; also return the config when the file says it."""
     p = _resolve(path)
     cfg: SegGPTConfig | None = None
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: empty file (0 bytes), not a checkpoint")
     try:
         if p.suffix == ".safetensors":
             sd = load_file(str(p))
@@ -194,7 +244,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, SegGPTConf
             if "seggpt_config" in meta:
                 cfg = SegGPTConfig.from_dict(json.loads(meta["seggpt_config"]))
         else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            obj = safe_torch_load(p)
             if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
                 obj = obj["model"]
             elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -205,9 +255,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, SegGPTConf
     except (CheckpointError, FileNotFoundError):
         raise
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{p}: cannot read checkpoint (truncated or not a checkpoint): {e}") from e
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise CheckpointError(f"{p}: cannot read checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{p}: cannot read checkpoint (truncated or not a checkpoint): {_one_line(str(e))}") from None
+    except Exception as e:  # anything else a broken file raises
+        raise CheckpointError(f"{p}: cannot read checkpoint: {type(e).__name__}: {_one_line(str(e))}") from None
     sd = _strip_wrappers(sd)
     if is_hf_state_dict(sd):
         sd = hf_to_official(sd)

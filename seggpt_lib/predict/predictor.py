@@ -52,10 +52,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seggpt_lib.data.layout import read_label, read_rgb
 from seggpt_lib.model.checkpoint import build_from_checkpoint
 from seggpt_lib.model.seggpt import SegGPT
-from seggpt_lib.predict.tiling import Window, canvas_size, plan_windows
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl
+from seggpt_lib.predict.consistency import patch_fraction, prompt_consistency
+from seggpt_lib.predict.tiling import Window, canvas_size, check_grid, plan_windows
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, defect_score
 from seggpt_lib.utils.device import PRECISIONS, autocast
 from seggpt_lib.utils.masking import query_half_mask
 
@@ -79,6 +81,7 @@ ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
 
 DEFAULT_DEFECT_COLOR: tuple[int, int, int] = (255, 255, 255)
 TILE_PAIRINGS = ("all", "aligned")
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
 
 
 class PromptMaskError(ValueError):
@@ -95,12 +98,12 @@ def _name(obj: Any, fallback: str) -> str:
 def load_rgb(image: ImageLike) -> np.ndarray:
     """An image as ``(H, W, 3)`` uint8: numpy (HxW, HxWx1/3/4), torch ``(3, H, W)``, PIL or a path.
 
-    Grey images are repeated to three channels and an alpha channel is dropped.
+    Grey images are repeated to three channels and an alpha channel is dropped. A path is read
+    with :func:`seggpt_lib.data.layout.read_rgb`: a missing, unreadable or truncated file raises
+    :class:`~seggpt_lib.data.layout.DatasetError` naming the file.
     """
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            im.load()
-            image = im.convert("RGB")
+        return read_rgb(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -126,19 +129,13 @@ def load_rgb(image: ImageLike) -> np.ndarray:
 
 
 def load_mask_file(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask file as a 2-D array (values as stored).
-
-    Single-channel PNGs (L, P, 1, I) are read as they are; a colour file is accepted only when
-    its channels agree (a grey mask saved as RGB), otherwise :class:`PromptMaskError`.
+    """Read a mask file as a uint8 ``(H, W)`` array: :func:`seggpt_lib.data.layout.read_label`,
+    the one rule of training and inference (single-channel values as stored, 16-bit values kept
+    or a binary 0/65535 mask as 0/255, a grey mask saved as colour as its grey value, a colour
+    mask: non-black = defect). A missing, unreadable or truncated file raises
+    :class:`~seggpt_lib.data.layout.DatasetError` naming the file.
     """
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("1", "L", "P", "I", "I;16", "F"):
-            return np.asarray(im)
-        a = np.asarray(im.convert("RGB"))
-    if not (np.array_equal(a[:, :, 0], a[:, :, 1]) and np.array_equal(a[:, :, 0], a[:, :, 2])):
-        raise PromptMaskError(f"{path}: a mask must be single-channel (or grey), got a colour image")
-    return a[:, :, 0]
+    return read_label(path)
 
 
 def check_prompt_mask(mask: Any, image_hw: tuple[int, int] | None = None, name: str = "prompt mask") -> np.ndarray:
@@ -189,11 +186,13 @@ def forward_grouped(
     group_index: torch.Tensor | None = None,
     seg_type: torch.Tensor | None = None,
     query_only: bool = False,
-) -> torch.Tensor:
+    return_features: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decoded prediction ``(N, 3, 2H, W)`` (normalised space) with a per-group feature ensemble.
 
     ``query_only``: decode only the query (bottom) half, ``(N, 3, H, W)``; the same pixels as
     the bottom half of the full decoding, at about half the decoder's cost.
+    ``return_features``: also return the last encoder features ``(N, Hp, Wp, D)``.
 
     ``group_index`` ``(N,)``: samples sharing an index are prompts of one query and are
     ensembled together (the model's ``merge_between_batch=0`` within each group, see
@@ -207,14 +206,16 @@ def forward_grouped(
     first_row = model.cfg.grid[0] // 2 if query_only else 0
     if group_index is None:
         feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, -1)
-        return model.forward_decoder(feats, first_row)
+        out = model.forward_decoder(feats, first_row)
+        return (out, feats[-1]) if return_features else out
     group_index = group_index.to(device=imgs.device, dtype=torch.long)
     if group_index.shape != (n,):
         raise ValueError(f"group_index must have shape ({n},), got {tuple(group_index.shape)}")
     # compact the labels so that the number of groups is as small as possible
     _, group_index = torch.unique(group_index, return_inverse=True)
     feats = model.forward_encoder(imgs, tgts, bool_masked_pos, seg_type, 0, group_index=group_index)
-    return model.forward_decoder(feats, first_row)
+    out = model.forward_decoder(feats, first_row)
+    return (out, feats[-1]) if return_features else out
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,6 +252,11 @@ class Prediction:
     raw: np.ndarray | None  # (H0, W0, 3) float32 on 0..255, before snapping (None if not kept)
     timing: dict[str, float] = field(default_factory=dict)
     n_pairs: int = 0
+    # (H0, W0) float32 on 0..1: how far each raw pixel lies from black toward the defect colour
+    # (seggpt_lib.utils.colors.defect_score); ``score >= 0.5`` equals ``mask`` exactly
+    score: np.ndarray | None = None
+    # prompt consistency (seggpt_lib.predict.consistency), when asked for; NaN: nothing to compare
+    consistency: float | None = None
 
     @property
     def label(self) -> np.ndarray:
@@ -399,24 +405,39 @@ class SegGPTPredictor:
             torch.cuda.synchronize(self.device)
 
     def _run_pairs(self, q_imgs: torch.Tensor, p_imgs: torch.Tensor, p_tgts: torch.Tensor,
-                   group_index: torch.Tensor | None) -> torch.Tensor:
-        """One forward pass over pairs; returns the query halves ``(N, 3, H, W)`` (normalised)."""
+                   group_index: torch.Tensor | None, features: bool = False) -> Any:
+        """One forward pass over pairs; returns the query halves ``(N, 3, H, W)`` (normalised),
+        and the per-pair prompt consistency ``(N,)`` with its weight (predicted patches) when ``features``."""
         imgs = torch.cat([p_imgs, q_imgs], dim=2)
         tgts = torch.cat([p_tgts, p_tgts], dim=2)
         n = imgs.shape[0]
         mask = query_half_mask(self.model.cfg.grid, batch_size=n, device=self.device)
         seg_type = torch.full((n,), self.seg_type, dtype=torch.long, device=self.device)
         with autocast(self.device, self.precision):
-            out = forward_grouped(self.model, imgs, tgts, mask, group_index, seg_type, query_only=True)
+            out = forward_grouped(self.model, imgs, tgts, mask, group_index, seg_type, query_only=True,
+                                  return_features=features)
         self.stats["forward_passes"] += 1
         self.stats["pairs"] += n
-        return out.float()
+        if not features:
+            return out.float()
+        out, feats = out[0].float(), out[1]
+        p = self.model.patch_size
+        prompt_w = patch_fraction(self._pixel_mask(p_tgts), p)
+        query_w = patch_fraction(self._pixel_mask(out), p)
+        cons = prompt_consistency(feats, prompt_w, query_w)
+        return out, cons, query_w.sum(dim=(1, 2))
 
-    def _forward_groups(self, tiles: torch.Tensor, groups: Sequence[_Group], ensemble: bool) -> list[torch.Tensor]:
+    def _pixel_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised colour outputs ``(N, 3, H, W)`` -> defect mask ``(N, H, W)`` (score >= 0.5)."""
+        return defect_score(self._denormalize(x), self.defect_color) >= 0.5
+
+    def _forward_groups(self, tiles: torch.Tensor, groups: Sequence[_Group], ensemble: bool,
+                        consistency: list | None = None) -> list[torch.Tensor]:
         """Every group's output ``(3, H, W)`` (normalised): the mean of its pairs' query halves.
 
         Pairs are packed into passes of at most ``max_batch``; with ``ensemble`` the groups are
-        packed whole (a group bigger than ``max_batch`` runs alone).
+        packed whole (a group bigger than ``max_batch`` runs alone). ``consistency``: a list that
+        receives each group's ``[sum of consistency x weight, sum of weights]``.
         """
         sizes = [len(g.prompts) for g in groups]
         if ensemble:
@@ -445,6 +466,8 @@ class SegGPTPredictor:
             if cur:
                 chunks.append(cur)
         sums = [None] * len(groups)
+        if consistency is not None:
+            consistency[:] = [[0.0, 0.0] for _ in groups]
         for chunk in chunks:
             q, pi, pt, gid = [], [], [], []
             for k, (gi, start, take) in enumerate(chunk):
@@ -454,9 +477,17 @@ class SegGPTPredictor:
                 pt.append(g.prompts.targets[start : start + take])
                 gid.append(torch.full((take,), k, dtype=torch.long))
             group_index = torch.cat(gid).to(self.device) if ensemble else None
-            out = self._run_pairs(torch.cat(q), torch.cat(pi).to(self.device), torch.cat(pt).to(self.device), group_index)
+            out = self._run_pairs(torch.cat(q), torch.cat(pi).to(self.device), torch.cat(pt).to(self.device), group_index,
+                                  features=consistency is not None)
+            if consistency is not None:
+                out, cons, weight = out
+                weight = torch.where(torch.isfinite(cons), weight, torch.zeros_like(weight))
+                cons = torch.nan_to_num(cons, nan=0.0) * weight
             pos = 0
             for gi, _start, take in chunk:
+                if consistency is not None:
+                    consistency[gi][0] += float(cons[pos : pos + take].sum())
+                    consistency[gi][1] += float(weight[pos : pos + take].sum())
                 s = out[pos : pos + take].sum(dim=0)
                 sums[gi] = s if sums[gi] is None else sums[gi] + s
                 pos += take
@@ -489,6 +520,7 @@ class SegGPTPredictor:
         work_size: int = 1024,
         prompt_pairs: PromptPairs | None = None,
         keep_raw: bool = True,
+        consistency: bool = False,
     ) -> Prediction:
         """Predict one query (see :meth:`predict_batch`)."""
         return self.predict_batch(
@@ -498,6 +530,7 @@ class SegGPTPredictor:
             grid=grid, ensemble=ensemble, top_k=top_k, tile_pairing=tile_pairing,
             seam_pass=seam_pass, work_size=work_size,
             prompt_pairs=None if prompt_pairs is None else [prompt_pairs], keep_raw=keep_raw,
+            consistency=consistency,
         )[0]
 
     @torch.inference_mode()
@@ -514,6 +547,7 @@ class SegGPTPredictor:
         work_size: int = 1024,
         prompt_pairs: Sequence[PromptPairs] | PromptPairs | None = None,
         keep_raw: bool = True,
+        consistency: bool = False,
     ) -> list[Prediction]:
         """Predict many queries; all their pairs share the forward passes.
 
@@ -522,11 +556,12 @@ class SegGPTPredictor:
         when given; or from ``prompt_pairs`` (one :class:`PromptPairs` per query, or one for all)
         which replaces the prompt images (a learned prompt). ``grid`` (tiles per side), ``tile_pairing``,
         ``seam_pass``, ``work_size``, ``ensemble``: see the module docstring.
-        Returns one :class:`Prediction` per query; ``timing`` holds this call's seconds spent
+        ``consistency``: also measure each query's prompt consistency
+        (:mod:`seggpt_lib.predict.consistency`; the pairs' values weighted by their predicted area).
+        Returns one :class:`Prediction` per query (with its defect ``score``); ``timing`` holds this call's seconds spent
         preparing, in the model and after, divided evenly between the queries.
         """
-        if grid < 1:
-            raise ValueError(f"grid must be >= 1, got {grid}")
+        check_grid(grid, work_size)
         if tile_pairing not in TILE_PAIRINGS:
             raise ValueError(f"tile_pairing must be one of {TILE_PAIRINGS}, got {tile_pairing!r}")
         if top_k is not None and top_k < 1:
@@ -580,7 +615,8 @@ class SegGPTPredictor:
         all_tiles = torch.cat(tiles)
         self._sync()
         t1 = time.perf_counter()
-        outs = self._forward_groups(all_tiles, groups, ensemble)
+        cons_sums: list | None = [] if consistency else None
+        outs = self._forward_groups(all_tiles, groups, ensemble, cons_sums)
         self._sync()
         t2 = time.perf_counter()
 
@@ -598,11 +634,21 @@ class SegGPTPredictor:
                 canvas[:, :, pt : pt + ph, pl : pl + pw] = img[:, :, pt - t : pt - t + ph, pl - l : pl - l + pw]
             raw = self._resize(canvas, orig_hw[qi]).clamp(0, 255)
             mask, color = self.snap(raw[0])
+            score = defect_score(raw[0], self.defect_color)
+            # snapping and the score agree at 0.5 up to float rounding: make it exact (ties snap to background)
+            score = torch.where(mask, score.clamp_min(0.5), score.clamp_max(_BELOW_HALF))
+            cons = None
+            if cons_sums is not None:
+                num = sum(cons_sums[gi][0] for gi, g in enumerate(groups) if g.owner == qi)
+                den = sum(cons_sums[gi][1] for gi, g in enumerate(groups) if g.owner == qi)
+                cons = num / den if den > 0 else float("nan")
             results.append(Prediction(
                 mask=mask.cpu().numpy(),
                 color=color.cpu().numpy(),
                 raw=raw[0].permute(1, 2, 0).cpu().numpy() if keep_raw else None,
                 n_pairs=sum(len(g.prompts) for g in groups if g.owner == qi),
+                score=score.cpu().numpy(),
+                consistency=cons,
             ))
         self._sync()
         t3 = time.perf_counter()

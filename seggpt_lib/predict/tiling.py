@@ -3,13 +3,19 @@
 ``grid`` is the number of tiles per side (``grid=1``: no tiling, the whole image at model
 size). Boxes are ``(top, left, height, width)`` in canvas pixels. See
 :mod:`seggpt_lib.predict.predictor` for how windows are predicted and pasted.
+
+A grid is checked before any work (:func:`check_grid`): an integer >= 1 whose tiles keep at
+least :data:`MIN_TILE` pixels per side of the work canvas (``grid <= work_size // MIN_TILE``).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Window", "canvas_size", "plan_windows"]
+__all__ = ["MIN_TILE", "Window", "canvas_size", "check_grid", "max_grid", "plan_windows"]
+
+MIN_TILE = 4  # the smallest tile side (work-canvas pixels) a grid may cut
 
 
 @dataclass(frozen=True)
@@ -25,16 +31,48 @@ class Window:
     tile: int = -1
 
 
+def _sides(work_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(work_size, bool):
+        raise ValueError(f"work_size must be an integer or (height, width), got {work_size!r}")
+    if isinstance(work_size, numbers.Integral):
+        return int(work_size), int(work_size)
+    try:
+        h, w = (int(v) for v in work_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"work_size must be an integer or (height, width), got {work_size!r}") from None
+    return h, w
+
+
+def max_grid(work_size: int | Sequence[int]) -> int:
+    """The largest grid a work canvas of ``work_size`` allows (tiles of :data:`MIN_TILE` px)."""
+    return max(1, min(_sides(work_size)) // MIN_TILE)
+
+
+def check_grid(grid: int, work_size: int | Sequence[int]) -> None:
+    """``ValueError`` (a clear message) unless ``grid`` is an integer >= 1 that the work canvas
+    allows: ``grid=1`` always (no tiling, the model size), ``grid >= 2`` while each tile keeps at
+    least :data:`MIN_TILE` pixels per side (``grid <= max_grid(work_size)``)."""
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
+        raise ValueError(f"grid must be an integer >= 1, got {grid!r}")
+    if grid == 1:
+        return
+    h, w = _sides(work_size)
+    if min(h, w) // grid < MIN_TILE:
+        raise ValueError(
+            f"grid {grid} is too large for the work size {work_size}: tiles would be {h // grid}x{w // grid} px "
+            f"(at least {MIN_TILE} px per side: grid <= {max_grid(work_size)} at this work size, or a larger work size)"
+        )
+
+
 def canvas_size(grid: int, work_size: int | Sequence[int], model_hw: tuple[int, int]) -> tuple[int, int]:
     """The work canvas ``(H, W)``: the model size for ``grid=1``, else ``work_size`` (an int for
-    a square) rounded down to a multiple of ``grid``."""
+    a square) rounded down to a multiple of ``grid``; :func:`check_grid`'s ``ValueError`` for a
+    grid the work size does not allow."""
+    check_grid(grid, work_size)
     if grid == 1:
         return tuple(model_hw)  # type: ignore[return-value]
-    ws = (work_size, work_size) if isinstance(work_size, int) else tuple(work_size)
-    th, tw = ws[0] // grid, ws[1] // grid
-    if th < 4 or tw < 4:
-        raise ValueError(f"work_size {work_size} is too small for grid {grid}")
-    return th * grid, tw * grid
+    h, w = _sides(work_size)
+    return (h // grid) * grid, (w // grid) * grid
 
 
 def plan_windows(grid: int, canvas_hw: tuple[int, int], seam_pass: bool = False) -> list[Window]:

@@ -109,3 +109,20 @@ def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Seq
     """Normalised ``(..., 3, H, W)`` -> float on the 0..255 scale, clipped."""
     m, s = _stats(mean, std, x)
     return ((x.float() * s + m) * 255.0).clamp(0, 255)
+
+
+def defect_score(raw: torch.Tensor, defect_color: Sequence[float], background: Sequence[float] = (0, 0, 0)) -> torch.Tensor:
+    """Per-pixel defect score on 0..1: how far each pixel lies from ``background`` toward
+    ``defect_color`` (projection onto that segment, clipped).
+
+    ``raw``: ``(..., 3, H, W)`` float on 0..255. Returns ``(..., H, W)`` float32. For the
+    two-colour palette ``(background, defect_color)``, nearest-colour snapping (L2) gives the
+    defect colour exactly where the score is above 0.5 (ties, score == 0.5, snap to background).
+    """
+    c = torch.as_tensor(defect_color, dtype=torch.float32, device=raw.device).view(3, 1, 1)
+    b = torch.as_tensor(background, dtype=torch.float32, device=raw.device).view(3, 1, 1)
+    d = c - b
+    denom = float((d * d).sum())
+    if denom <= 0:
+        raise ValueError(f"defect colour {tuple(defect_color)} equals the background {tuple(background)}")
+    return (((raw.float() - b) * d).sum(dim=-3) / denom).clamp(0.0, 1.0)
