@@ -55,7 +55,8 @@ lab: $(STAMP)
 	  echo "note: no results in results/ yet: run make reproduce first (the explorer needs notebooks 01 and 02)"
 	@echo "Explorer: $(LAB_URL)  (JupyterLab prints it again below with its access token; Ctrl-C stops it)"
 	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab notebooks/explorer.ipynb --ServerApp.root_dir=$(CURDIR) \
-	  --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 $(if $(NO_BROWSER),--no-browser)
+	  --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 $(if $(NO_BROWSER),--no-browser) \
+	  $$(test "$$(id -u)" = 0 && echo --allow-root)
 
 clean:
 	rm -rf results/reports results/figures results/tables results/summary.json results/index.html results/work runs
