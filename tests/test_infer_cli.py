@@ -10,7 +10,7 @@ from PIL import Image
 
 from seggpt_lib import build_seggpt, save_weights
 from seggpt_lib.cli import main
-from seggpt_lib.cli.infer import pair_kind
+from seggpt_lib.eval.scoring import pair_kind
 
 
 @pytest.fixture(scope="module")

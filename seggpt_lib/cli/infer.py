@@ -65,7 +65,7 @@ from seggpt_lib.engine.prompt_tuning import LearnedPromptError, load_learned_pro
 from seggpt_lib.eval.decision import OperatingPointError, load_operating_point, operating_point_beside
 from seggpt_lib.eval.mapping import validate_mapping
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, PairResult, evaluate, summary_markdown
-from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, pair_kind, score_mapping
+from seggpt_lib.eval.scoring import Folder, LearnedPrompts, ScoringConfig, score_mapping
 from seggpt_lib.model.checkpoint import CheckpointError
 from seggpt_lib.predict.predictor import (
     TILE_PAIRINGS,
@@ -79,7 +79,7 @@ from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD
 from seggpt_lib.utils.device import PRECISIONS, resolve_device, resolve_precision
 from seggpt_lib.utils.outputs import OutputError, StagedDir
 
-__all__ = ["InferInputError", "add_arguments", "infer", "pair_kind", "results_text", "run"]
+__all__ = ["InferInputError", "add_arguments", "infer", "results_text", "run"]
 
 OUTPUT_DIRS = ("color", "label", "concat")
 OUTPUT_FILES = ("per_image.csv", "summary.json", "results.txt")

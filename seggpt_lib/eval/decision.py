@@ -165,13 +165,10 @@ def keep_components(mask: Any, min_area: int) -> np.ndarray:
     m = np.asarray(mask).astype(bool)
     if min_area <= 1 or not m.any():
         return m.copy()
-    rows, starts, ends, labels, n = _run_labels(m)
-    areas = np.bincount(labels, weights=ends - starts, minlength=n)
-    out = np.zeros_like(m)
-    for r, s, e, lab in zip(rows, starts, ends, labels):
-        if areas[lab] >= min_area:
-            out[r, s:e] = True
-    return out
+    labels, n = label_components(m)
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_area
+    keep[0] = False  # background
+    return keep[labels]
 
 
 # ------------------------------------------------------------------------------------------
