@@ -79,7 +79,21 @@ def test_explorer_notebook_runs_from_notebooks_dir(results, tmp_path):
 
     rel = os.path.relpath(results, REPO)
     assert not (NB_DIR / rel).exists()
-    out = RUN.execute_notebook(CFG.EXPLORER_NOTEBOOK, tmp_path / "explorer.ipynb", {"results_dir": rel}, cwd=NB_DIR)
+
+    def run():
+        return RUN.execute_notebook(CFG.EXPLORER_NOTEBOOK, tmp_path / "explorer.ipynb", {"results_dir": rel},
+                                    cwd=NB_DIR, timeout=120)
+
+    # Nondeterminism named: once in four full-suite runs on a 2-core machine the kernel stopped
+    # answering inside a cell of this widget notebook (nbclient waited until pytest's 600 s
+    # timeout; the same test passed alone and on the next run). A cell timeout turns that into
+    # an error, and one retry tells a stuck kernel from a broken notebook (which fails twice).
+    try:
+        out = run()
+    except Exception as e:  # nbclient's CellTimeoutError / DeadKernelError
+        if "Timeout" not in type(e).__name__ and "DeadKernel" not in type(e).__name__:
+            raise
+        out = run()
     nb = nbformat.read(str(out), as_version=4)
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "positive |" in texts and "negative |" in texts
