@@ -13,10 +13,12 @@ D.PairDataset``).
 """
 from seggpt_lib.data.cache import ImageCache
 from seggpt_lib.data.layout import (
+    CLASS_INDEX_JSON,
     CLASSES_CSV,
     DATA_SOURCES,
     FREE_CLASS,
     IMAGE_EXTS,
+    LABEL_NAMES,
     SPLITS,
     DatasetError,
     DatasetWarning,
@@ -32,6 +34,7 @@ from seggpt_lib.data.layout import (
     is_dataset_root,
     is_split_root,
     open_image,
+    read_class_names,
     read_classes_csv,
     read_label,
     read_manifest,
@@ -55,7 +58,7 @@ from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.data.transforms import AugmentConfig, ChannelGain, RandomResizedCrop, Resize, build_augment
 
 __all__ = [
-    "AugmentConfig", "CLASSES_CSV", "DATA_SOURCES", "SPLITS", "is_dataset_root", "is_split_root", "ChannelGain", "DatasetError", "DatasetWarning", "DefectIndex", "FREE_CLASS",
+    "AugmentConfig", "CLASS_INDEX_JSON", "CLASSES_CSV", "LABEL_NAMES", "read_class_names", "DATA_SOURCES", "SPLITS", "is_dataset_root", "is_split_root", "ChannelGain", "DatasetError", "DatasetWarning", "DefectIndex", "FREE_CLASS",
     "IMAGE_EXTS", "ImageCache", "KINDS", "MODEL_KEYS", "NEGATIVE_TARGETS", "Pair", "PairConfig", "PairDataset",
     "PairSampler", "RandomResizedCrop", "Record", "Resize", "build_augment", "class_from_filename", "class_lookup",
     "class_of", "collate", "compute_stats", "decoded_size", "fixed_pairs", "header_size", "image_dir",

@@ -6,7 +6,8 @@ inference read)::
     ROOT/images/<stem>.<png|jpg|jpeg|bmp|tif|tiff>   RGB or grayscale image (read as RGB)
     ROOT/labels/<stem>.png                  uint8 mask, same H x W; 0 = background, non-zero = defect
                                             (255 in binary sets, class indices 1..K in multi-class sets)
-    ROOT/classes.csv                        columns file,class[,surface,...]; defect-free images: "free"
+    ROOT/classes.csv                        columns file,class[,surface,group,...]; defect-free images: "free"
+    ROOT/labels.txt                         optional: the class of each label value (class-index masks)
 
 (the images may also lie directly in ``ROOT`` when there is no ``images`` folder).
 
@@ -27,6 +28,19 @@ two rows giving one file different classes are an error (identical repeated rows
 An image's class: its ``classes.csv`` row (matched by file name, then by stem), else
 :func:`class_from_filename`. An image whose mask is empty is *defect-free* (``is_free``),
 whatever its class: such images are never positives, only queries of "free" pairs.
+
+**Class-index masks.** A dataset whose ``ROOT/labels.txt`` (or ``ROOT/class_index.json``)
+names its label values holds *class-index masks*: value ``k`` (1..K) is the defect class
+named on line ``k`` of ``labels.txt`` (one name per line; blank lines and ``#`` comments
+skipped; a first line ``background``/``_background_`` names value 0 and is skipped, and a
+labelme-style ``__ignore__`` line is skipped too), or the name whose value is ``k`` in
+``class_index.json`` (``{"background": 0, "crack": 1, ...}``). Such an image holds every class
+whose value it contains: one image with a crack and a scratch is *one* image, a member of both
+classes (:attr:`DefectIndex.members`), never copied per class; its ``class`` (for tables) is
+the class covering most of its pixels, and the ``class`` column of ``classes.csv`` is not
+needed (a row saying ``free`` must still have an empty mask). A value that ``labels.txt`` does
+not name is an error naming the file. Without either file every non-zero value is the one
+defect of the image's class (binary sets; 255 by convention).
 
 Every problem with a dataset's files raises :class:`DatasetError`, whose message names the
 file and the problem (``data_prep``'s ``DataPrepError`` is a subclass).
@@ -51,6 +65,8 @@ from PIL import Image, ImageFile
 
 __all__ = [
     "CLASSES_CSV",
+    "CLASS_INDEX_JSON",
+    "LABEL_NAMES",
     "FREE_CLASS",
     "IMAGE_EXTS",
     "DatasetError",
@@ -65,6 +81,7 @@ __all__ = [
     "image_dir",
     "images_by_stem",
     "open_image",
+    "read_class_names",
     "read_classes_csv",
     "read_label",
     "read_manifest",
@@ -76,6 +93,9 @@ __all__ = [
 FREE_CLASS = "free"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CLASSES_CSV = "classes.csv"
+LABEL_NAMES = "labels.txt"  # class-index masks: line k names label value k
+CLASS_INDEX_JSON = "class_index.json"  # the same as {"name": value} (what `seggpt prepare coco --multiclass` writes)
+_BACKGROUND_NAMES = ("background", "_background_", "__background__")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 
 
@@ -210,18 +230,34 @@ def open_image(path: str | os.PathLike, mode: str | None = None) -> Image.Image:
 
 
 def decoded_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` after a full decode (so a truncated file raises)."""
+    """``(width, height)`` of the upright picture after a full decode (so a truncated file
+    raises); the EXIF rule of :func:`header_size`."""
     path = Path(path)
     with _reading(path), _strict_loading(), Image.open(path) as im:
         im.load()
-        return im.size
+        w, h = im.size
+        try:
+            turned = im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED
+        except Exception:
+            turned = False
+        return (h, w) if turned else (w, h)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` from the header only (no decoding)."""
+    """``(width, height)`` of the upright picture from the header only (no decoding): width and
+    height swapped when the EXIF Orientation tag turns it by 90 degrees, as :func:`open_image` does."""
     path = Path(path)
     with _reading(path, "unreadable image"), Image.open(path) as im:
-        return im.size
+        w, h = im.size
+        try:
+            turned = im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED
+        except Exception:  # a broken EXIF block: open_image's exif_transpose ignores it too
+            turned = False
+        return (h, w) if turned else (w, h)
 
 
 def _wide_mask(a: np.ndarray, path: Path | str) -> np.ndarray:
@@ -314,6 +350,58 @@ def read_classes_csv(root: str | os.PathLike) -> list[dict[str, str]] | None:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     return rows
+
+
+def read_class_names(root: str | os.PathLike) -> dict[int, str] | None:
+    """``{label value: class name}`` of a dataset with class-index masks (module docstring):
+    from ``ROOT/labels.txt``, else ``ROOT/class_index.json``; None when it has neither.
+    :class:`DatasetError` naming the file for a name given twice, the name ``free``, a value
+    outside 1..255, or an unreadable file."""
+    root = Path(root)
+    txt, js = root / LABEL_NAMES, root / CLASS_INDEX_JSON
+    names: dict[int, str] = {}
+    if txt.is_file():
+        path = txt
+        try:
+            lines = [ln.strip() for ln in txt.read_text(encoding="utf-8-sig").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{txt}: unreadable ({type(e).__name__}: {e})") from None
+        lines = [ln for ln in lines if ln and not ln.startswith("#") and ln != "__ignore__"]
+        if lines and lines[0].lower() in _BACKGROUND_NAMES:
+            lines = lines[1:]
+        names = {k: name for k, name in enumerate(lines, start=1)}
+    elif js.is_file():
+        path = js
+        try:
+            table = json.loads(js.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{js}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(table, dict):
+            raise DatasetError(f"{js}: expected an object {{\"class name\": label value}}, got {type(table).__name__}")
+        for name, value in table.items():
+            if str(name).lower() in _BACKGROUND_NAMES and value == 0:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DatasetError(f"{js}: the value of {name!r} must be an integer 1..255, got {value!r}")
+            if value in names:
+                raise DatasetError(f"{js}: value {value} is given to {names[value]!r} and {name!r}")
+            names[value] = str(name).strip()
+    else:
+        return None
+    seen: dict[str, int] = {}
+    for value, name in sorted(names.items()):
+        if not 1 <= value <= 255:
+            raise DatasetError(f"{path}: label value {value} of {name!r} is outside 1..255")
+        if not name:
+            raise DatasetError(f"{path}: label value {value} has an empty name")
+        if name == FREE_CLASS:
+            raise DatasetError(f"{path}: {FREE_CLASS!r} names defect-free images, not a defect class (value {value})")
+        if name in seen:
+            raise DatasetError(f"{path}: the class {name!r} is named twice (values {seen[name]} and {value})")
+        seen[name] = value
+    if not names:
+        raise DatasetError(f"{path}: names no defect class")
+    return dict(sorted(names.items()))
 
 
 # ==========================================================================================
@@ -420,7 +508,11 @@ class DefectIndex:
     Columns: ``files`` (list of image file names), ``class_ids`` (int32 into
     ``class_names``), ``is_free`` (bool: empty mask), ``heights``/``widths`` (int32),
     ``label_max`` (uint8: the largest label value, for multi-class checks) and optional
-    ``surfaces``. Paths are derived: ``image_dir / file`` and ``label_dir / (stem + ".png")``.
+    ``surfaces``; the memberships ``member_img``/``member_cls`` (int64, sorted by class then
+    image: every defect class each image holds, one per defect image in binary sets, several
+    with class-index masks; :attr:`members` per image) and ``class_values`` (uint8 per class:
+    its label value with class-index masks, 0 = every non-zero value otherwise; ``multiclass``
+    says which). Paths are derived: ``image_dir / file`` and ``label_dir / (stem + ".png")``.
 
     Build one with :meth:`scan` (reads and checks a folder) or directly from lists (tests,
     synthetic indexes: no file is touched).
@@ -438,19 +530,38 @@ class DefectIndex:
         label_dir: str | os.PathLike | None = None,
         label_max: Sequence[int] | np.ndarray | None = None,
         surfaces: Sequence[str] | None = None,
+        members: Sequence[Sequence[str]] | None = None,
+        class_values: Mapping[str, int] | None = None,
     ) -> None:
         n = len(files)
         if len(classes) != n or len(is_free) != n:
             raise ValueError(f"files ({n}), classes ({len(classes)}) and is_free ({len(is_free)}) differ in length")
+        if members is not None and len(members) != n:
+            raise ValueError(f"members ({len(members)}) and files ({n}) differ in length")
         self.root = Path(root) if root is not None else None
         base = self.root if self.root is not None else Path(".")
         self.image_dir = Path(image_dir) if image_dir is not None else base / "images"
         self.label_dir = Path(label_dir) if label_dir is not None else base / "labels"
         self.files: list[str] = [str(f) for f in files]
-        names, ids = np.unique(np.asarray(list(classes), dtype=object).astype(str), return_inverse=True) if n else ([], [])
-        self.class_names: list[str] = [str(c) for c in names]
-        self.class_ids = np.asarray(ids, dtype=np.int32).reshape(n)
+        classes = [str(c) for c in classes]
         self.is_free = np.asarray(is_free, dtype=bool).reshape(n)
+        if members is None:  # one class per defect image: its own
+            members = [[] if f else [c] for c, f in zip(classes, self.is_free)]
+        members = [sorted({str(m) for m in ms}) for ms in members]
+        self.class_names: list[str] = sorted(set(classes).union(*members)) if n else []
+        code = {c: k for k, c in enumerate(self.class_names)}
+        self.class_ids = np.asarray([code[c] for c in classes], dtype=np.int32).reshape(n)
+        pairs = sorted((code[m], i) for i, ms in enumerate(members) for m in ms)
+        # memberships (image, class), sorted by class then image: every class an image holds
+        self.member_cls = np.asarray([c for c, _ in pairs], dtype=np.int64)
+        self.member_img = np.asarray([i for _, i in pairs], dtype=np.int64)
+        if class_values is not None:
+            missing = sorted(set(self.class_names) - set(class_values) - {FREE_CLASS})
+            if missing:
+                raise ValueError(f"class_values lacks the classes {missing}")
+        # label value of each class (class-index masks); 0: every non-zero value (binary sets)
+        self.class_values = np.asarray([int((class_values or {}).get(c, 0)) for c in self.class_names], dtype=np.uint8)
+        self.multiclass = class_values is not None
         self.heights = np.asarray(heights if heights is not None else np.zeros(n), dtype=np.int32).reshape(n)
         self.widths = np.asarray(widths if widths is not None else np.zeros(n), dtype=np.int32).reshape(n)
         if label_max is None:  # unknown: at least 1 on defect images
@@ -488,6 +599,7 @@ class DefectIndex:
 
         ls = _list_dataset(root, report)
         image_dir, label_dir, stems, label_stems = ls.image_dir, ls.label_dir, ls.stems, ls.label_stems
+        value_names = read_class_names(root)  # None: binary masks, class from classes.csv / the name
 
         files: list[str] = []
         for stem, name in stems.items():
@@ -507,18 +619,30 @@ class DefectIndex:
             if (mask.shape[1], mask.shape[0]) != size:
                 return (f"{lbl_path}: label size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                         f"{name} ({size[0]}x{size[1]})")
-            return size[1], size[0], bool(mask.any()), int(mask.max()) if mask.size else 0
+            found: list[str] = []
+            if value_names is not None:
+                counts = np.bincount(mask.ravel(), minlength=256)
+                values = np.flatnonzero(counts[1:]) + 1
+                unknown = [int(v) for v in values if int(v) not in value_names]
+                if unknown:
+                    return (f"{lbl_path}: label values {unknown} are not named in "
+                            f"{root / LABEL_NAMES} (it names {min(value_names)}..{max(value_names)})")
+                # largest area first: the image's class for tables
+                found = [value_names[int(v)] for v in sorted(values, key=lambda v: (-counts[v], v))]
+            return size[1], size[0], bool(mask.any()), int(mask.max()) if mask.size else 0, found
 
         with ThreadPoolExecutor(workers or default_workers()) as pool:
             results = list(pool.map(check, files))
 
-        keep, classes, free, hs, ws, mx, surf = [], [], [], [], [], [], []
+        keep, classes, free, hs, ws, mx, surf, members = [], [], [], [], [], [], [], []
         for name, res in zip(files, results):
             if isinstance(res, str):
                 report(res)
                 continue
-            h, w, has_defect, lmax = res
+            h, w, has_defect, lmax, found = res
             c = class_of(name, ls.classes)
+            if value_names is not None and c != FREE_CLASS:
+                c = found[0] if found else FREE_CLASS
             if c == FREE_CLASS and has_defect:
                 report(f"{label_dir / (Path(name).stem + '.png')}: image {name} has class {FREE_CLASS!r} "
                        f"but its mask is not empty")
@@ -530,13 +654,15 @@ class DefectIndex:
             ws.append(w)
             mx.append(lmax)
             surf.append(ls.surfaces.get(name, ls.surfaces.get(Path(name).stem, "")))
+            members.append(found if value_names is not None else ([] if not has_defect else [c]))
         if problems:
             listing = "\n  ".join(problems)
             warnings.warn(f"{root}: skipped {len(problems)} bad file(s):\n  {listing}", DatasetWarning, stacklevel=2)
         if not keep:
             raise DatasetError(f"{root}: no usable image/label pairs")
         return cls(keep, classes, free, hs, ws, root=root, image_dir=image_dir, label_dir=label_dir,
-                   label_max=mx, surfaces=surf if ls.surfaces else None)
+                   label_max=mx, surfaces=surf if ls.surfaces else None, members=members,
+                   class_values=None if value_names is None else {n: v for v, n in value_names.items()})
 
     # -- access -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -556,7 +682,26 @@ class DefectIndex:
         return self.label_dir / (self.stem(i) + ".png")
 
     def class_of(self, i: int) -> str:
+        """The image's class (with class-index masks: the one covering most of its pixels)."""
         return self.class_names[self.class_ids[i]]
+
+    @property
+    def members(self) -> list[list[str]]:
+        """Per image, the defect classes it holds (sorted; empty for defect-free images)."""
+        out: list[list[str]] = [[] for _ in range(len(self))]
+        for c, i in zip(self.member_cls.tolist(), self.member_img.tolist()):
+            out[i].append(self.class_names[c])
+        return [sorted(m) for m in out]
+
+    def classes_in(self, i: int) -> list[str]:
+        """The defect classes image ``i`` holds (several with class-index masks)."""
+        return sorted(self.class_names[c] for c in self.member_cls[self.member_img == int(i)])
+
+    def label_value(self, cls: str | int) -> int:
+        """The label value of a class (a name or class id): its class index with class-index
+        masks, 0 (meaning every non-zero value) in binary sets."""
+        k = self.class_names.index(cls) if isinstance(cls, str) else int(cls)
+        return int(self.class_values[k])
 
     def record(self, i: int) -> Record:
         i = int(i)
@@ -579,12 +724,18 @@ class DefectIndex:
         idx = np.asarray(indices)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
+        members = self.members
         return DefectIndex(
             [self.files[i] for i in idx], [self.class_names[c] for c in self.class_ids[idx]], self.is_free[idx],
             self.heights[idx], self.widths[idx], root=self.root, image_dir=self.image_dir,
             label_dir=self.label_dir, label_max=self.label_max[idx],
             surfaces=[self.surfaces[i] for i in idx] if self.surfaces is not None else None,
+            members=[members[i] for i in idx],
+            class_values=self._value_table() if self.multiclass else None,
         )
+
+    def _value_table(self) -> dict[str, int]:
+        return {c: int(v) for c, v in zip(self.class_names, self.class_values) if v}
 
     def to_frame(self):
         """The index as a pandas DataFrame (see :func:`read_manifest`)."""
@@ -600,6 +751,8 @@ class DefectIndex:
         }
         if self.surfaces is not None:
             data["surface"] = list(self.surfaces)
+        if self.multiclass:
+            data["classes"] = [";".join(m) for m in self.members]
         return pd.DataFrame(data)
 
     def fingerprint(self, extra: Any = None, stat: bool = True) -> str:
@@ -616,6 +769,8 @@ class DefectIndex:
                     except OSError:
                         h.update(b"missing;")
         h.update(self.heights.tobytes() + self.widths.tobytes() + self.is_free.tobytes())
+        if self.multiclass:
+            h.update(self.member_img.tobytes() + self.member_cls.tobytes() + self.class_values.tobytes())
         return h.hexdigest()[:20]
 
 

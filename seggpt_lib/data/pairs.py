@@ -107,10 +107,11 @@ def _pick(u: np.ndarray, n: np.ndarray | int) -> np.ndarray:
 class Pair(NamedTuple):
     """One training/evaluation pair: positions into the index, and what kind it is.
 
-    ``kind``: ``"positive"`` (same defect class), ``"negative"`` (a different defect class),
-    ``"free"`` (a defect-free query with a defect prompt; its target is empty).
-    ``is_negative`` is ``kind == "negative"``. ``sample``/``epoch`` seed the sample's
-    palette, patch mask and augmentation.
+    ``kind``: ``"positive"`` (the query holds the prompt's class), ``"negative"`` (the query
+    holds other defect classes only), ``"free"`` (a defect-free query with a defect prompt; its
+    target is empty). ``is_negative`` is ``kind == "negative"``. ``sample``/``epoch`` seed the
+    sample's palette, patch mask and augmentation. ``cls``: the class id the prompt shows (an
+    image with class-index masks may hold several); -1: the prompt image's own class.
     """
 
     prompt: int
@@ -119,6 +120,7 @@ class Pair(NamedTuple):
     kind: str = "positive"
     sample: int = 0
     epoch: int = 0
+    cls: int = -1
 
 
 class PairSampler(Sampler):
@@ -129,6 +131,11 @@ class PairSampler(Sampler):
     query, defect prompt) and the rest positives (same defect class, prompt != query);
     positives and negatives swap prompt and query with probability ``swap_prob``. Queries
     are uniform over images (``class_balanced=False``) or over classes, then images.
+
+    Draws run over the index's *memberships* (image, class): one per defect image in binary
+    sets, one per class an image holds with class-index masks. A negative's query never holds
+    the prompt's class: such a draw is redrawn (up to 8 times, from further streams of the same
+    sample key) and, in the rare case it still does, becomes the positive it is.
 
     DDP: rank ``r`` of ``world_size`` takes global samples ``start + r, start + r + world_size,
     ...`` so ranks draw disjoint streams whose union is the single-process stream. With
@@ -188,12 +195,13 @@ class PairSampler(Sampler):
                                "so no positive pair can be drawn")
 
     def _build_pools(self, index: DefectIndex) -> None:
-        defect = np.flatnonzero(~index.is_free)
-        cls = index.class_ids[defect]
-        order = np.argsort(cls, kind="stable")
-        self.def_idx = defect[order].astype(np.int64)  # defect images sorted by class
-        self.def_cls = cls[order].astype(np.int64)  # their class ids
+        self.def_idx = np.asarray(index.member_img, dtype=np.int64)  # memberships' images, sorted by class
+        self.def_cls = np.asarray(index.member_cls, dtype=np.int64)  # their class ids
         n_cls = len(index.class_names)
+        self.n_cls = n_cls
+        # several classes in one image (class-index masks): a negative's query may hold the prompt's class
+        self.multi = len(self.def_idx) > len(np.unique(self.def_idx))
+        self.member_keys = np.sort(self.def_idx * max(n_cls, 1) + self.def_cls)
         counts = np.bincount(self.def_cls, minlength=n_cls).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.cls_count, self.cls_start = counts, starts
@@ -233,12 +241,43 @@ class PairSampler(Sampler):
 
     def draw_many(self, samples: np.ndarray, epoch: int | None = None) -> list[Pair]:
         epoch = self.epoch if epoch is None else int(epoch)
-        prompt, query, kind = self.draw_arrays(samples, epoch)
-        return [Pair(int(p), int(q), bool(k == _KIND_NEG), KINDS[k], int(s), epoch)
-                for p, q, k, s in zip(prompt.tolist(), query.tolist(), kind.tolist(), np.asarray(samples).tolist())]
+        prompt, query, kind, cls = self.draw_classes(samples, epoch)
+        return [Pair(int(p), int(q), bool(k == _KIND_NEG), KINDS[k], int(s), epoch, int(c))
+                for p, q, k, s, c in zip(prompt.tolist(), query.tolist(), kind.tolist(), np.asarray(samples).tolist(),
+                                         cls.tolist())]
 
     def draw_arrays(self, samples: np.ndarray, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectorised draw: ``(prompt, query, kind)`` int64 arrays for global ``samples``."""
+        return self.draw_classes(samples, epoch)[:3]
+
+    def holds(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Whether each image holds the class beside it (vectorised membership test)."""
+        keys = np.asarray(images, dtype=np.int64) * max(self.n_cls, 1) + np.asarray(classes, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.member_keys, keys), max(len(self.member_keys) - 1, 0))
+        return (self.member_keys[pos] == keys) if len(self.member_keys) else np.zeros(len(keys), dtype=bool)
+
+    def _negatives(self, u_q, u_p, u_c1, u_c2, swap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Negative draws from uniforms: ``(prompt, query, prompt class)``, swapped where ``swap``."""
+        n_def = len(self.def_idx)
+        if self.class_balanced:
+            c = self.neg_classes[_pick(u_c1, self.n_neg_classes)]
+            qpos = self.cls_start[c] + _pick(u_q, self.cls_count[c])
+            k = _pick(u_c2, self.n_neg_classes - 1)
+            rank_c = np.searchsorted(self.neg_classes, c)
+            pc = self.neg_classes[k + (k >= rank_c)]
+            ppos = self.cls_start[pc] + _pick(u_p, self.cls_count[pc])
+        else:
+            qpos = _pick(u_q, n_def)
+            c = self.def_cls[qpos]
+            j = _pick(u_p, n_def - self.cls_count[c])
+            ppos = j + np.where(j >= self.cls_start[c], self.cls_count[c], 0)  # skip the query's class
+        prompt, query, pcls = self.def_idx[ppos], self.def_idx[qpos], self.def_cls[ppos]
+        return (np.where(swap, query, prompt), np.where(swap, prompt, query),
+                np.where(swap, self.def_cls[qpos], pcls))
+
+    def draw_classes(self, samples: np.ndarray, epoch: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised draw: ``(prompt, query, kind, prompt class id)`` int64 arrays for global ``samples``."""
         epoch = self.epoch if epoch is None else int(epoch)
         samples = np.asarray(samples, dtype=np.int64)
         keys = _keys(self.seed, epoch, samples)
@@ -249,7 +288,9 @@ class PairSampler(Sampler):
         kind[u_kind < self.free_share] = _KIND_FREE
         prompt = np.zeros(n, dtype=np.int64)
         query = np.zeros(n, dtype=np.int64)
+        pcls = np.full(n, -1, dtype=np.int64)
         n_def = len(self.def_idx)
+        swap = (kind != _KIND_FREE) & (u_swap < self.swap_prob)
 
         m = kind == _KIND_POS
         if m.any():
@@ -261,25 +302,22 @@ class PairSampler(Sampler):
                 c = self.def_cls[qpos]
             j = _pick(u_p[m], self.cls_count[c] - 1)
             j = j + (j >= qpos - self.cls_start[c])  # skip the query itself
-            query[m] = self.def_idx[qpos]
-            prompt[m] = self.def_idx[self.cls_start[c] + j]
+            q, p = self.def_idx[qpos], self.def_idx[self.cls_start[c] + j]
+            sw = swap[m]
+            query[m], prompt[m], pcls[m] = np.where(sw, p, q), np.where(sw, q, p), c
 
         m = kind == _KIND_NEG
         if m.any():
-            if self.class_balanced:
-                c = self.neg_classes[_pick(u_c1[m], self.n_neg_classes)]
-                qpos = self.cls_start[c] + _pick(u_q[m], self.cls_count[c])
-                k = _pick(u_c2[m], self.n_neg_classes - 1)
-                rank_c = np.searchsorted(self.neg_classes, c)
-                pc = self.neg_classes[k + (k >= rank_c)]
-                ppos = self.cls_start[pc] + _pick(u_p[m], self.cls_count[pc])
-            else:
-                qpos = _pick(u_q[m], n_def)
-                c = self.def_cls[qpos]
-                j = _pick(u_p[m], n_def - self.cls_count[c])
-                ppos = j + np.where(j >= self.cls_start[c], self.cls_count[c], 0)  # skip the query's class
-            query[m] = self.def_idx[qpos]
-            prompt[m] = self.def_idx[ppos]
+            at = np.flatnonzero(m)
+            prompt[at], query[at], pcls[at] = self._negatives(u_q[at], u_p[at], u_c1[at], u_c2[at], swap[at])
+            if self.multi:  # the query may hold the prompt's class too: redraw those
+                for r in range(8):
+                    bad = at[self.holds(query[at], pcls[at])]
+                    if not len(bad):
+                        break
+                    u = [_uniform(keys[bad], 6 + 4 * r + t) for t in range(4)]
+                    prompt[bad], query[bad], pcls[bad] = self._negatives(*u, swap[bad])
+                kind[at[self.holds(query[at], pcls[at])]] = _KIND_POS  # still: it is a positive
 
         m = kind == _KIND_FREE
         if m.any():
@@ -290,10 +328,8 @@ class PairSampler(Sampler):
             else:
                 ppos = _pick(u_p[m], n_def)
             prompt[m] = self.def_idx[ppos]
-
-        swap = (kind != _KIND_FREE) & (u_swap < self.swap_prob)
-        prompt[swap], query[swap] = query[swap], prompt[swap].copy()
-        return prompt, query, kind
+            pcls[m] = self.def_cls[ppos]
+        return prompt, query, kind, pcls
 
     def pairs(self) -> list[Pair]:
         """This rank's pairs as a list (for small, fixed sets such as validation)."""
@@ -422,7 +458,10 @@ class PairDataset(Dataset):
 
     The query half of the target: its own label for positives; for negatives its own label
     (``negative_target="query_mask"``, the original) or nothing (``"empty"``, class-aware);
-    nothing for free queries. ``config`` (:class:`PairConfig`) says how samples are built;
+    nothing for free queries. With class-index masks (binary painting) the prompt half shows
+    the pair's class only (``Pair.cls``) and a positive's query half, and its ``query_label``,
+    are the query's pixels of that class and nothing else: an image holding a crack and a
+    scratch prompted with a crack must paint the crack only. ``config`` (:class:`PairConfig`) says how samples are built;
     ``cache`` reuses an :class:`~seggpt_lib.data.cache.ImageCache` of ``index`` (one is built
     otherwise). Index the dataset with the :class:`Pair` objects of
     :meth:`make_sampler` (what a DataLoader does with ``sampler=``), or with an int: global
@@ -547,15 +586,19 @@ class PairDataset(Dataset):
                     raise DatasetError(f"mapping prompt {p_name!r} (for {q_name!r}) is not in the index") from None
                 if index.is_free[q]:
                     kind = "free"
+                elif index.multiclass:  # the query holds the prompt's (main) class, maybe among others
+                    kind = "positive" if index.class_of(p) in index.classes_in(q) else "negative"
                 else:
                     kind = "positive" if index.class_ids[p] == index.class_ids[q] else "negative"
-                out.append(Pair(p, q, kind == "negative", kind, len(out), 0))
+                out.append(Pair(p, q, kind == "negative", kind, len(out), 0, int(index.class_ids[p])))
         return out
 
     # -- items --------------------------------------------------------------------------------
-    def _label(self, mask: torch.Tensor) -> torch.Tensor:
+    def _label(self, mask: torch.Tensor, value: int = 0) -> torch.Tensor:
+        """A label as painted: binary sets 0/1 (``value`` > 0: only the pixels of that class
+        index, the rest background), else the class indices (clamped to ``n_classes - 1``)."""
         if self.n_classes == 2:
-            return (mask != 0).to(torch.uint8)
+            return (mask == value if value else mask != 0).to(torch.uint8)
         return mask.clamp_(max=self.n_classes - 1)
 
     def _view(self, i: int, aug_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,7 +634,12 @@ class PairDataset(Dataset):
         s = pair.sample
         p_img, p_mask = self._view(pair.prompt, _sample_seed(self.seed, epoch, s, 1))
         q_img, q_mask = self._view(pair.query, _sample_seed(self.seed, epoch, s, 2))
-        p_lbl, q_lbl = self._label(p_mask), self._label(q_mask)
+        ci = self.index.class_ids
+        cls = pair.cls if pair.cls >= 0 else int(ci[pair.prompt])
+        value = int(self.index.class_values[cls])  # class-index masks: the prompt shows this class only
+        p_lbl, q_lbl = self._label(p_mask, value), self._label(q_mask)
+        if pair.kind == "positive":
+            q_lbl = self._label(q_mask, value)  # the query's pixels of the prompt's class, nothing else
         if pair.kind == "free" or (pair.kind == "negative" and self.negative_target == "empty"):
             q_tgt = torch.zeros_like(q_lbl)
         else:
@@ -613,7 +661,6 @@ class PairDataset(Dataset):
         valid = torch.ones_like(tgts)
         if self.fg_weight != 1.0:
             valid[:, labels > 0] = self.fg_weight
-        ci = self.index.class_ids
         return {
             "imgs": imgs,
             "tgts": tgts,
@@ -623,7 +670,7 @@ class PairDataset(Dataset):
             "labels": labels,
             "query_label": q_lbl,
             "palette": palette,
-            "prompt_class": self.index.class_names[ci[pair.prompt]],
+            "prompt_class": self.index.class_names[cls],
             "query_class": self.index.class_names[ci[pair.query]],
             "prompt_file": self.index.files[pair.prompt],
             "query_file": self.index.files[pair.query],
