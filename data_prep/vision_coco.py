@@ -33,8 +33,8 @@ Bad annotations are handled one by one; an image keeps its other annotations:
 
 Crowd regions (``"iscrowd": 1``): by default they are not defect pixels; they go to a separate
 ignore mask ``labels_ignore/<stem>.png`` (255 = crowd region, 0 elsewhere; written only for
-outputs that have crowd pixels; the label stays 0 there). Nothing in the library reads it yet,
-and ``seggpt prepare split`` does not carry it. An image with only crowd annotations is left out
+outputs that have crowd pixels; the label stays 0 there). Training gives those pixels weight 0
+and evaluation counts them in no IoU (:mod:`seggpt_lib.data.layout`). An image with only crowd annotations is left out
 with a warning. ``crowd_as_defect`` (``--crowd-as-defect``) counts crowd regions as defect pixels
 of their category instead (no ignore mask).
 
@@ -74,6 +74,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from seggpt_lib.data.layout import IGNORE_DIR
+
 from .common import (
     FREE_CLASS,
     DataPrepError,
@@ -91,7 +93,6 @@ from .common import (
 )
 
 ANNOTATION_FILE = "_annotations.coco.json"
-IGNORE_DIR = "labels_ignore"
 # an export's split folder names -> our split names
 SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
 # polygon and box coordinates beyond +-max(_COORD_MARGIN * image size, _COORD_LIMIT) are refused

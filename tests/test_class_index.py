@@ -149,3 +149,62 @@ def test_header_size_follows_exif_rotation(tmp_path):
     assert header_size(path) == (20, 40)
     assert D.decoded_size(path) == (20, 40)
     assert D.read_rgb(path).shape[:2] == (40, 20)  # (H, W) of the upright picture
+
+
+# ---------------------------------------------------------------------------------------------
+# ignore pixels (labels_ignore/: COCO crowd regions)
+# ---------------------------------------------------------------------------------------------
+def _ignore_set(root, n=4, size=32):
+    for i in range(n):
+        lbl = np.zeros((size, size), np.uint8)
+        lbl[4:12, 4:12] = 255
+        _write(root, f"crack_{i}", lbl)
+        ig = np.zeros((size, size), np.uint8)
+        ig[20:28, 20:28] = 255
+        (root / "labels_ignore").mkdir(exist_ok=True)
+        Image.fromarray(ig).save(root / "labels_ignore" / f"crack_{i}.png")
+
+
+def test_ignore_pixels_weigh_nothing_in_training(tmp_path):
+    _ignore_set(tmp_path)
+    idx = D.DefectIndex.scan(tmp_path)
+    cfg = D.PairConfig(image_size=(32, 32), patch_size=16, train=True, length=4, seed=0, negative_share=0.0,
+                       fg_weight=5.0, augment=D.AugmentConfig(), mask_ratio=0.5)
+    ds = D.PairDataset(idx, cfg)
+    for i in range(len(ds)):
+        item = ds[i]
+        valid = item["valid"][0].numpy()
+        assert (valid == 0).sum() > 0  # the crowd squares (moved by the augmentation with their image)
+        assert (valid == 5.0).sum() > 0 and (valid == 1.0).sum() > 0
+    # no augmentation: exactly the ignore squares, prompt and query halves
+    ds = D.PairDataset(idx, D.PairConfig(image_size=(32, 32), patch_size=16, train=False, length=2, seed=0,
+                                         negative_share=0.0))
+    valid = ds[0]["valid"][0].numpy()
+    expected = np.zeros((64, 32), bool)
+    expected[20:28, 20:28] = expected[52:60, 20:28] = True
+    assert np.array_equal(valid == 0, expected)
+
+
+def test_ignore_pixels_count_in_no_iou(tmp_path):
+    from types import SimpleNamespace
+
+    from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
+
+    _ignore_set(tmp_path, n=2)
+    folder = Folder.of_dataset(tmp_path)
+    assert folder.ignore is not None
+
+    class Painter:  # paints the defect square and the crowd square
+        def predict_batch(self, images, prompt_images=None, prompt_masks=None, **kw):
+            m = np.zeros((32, 32), bool)
+            m[4:12, 4:12] = m[20:28, 20:28] = True
+            return [SimpleNamespace(mask=m, score=m.astype(float), n_pairs=1, timing={"total_s": 0.0},
+                                    consistency=None) for _ in images]
+
+    rows = list(score_mapping(Painter(), folder, {"crack_0.png": ["crack_1.png"]}, "positive",
+                              ScoringConfig(queries_per_call=1), prompts=folder))
+    r = rows[0].result
+    inter = np.logical_and(r.pred, r.gt).sum()
+    union = np.logical_or(r.pred, r.gt).sum()
+    assert inter == union == 64  # the crowd square is neither a hit nor a false alarm
+    assert rows[0].prediction.mask[20:28, 20:28].all()  # the prediction itself is kept as painted

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seggpt_lib.data.layout import DatasetError, DefectIndex, default_workers, open_image, read_label, resize_pair
+from seggpt_lib.data.layout import DatasetError, DefectIndex, default_workers, open_image, read_label, resize_image, resize_pair
 
 __all__ = ["ImageCache"]
 
@@ -26,7 +26,9 @@ class ImageCache:
       the files read-only (nothing is pickled but the path).
     * ``"none"``: decode on every access (no memory; for a handful of evaluation images).
 
-    ``get(i)`` returns ``(image (H, W, 3), mask (H, W))`` uint8 views.
+    ``get(i)`` returns ``(image (H, W, 3), mask (H, W))`` uint8 views. When the dataset has
+    ignore masks (``labels_ignore/``), they are cached too (``(N, H, W)``, non-zero = ignore)
+    and ``get_ignore(i)`` returns image ``i``'s; None otherwise.
     """
 
     MODES = ("memory", "memmap", "none")
@@ -50,11 +52,15 @@ class ImageCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.images: np.ndarray | None = None
         self.masks: np.ndarray | None = None
+        self.ignores: np.ndarray | None = None
+        self.has_ignore = index.ignore_dir.is_dir()
         self._paths: tuple[Path, Path] | None = None
         n, (h, w) = len(index), self.size
         if mode == "memory":
             self.images = np.empty((n, h, w, 3), dtype=np.uint8)
             self.masks = np.empty((n, h, w), dtype=np.uint8)
+            if self.has_ignore:
+                self.ignores = np.zeros((n, h, w), dtype=np.uint8)
             self._fill(range(n), workers, progress)
         elif mode == "memmap":
             self._open_or_build_memmap(workers, progress)
@@ -76,6 +82,21 @@ class ImageCache:
         img, mask = resize_pair(img, mask, self.size)
         return np.asarray(img, dtype=np.uint8), np.ascontiguousarray(mask, dtype=np.uint8)
 
+    def load_ignore(self, i: int) -> np.ndarray | None:
+        """Image ``i``'s ignore mask at the cache size (nearest), or None when it has none."""
+        path = self.index.ignore_path(i)
+        if path is None:
+            return None
+        return np.ascontiguousarray(resize_image(read_label(path), self.size, nearest=True), dtype=np.uint8)
+
+    def get_ignore(self, i: int) -> np.ndarray | None:
+        """Image ``i``'s ignore mask (uint8, non-zero = ignore) or None (no ignore pixels)."""
+        if not self.has_ignore:
+            return None
+        if self.ignores is None or self.mode == "none":  # memmap caches and "none" read it when asked
+            return self.load_ignore(i)
+        return self.ignores[i]
+
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "none":
             return self.load(i)
@@ -86,6 +107,10 @@ class ImageCache:
     def _fill(self, rows, workers: int | None, progress: bool | None) -> None:
         def one(i: int) -> None:
             self.images[i], self.masks[i] = self.load(i)
+            if self.ignores is not None:
+                ig = self.load_ignore(i)
+                if ig is not None:
+                    self.ignores[i] = ig
 
         rows = list(rows)
         with ThreadPoolExecutor(workers or default_workers()) as pool:

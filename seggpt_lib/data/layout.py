@@ -8,6 +8,8 @@ inference read)::
                                             (255 in binary sets, class indices 1..K in multi-class sets)
     ROOT/classes.csv                        columns file,class[,surface,group,...]; defect-free images: "free"
     ROOT/labels.txt                         optional: the class of each label value (class-index masks)
+    ROOT/labels_ignore/<stem>.png           optional: non-zero = "ignore" pixels (COCO crowd regions): weight 0
+                                            in training, counted in no IoU
 
 (the images may also lie directly in ``ROOT`` when there is no ``images`` folder).
 
@@ -66,6 +68,7 @@ from PIL import Image, ImageFile
 __all__ = [
     "CLASSES_CSV",
     "CLASS_INDEX_JSON",
+    "IGNORE_DIR",
     "LABEL_NAMES",
     "FREE_CLASS",
     "IMAGE_EXTS",
@@ -94,6 +97,7 @@ FREE_CLASS = "free"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CLASSES_CSV = "classes.csv"
 LABEL_NAMES = "labels.txt"  # class-index masks: line k names label value k
+IGNORE_DIR = "labels_ignore"  # optional ROOT/labels_ignore/<stem>.png: non-zero = ignore (crowd regions)
 CLASS_INDEX_JSON = "class_index.json"  # the same as {"name": value} (what `seggpt prepare coco --multiclass` writes)
 _BACKGROUND_NAMES = ("background", "_background_", "__background__")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
@@ -680,6 +684,16 @@ class DefectIndex:
 
     def label_path(self, i: int) -> Path:
         return self.label_dir / (self.stem(i) + ".png")
+
+    @property
+    def ignore_dir(self) -> Path:
+        """``labels_ignore/`` beside the label folder (see the module docstring)."""
+        return self.label_dir.parent / IGNORE_DIR
+
+    def ignore_path(self, i: int) -> Path | None:
+        """Image ``i``'s ignore mask, or None when it has none."""
+        p = self.ignore_dir / (self.stem(i) + ".png")
+        return p if p.is_file() else None
 
     def class_of(self, i: int) -> str:
         """The image's class (with class-index masks: the one covering most of its pixels)."""

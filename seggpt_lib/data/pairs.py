@@ -449,7 +449,8 @@ class PairDataset(Dataset):
     * ``tgts`` ``(3, 2H, W)`` float: the coloured label pair, normalised the same way
     * ``bool_masked_pos`` ``(L,)`` bool: ``random_patch_mask(mask_ratio)`` in training (the
       query half for a ``query_mask_share`` of the samples), the query half in evaluation
-    * ``valid`` ``(3, 2H, W)`` float: 1, and ``fg_weight`` on the defect pixels of the pair
+    * ``valid`` ``(3, 2H, W)`` float: 1, ``fg_weight`` on the defect pixels of the pair, 0 on
+      "ignore" pixels (``labels_ignore/``: crowd regions)
     * ``seg_type`` long 0; ``labels`` ``(2H, W)`` uint8: the painted class indices (0/1 for
       binary sets); ``query_label`` ``(H, W)`` uint8: the query's own label (ground truth)
     * ``palette`` ``(n_classes, 3)`` uint8 (row 0 black); ``prompt_class``, ``query_class``,
@@ -601,14 +602,18 @@ class PairDataset(Dataset):
             return (mask == value if value else mask != 0).to(torch.uint8)
         return mask.clamp_(max=self.n_classes - 1)
 
-    def _view(self, i: int, aug_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image and its label at the model size, augmented with its own seed."""
+    def _view(self, i: int, aug_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One image, its label and its ignore mask (None: none) at the model size, augmented
+        together with the view's own seed."""
 
         img_np, mask_np = self.cache.get(i)
+        ig_np = self.cache.get_ignore(i) if hasattr(self.cache, "get_ignore") else None
         img = tv_tensors.Image(torch.from_numpy(np.array(img_np, dtype=np.uint8, copy=True)).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.array(mask_np, dtype=np.uint8, copy=True))[None])
+        ig = None if ig_np is None else tv_tensors.Mask(torch.from_numpy(np.array(ig_np, dtype=np.uint8, copy=True))[None])
         if img.shape[-2:] == self.image_size and not self.augment.enabled:
-            return img.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0]
+            return (img.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0],
+                    None if ig is None else ig.as_subclass(torch.Tensor)[0] != 0)
         if self._transform is None:
 
             self._transform = build_augment(self.augment, self.image_size)
@@ -616,10 +621,14 @@ class PairDataset(Dataset):
         state = gen.get_state()
         try:  # v2 transforms draw from the global CPU generator: seed it for this view only
             gen.manual_seed(aug_seed)
-            img, mask = self._transform(img, mask)
+            if ig is None:
+                img, mask = self._transform(img, mask)
+            else:
+                img, mask, ig = self._transform(img, mask, ig)
         finally:
             gen.set_state(state)
-        return img.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous()
+        return (img.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous(),
+                None if ig is None else ig.as_subclass(torch.Tensor)[0] != 0)
 
     def __getitem__(self, key: int | Pair) -> dict[str, Any]:
         with _one_thread():
@@ -632,8 +641,8 @@ class PairDataset(Dataset):
             pair = self.pair(int(key))
         epoch = pair.epoch if self.train else 0
         s = pair.sample
-        p_img, p_mask = self._view(pair.prompt, _sample_seed(self.seed, epoch, s, 1))
-        q_img, q_mask = self._view(pair.query, _sample_seed(self.seed, epoch, s, 2))
+        p_img, p_mask, p_ig = self._view(pair.prompt, _sample_seed(self.seed, epoch, s, 1))
+        q_img, q_mask, q_ig = self._view(pair.query, _sample_seed(self.seed, epoch, s, 2))
         ci = self.index.class_ids
         cls = pair.cls if pair.cls >= 0 else int(ci[pair.prompt])
         value = int(self.index.class_values[cls])  # class-index masks: the prompt shows this class only
@@ -661,6 +670,12 @@ class PairDataset(Dataset):
         valid = torch.ones_like(tgts)
         if self.fg_weight != 1.0:
             valid[:, labels > 0] = self.fg_weight
+        if p_ig is not None or q_ig is not None:  # ignore pixels (crowd regions) weigh nothing
+            h = p_lbl.shape[0]
+            if p_ig is not None:
+                valid[:, :h][:, p_ig] = 0.0
+            if q_ig is not None:
+                valid[:, h:][:, q_ig] = 0.0
         return {
             "imgs": imgs,
             "tgts": tgts,

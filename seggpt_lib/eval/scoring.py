@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from seggpt_lib.data.layout import class_lookup, class_of, image_dir
+from seggpt_lib.data.layout import IGNORE_DIR, class_lookup, class_of, image_dir, read_class_names
 from seggpt_lib.eval.decision import Decision, OperatingPoint, decide
 from seggpt_lib.eval.metrics import KINDS, PairResult
 from seggpt_lib.predict.predictor import Prediction, PromptPairs, SegGPTPredictor, load_mask_file, load_rgb
@@ -58,24 +58,42 @@ def _binary_mask(path: Path) -> np.ndarray:
 class Folder:
     """Where a mapping's files lie: ``images/<file>``, masks ``labels/<stem>.png`` (else a file
     of the image's name; none: no mask), and each file's class (``classes``, default: the
-    file-name rule of :func:`seggpt_lib.data.layout.class_of`). ``read_mask`` reads a mask file as a boolean ``(H, W)`` array (default:
-    the stored values, non-zero = defect)."""
+    file-name rule of :func:`seggpt_lib.data.layout.class_of`). ``read_mask`` reads a mask file
+    as a boolean ``(H, W)`` array (default: the stored values, non-zero = defect).
+
+    ``values`` (class-index masks, :func:`~seggpt_lib.data.layout.read_class_names` inverted):
+    ``mask(file, cls)`` is then the file's pixels of class ``cls`` when it holds that class,
+    else all its defect pixels (what a negative pair is scored against). ``ignore``: the folder
+    of "ignore" masks (``labels_ignore/<stem>.png``, non-zero = ignore: crowd regions), whose
+    pixels count neither as defect nor as background in any IoU.
+    """
 
     images: Path
     labels: Path | None = None
     classes: Callable[[str], str] | None = None
     read_mask: Callable[[Path], np.ndarray] = _binary_mask
+    values: Mapping[str, int] | None = None
+    ignore: Path | None = None
 
     @classmethod
     def of_dataset(cls, root: str | Path, classes: Callable[[str], str] | None = None, **kw: Any) -> "Folder":
         """A dataset root: ``root/images`` (or ``root``), ``root/labels``; classes from its
-        ``classes.csv`` or the file names unless given (:func:`seggpt_lib.data.layout.class_lookup`)."""
+        ``classes.csv`` or the file names unless given (:func:`seggpt_lib.data.layout.class_lookup`);
+        its ``labels.txt`` (class-index masks) and ``labels_ignore/`` when present."""
         root = Path(root)
+        names = read_class_names(root)
+        kw.setdefault("values", None if names is None else {n: v for v, n in names.items()})
+        kw.setdefault("ignore", root / IGNORE_DIR if (root / IGNORE_DIR).is_dir() else None)
         return cls(image_dir(root), root / "labels", classes or class_lookup(root), **kw)
 
     @classmethod
     def of_index(cls, index: Any, **kw: Any) -> "Folder":
-        """A scanned dataset (:class:`~seggpt_lib.data.layout.DefectIndex`: its folders, its classes)."""
+        """A scanned dataset (:class:`~seggpt_lib.data.layout.DefectIndex`: its folders, its classes,
+        its class-index values and ignore masks)."""
+        if index.multiclass:
+            kw.setdefault("values", {c: int(v) for c, v in zip(index.class_names, index.class_values) if v})
+        ig = Path(index.label_dir).parent / IGNORE_DIR
+        kw.setdefault("ignore", ig if ig.is_dir() else None)
         return cls(Path(index.image_dir), Path(index.label_dir), lambda f: index.class_of(index.find(f)), **kw)
 
     def image_path(self, file: str) -> Path:
@@ -93,9 +111,36 @@ class Folder:
     def class_of(self, file: str) -> str:
         return self.classes(file) if self.classes is not None else class_of(file, {})
 
-    def mask(self, file: str) -> np.ndarray | None:
+    def mask(self, file: str, cls: str | None = None) -> np.ndarray | None:
+        """The file's mask as bool ``(H, W)`` (None: it has none); with class-index ``values``
+        and ``cls``, its pixels of that class when it holds it, else all its defect pixels."""
         path = self.label_path(file)
-        return None if path is None else self.read_mask(path)
+        if path is None:
+            return None
+        if self.values is None or cls is None or cls not in self.values:
+            return self.read_mask(path)
+        label = load_mask_file(path)
+        own = label == self.values[cls]
+        return own if own.any() else label != 0
+
+    def classes_held(self, file: str) -> list[str]:
+        """With class-index ``values``: the classes whose values the file's mask holds (else
+        its class, or nothing for a defect-free mask)."""
+        path = self.label_path(file)
+        if path is None:
+            return []
+        if self.values is None:
+            m = self.read_mask(path)
+            return [self.class_of(file)] if m.any() else []
+        present = set(np.unique(load_mask_file(path)).tolist())
+        return sorted(c for c, v in self.values.items() if v in present)
+
+    def ignore_mask(self, file: str) -> np.ndarray | None:
+        """The file's "ignore" pixels as bool ``(H, W)``, or None when it has no ignore mask."""
+        if self.ignore is None:
+            return None
+        path = self.ignore / f"{Path(file).stem}.png"
+        return load_mask_file(path) != 0 if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -257,7 +302,7 @@ def score_mapping(
         if f in cache:
             cache.move_to_end(f)
         else:
-            mask = prompts.mask(f)
+            mask = prompts.mask(f, prompts.class_of(f))  # class-index masks: the prompt shows its class only
             if mask is None:
                 raise FileNotFoundError(f"no mask for prompt {f} in {prompts.labels}")
             cache[f] = (load_rgb(prompts.image_path(f)), mask)
@@ -286,17 +331,29 @@ def score_mapping(
                 preds = predictor.predict_batch(images, [[a for a, _ in pp] for pp in pairs],
                                                 [[m for _, m in pp] for pp in pairs], **kw)
             for q, image, qc, ps, pcs, pred, pc in zip(chunk, images, q_classes, used, p_classes, preds, first_classes):
-                gt = queries.mask(q)
+                gt = queries.mask(q, pc)
+                if kind == "auto" and queries.values is not None:  # class-index masks: what the query holds
+                    held = queries.classes_held(q)
+                    pair = ("free" if not held or (gt is not None and not gt.any())
+                            else "positive" if any(c in held for c in pcs) else "negative")
+                else:
+                    pair = pair_kind(kind, qc, pcs, gt)
+                ignore = queries.ignore_mask(q)
+
+                def scored_mask(m: np.ndarray | None) -> np.ndarray | None:  # ignore pixels count nowhere
+                    return m if m is None or ignore is None else np.where(ignore, False, m)
+
                 extra = dict(cfg.extra)
                 for c in cfg.columns:
                     extra[c] = {"n_prompts": len(ps), "n_pairs": pred.n_pairs, "seconds": pred.timing["total_s"]}[c]
-                result = PairResult(query=q, prompts=ps, kind=pair_kind(kind, qc, pcs, gt), query_class=qc,
-                                    pred=pred.mask, gt=gt, extra=extra)
+                gt = scored_mask(gt)
+                result = PairResult(query=q, prompts=ps, kind=pair, query_class=qc,
+                                    pred=scored_mask(pred.mask), gt=gt, extra=extra)
                 scored = ScoredPair(result, pred, image, prompt_class=pc)
                 if op is not None:
                     scored.decision = decide(pred.score, op.config_for(pc), pred.consistency)
                     scored.calibrated = PairResult(query=q, prompts=ps, kind=result.kind, query_class=qc,
-                                                   pred=scored.decision.mask, gt=gt, extra=dict(extra))
+                                                   pred=scored_mask(scored.decision.mask), gt=gt, extra=dict(extra))
                 yield scored
             bar.update(len(chunk))
     finally:
