@@ -21,7 +21,7 @@ from .magnetic_tile import convert_magnetic_tile
 from .split import split_dataset
 from .stats import dataset_stats
 from .synthetic import generate_synthetic
-from .vision_coco import convert_vision_coco
+from .vision_coco import convert_vision_coco, find_coco_files, has_export_splits
 
 # the synthetic set's settings and their defaults: generate_synthetic's own
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
@@ -32,7 +32,9 @@ def prepare_data(work_dir: str | os.PathLike, source: str = "synthetic", source_
                  synthetic: dict[str, Any] | None = None, limit_per_class: int | None = None, split_seed: int = 0,
                  val: float = 0.15, test: float = 0.15, rebuild: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build (synthetic) or convert (coco, magnetic_tile) the dataset into ``work_dir/data/source``
-    and split it (seeded, stratified) into ``work_dir/data/split/{train,val,test}``. A ``folder``
+    and split it (seeded, stratified) into ``work_dir/data/split/{train,val,test}``. A COCO
+    export with its own train and test (``valid`` optional) keeps them: converted straight into
+    ``work_dir/data/split`` and never re-split. A ``folder``
     already split into ``train/`` and ``test/`` (``val/`` optional) is used in place; a folder in
     our layout (``images/``, ``labels/``) is split. Reuses an earlier build of the same settings
     unless ``rebuild``. Returns ``{source, source_path, root, split_root, reused, seconds}``."""
@@ -59,7 +61,7 @@ def prepare_data(work_dir: str | os.PathLike, source: str = "synthetic", source_
         try:
             if json.loads(stamp.read_text()) == json.loads(json.dumps(spec)):
                 log(f"reusing the dataset built earlier with the same settings: {split_dir}")
-                root = src if source == "folder" else src_dir
+                root = src if source == "folder" else src_dir if src_dir.is_dir() else split_dir
                 return {"source": source, "source_path": str(source_path), "root": str(root), "split_root": str(split_dir),
                         "reused": True, "seconds": time.perf_counter() - t0}
         except json.JSONDecodeError:
@@ -72,8 +74,16 @@ def prepare_data(work_dir: str | os.PathLike, source: str = "synthetic", source_
         root = generate_synthetic(src_dir, seed=int(syn["seed"]), per_class=int(syn["per_class"]), size=int(syn["size"]),
                                   n_free=syn.get("n_free"), overwrite=True, show_progress=False)
     elif source == "coco":
-        log(f"converting VISION COCO files under {source_path}")
-        root = convert_vision_coco(source_path, src_dir, overwrite=True, show_progress=False)
+        files = find_coco_files(source_path)
+        if has_export_splits(files) and {"train", "test"} <= {f.our_split for f in files}:
+            # the export's own train/val/test: kept, never re-split (a photo stays where the export put it)
+            log(f"converting the COCO export under {source_path}, keeping its own train/val/test split")
+            convert_vision_coco(source_path, split_dir, keep_splits=True, overwrite=True, show_progress=False)
+            stamp.write_text(json.dumps(spec, indent=2) + "\n")
+            return {"source": source, "source_path": str(source_path), "root": str(split_dir),
+                    "split_root": str(split_dir), "reused": False, "seconds": time.perf_counter() - t0}
+        log(f"converting the COCO files under {source_path}")
+        root = convert_vision_coco(source_path, src_dir, keep_splits=False, overwrite=True, show_progress=False)
     elif source == "magnetic_tile":
         log(f"converting the magnetic-tile set in {source_path}")
         root = convert_magnetic_tile(source_path, src_dir, limit_per_class=limit_per_class, overwrite=True,

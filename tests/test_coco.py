@@ -269,6 +269,21 @@ def test_roboflow_layout_keeps_splits_in_place(tmp_path, capsys):
     assert set(_rows(convert_vision_coco(src, tmp_path / "flat2"))) == set(rows)
 
 
+def test_pipeline_data_coco_keeps_the_export_split(tmp_path):
+    """make reproduce DATA=coco:EXPORT: the export's train/valid/test are kept, never re-split."""
+    from data_prep.prepare import prepare_data
+
+    src = _roboflow(tmp_path / "export")
+    info = prepare_data(tmp_path / "work", source="coco", source_path=str(src), log=lambda *_: None)
+    root = Path(info["split_root"])
+    assert is_split_root(root)
+    assert set(_rows(root / "train")) == {"scratch_a_jpg.rf.111.jpg", "free_b_jpg.rf.222.jpg"}
+    assert set(_rows(root / "val")) == {"scratch_c_jpg.rf.333.jpg"}
+    assert set(_rows(root / "test")) == {"scratch_d_jpg.rf.444.jpg"}
+    again = prepare_data(tmp_path / "work", source="coco", source_path=str(src), log=lambda *_: None)
+    assert again["reused"] and again["split_root"] == info["split_root"]
+
+
 def test_missing_image_lists_where_it_looked(tmp_path, capsys):
     src = _roboflow(tmp_path / "export")
     (src / "valid" / "images" / "c_jpg.rf.333.jpg").unlink()
