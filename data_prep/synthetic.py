@@ -32,6 +32,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from seggpt_lib.data.layout import LABEL_NAMES
+
 from .common import FREE_CLASS, DataPrepError, check_output, output_dir, progress, write_classes_csv
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -299,7 +301,7 @@ def _pcb_defect(rng: np.random.Generator, lay: _PcbLayout, cls: str, copper: np.
     return None, None, np.zeros((size, size), bool)
 
 
-def _render_pcb(rng: np.random.Generator, size: int, cls: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _render_pcb(rng: np.random.Generator, size: int, classes: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
     lay = _PcbLayout(rng, size)
     copper, holes = lay.draw_copper()
     col = _pcb_colours(rng)
@@ -314,32 +316,33 @@ def _render_pcb(rng: np.random.Generator, size: int, cls: str | None) -> tuple[n
     cu_tex = 1 + 0.06 * _smooth_noise(rng, size, 10) + 0.03 * _wave(xx, yy, f * ca, f * sa)
     cu_img = col["copper"][None, None, :] * cu_tex[..., None]
 
-    removed = added = None
-    mask = np.zeros((size, size), bool)
-    if cls is not None:
-        removed, added, mask = _pcb_defect(rng, lay, cls, copper)
+    masks = []
     final_copper = copper.copy()
-    if removed is not None:
-        final_copper &= ~removed
+    for cls in classes:  # each defect cut from / added to the board as drawn before it
+        removed, _added, mask = _pcb_defect(rng, lay, cls, copper)
+        if removed is not None:
+            final_copper &= ~removed
+        masks.append(mask)
     img = np.where(final_copper[..., None], cu_img, img)
     img[holes & final_copper] = np.array([30.0, 28.0, 24.0]) * rng.uniform(0.8, 1.3)
-    if cls == "open":
-        img[mask] = img[mask] * np.array([0.45, 0.4, 0.38])                 # dark charred gap
-    elif cls == "mouse_bite":
-        pale = np.array([rng.uniform(180, 205), rng.uniform(195, 215), rng.uniform(150, 175)])
-        img[mask] = pale * (1 + 0.05 * rng.standard_normal((int(mask.sum()), 1)))  # bare laminate
-    elif cls == "short":
-        solder = np.array([205.0, 208.0, 212.0]) * rng.uniform(0.9, 1.05)
-        shade = 1 + 0.12 * _smooth_noise(rng, size, 24)
-        img[mask] = solder * shade[mask][:, None]                            # silver solder bridge
-    elif cls == "spur":
-        pink = np.array([rng.uniform(235, 250), rng.uniform(150, 170), rng.uniform(130, 150)])
-        img[mask] = pink * (0.9 + 0.1 * cu_tex[mask][:, None])                # fresh salmon copper
-    elif cls == "spurious_copper":
-        ox = np.array([rng.uniform(125, 150), rng.uniform(65, 85), rng.uniform(40, 55)])
-        img[mask] = ox * (1 + 0.08 * _smooth_noise(rng, size, 16)[mask][:, None])  # oxidised blob
+    for cls, mask in zip(classes, masks):  # painted in order: a later defect covers an earlier one
+        if cls == "open":
+            img[mask] = img[mask] * np.array([0.45, 0.4, 0.38])                 # dark charred gap
+        elif cls == "mouse_bite":
+            pale = np.array([rng.uniform(180, 205), rng.uniform(195, 215), rng.uniform(150, 175)])
+            img[mask] = pale * (1 + 0.05 * rng.standard_normal((int(mask.sum()), 1)))  # bare laminate
+        elif cls == "short":
+            solder = np.array([205.0, 208.0, 212.0]) * rng.uniform(0.9, 1.05)
+            shade = 1 + 0.12 * _smooth_noise(rng, size, 24)
+            img[mask] = solder * shade[mask][:, None]                            # silver solder bridge
+        elif cls == "spur":
+            pink = np.array([rng.uniform(235, 250), rng.uniform(150, 170), rng.uniform(130, 150)])
+            img[mask] = pink * (0.9 + 0.1 * cu_tex[mask][:, None])                # fresh salmon copper
+        elif cls == "spurious_copper":
+            ox = np.array([rng.uniform(125, 150), rng.uniform(65, 85), rng.uniform(40, 55)])
+            img[mask] = ox * (1 + 0.08 * _smooth_noise(rng, size, 16)[mask][:, None])  # oxidised blob
     img = img * (_lighting(rng, size, 0.18) * rng.uniform(0.85, 1.1))[..., None]
-    return _finish(rng, img), mask
+    return _finish(rng, img), masks
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +434,7 @@ def _metal_defect(rng: np.random.Generator, size: int, cls: str):
     raise DataPrepError(f"unknown metal defect class {cls!r}")
 
 
-def _render_metal(rng: np.random.Generator, size: int, cls: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _render_metal(rng: np.random.Generator, size: int, classes: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
     grey = rng.uniform(95, 160)
     tint = [np.array([0.96, 1.0, 1.06]), np.array([1.0, 1.0, 1.0]), np.array([1.06, 1.02, 0.94]),
             np.array([1.03, 1.0, 0.97])][int(rng.integers(0, 4))]
@@ -439,9 +442,10 @@ def _render_metal(rng: np.random.Generator, size: int, cls: str | None) -> tuple
     base = (grey * tint).astype(np.float32)[None, None, :] * tex[..., None].astype(np.float32)
     light = _lighting(rng, size, 0.22)
     img = base * light[..., None]
-    mask = np.zeros((size, size), bool)
-    if cls is not None:
+    masks = []
+    for cls in classes:  # painted in order: a later defect covers an earlier one
         mask, alpha = _metal_defect(rng, size, cls)
+        masks.append(mask)
         if cls == "scratch":
             img[mask] = np.minimum(img[mask] * 0.5 + rng.uniform(150, 190), 250)          # bright groove
         elif cls == "crack":
@@ -463,56 +467,113 @@ def _render_metal(rng: np.random.Generator, size: int, cls: str | None) -> tuple
             rust = np.array([rng.uniform(120, 150), rng.uniform(70, 90), rng.uniform(30, 50)])
             rust = rust * (1 + 0.15 * _smooth_noise(rng, size, 12))[..., None]
             img = img * (1 - w[..., None]) + rust * w[..., None]
-    return _finish(rng, img), mask
+    return _finish(rng, img), masks
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def render_sample(seed: int, cls: str, index: int, size: int = 256, surface: str | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (uint8 HxWx3) and its mask (uint8 HxW, 0/255). ``cls`` is a defect class or
-    ``"free"`` (then ``surface`` picks the family; default alternates with ``index``)."""
+def extra_classes(seed: int, cls: str, index: int, multi_share: float) -> list[str]:
+    """The defect classes drawn beside ``cls`` in image ``index`` of a multi-class set: none,
+    or (with probability ``multi_share``) one or two other classes of its surface family, from
+    their own generator (so the image's own draws do not move)."""
+    if multi_share <= 0 or cls not in SURFACE_OF:
+        return []
+    rng = _rng_for(seed, cls + "+extras", index)
+    if rng.random() >= multi_share:
+        return []
+    others = [c for c in FAMILIES[SURFACE_OF[cls]] if c != cls]
+    n = 1 if rng.random() < 0.7 else 2
+    return [others[i] for i in sorted(rng.choice(len(others), size=min(n, len(others)), replace=False).tolist())]
+
+
+def render_defects(seed: int, cls: str, index: int, size: int = 256, surface: str | None = None,
+                   extras: Sequence[str] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One image (uint8 HxWx3) and one boolean mask per defect class drawn (``cls`` first, then
+    ``extras``, each of ``cls``'s family), disjoint: where a later defect covers an earlier one
+    the pixel is the later's. ``cls`` ``"free"``: no defect (``surface`` picks the family;
+    default alternates with ``index``), an empty list. Each drawn class keeps at least a few
+    visible pixels (redrawn otherwise)."""
     if cls == FREE_CLASS:
         fam = surface or list(FAMILIES)[index % len(FAMILIES)]
-        defect = None
+        defects: list[str] = []
     elif cls in SURFACE_OF:
-        fam, defect = SURFACE_OF[cls], cls
+        fam, defects = SURFACE_OF[cls], [cls]
     else:
         raise DataPrepError(f"unknown synthetic class {cls!r} (known: {', '.join(DEFECT_CLASSES)}, free)")
     if fam not in FAMILIES:
         raise DataPrepError(f"unknown surface {fam!r} (known: {', '.join(FAMILIES)})")
+    for e in extras:
+        if SURFACE_OF.get(e) != fam or e in defects:
+            raise DataPrepError(f"extra defect {e!r} is not another class of the {fam} family")
+        defects.append(e)
     render = _render_pcb if fam == "pcb" else _render_metal
-    rng = _rng_for(seed, f"{cls}/{fam}" if defect is None else cls, index)
+    rng = _rng_for(seed, f"{cls}/{fam}" if cls == FREE_CLASS else cls, index)
     min_px = max(6, int(0.0015 * size * size))
     for _ in range(20):
-        img, mask = render(rng, size, defect)
-        if defect is None or mask.sum() >= min_px:
+        img, masks = render(rng, size, defects)
+        visible, covered = [], np.zeros((size, size), bool)
+        for m in reversed(masks):  # the later defect wins where two overlap
+            visible.append(m & ~covered)
+            covered |= m
+        visible.reverse()
+        if all(v.sum() >= min_px for v in visible):
             break
+    return img, visible
+
+
+def render_sample(seed: int, cls: str, index: int, size: int = 256, surface: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One image (uint8 HxWx3) and its mask (uint8 HxW, 0/255). ``cls`` is a defect class or
+    ``"free"`` (then ``surface`` picks the family; default alternates with ``index``)."""
+    img, masks = render_defects(seed, cls, index, size, surface)
+    mask = masks[0] if masks else np.zeros(img.shape[:2], bool)
     return img, mask.astype(np.uint8) * 255
 
 
+def class_value(cls: str) -> int:
+    """The label value of a defect class in a multi-class synthetic set (its place in
+    :data:`DEFECT_CLASSES`, from 1; ``labels.txt`` lists them in that order)."""
+    return DEFECT_CLASSES.index(cls) + 1
+
+
 def _write_one(job: tuple) -> dict:
-    seed, cls, i, size, folder = job
+    seed, cls, i, size, folder, multi_share = job
     folder = Path(folder)
     surface = SURFACE_OF.get(cls) or list(FAMILIES)[i % len(FAMILIES)]
-    img, mask = render_sample(seed, cls, i, size, surface)
     name = f"{cls}_{i:06d}.png"
+    if multi_share is None:  # binary masks (0/255), one class per image
+        img, mask = render_sample(seed, cls, i, size, surface)
+        row = {"file": name, "class": cls, "surface": surface}
+    else:  # class-index masks: every defect drawn, each with its class's value
+        extras = extra_classes(seed, cls, i, multi_share)
+        img, masks = render_defects(seed, cls, i, size, surface, extras)
+        mask = np.zeros(img.shape[:2], np.uint8)
+        for c, m in zip([cls, *extras] if cls != FREE_CLASS else [], masks):
+            mask[m] = class_value(c)
+        row = {"file": name, "class": cls, "surface": surface, "defects": ";".join([cls, *extras]) if masks else ""}
     Image.fromarray(img, mode="RGB").save(folder / "images" / name, format="PNG", compress_level=1)
     Image.fromarray(mask, mode="L").save(folder / "labels" / name, format="PNG", compress_level=6)
-    return {"file": name, "class": cls, "surface": surface, "defect_pixels": int(np.count_nonzero(mask))}
+    return {**row, "defect_pixels": int(np.count_nonzero(mask))}
 
 
 def generate_synthetic(out_dir, seed: int = 0, per_class: int = 40, size: int = 256,
                        n_free: int | None = None, overwrite: bool = False,
                        classes: Sequence[str] | None = None, workers: int | None = None,
-                       show_progress: bool | None = None) -> Path:
+                       show_progress: bool | None = None, multi_share: float | None = None) -> Path:
     """Write a synthetic dataset (images/, labels/, classes.csv, synthetic.json) to ``out_dir``.
 
     ``per_class`` images of each defect class (default: all nine of :data:`DEFECT_CLASSES`)
     and ``n_free`` defect-free images (default: ``per_class``; alternating pcb / metal).
     ``workers`` processes render in parallel (default: up to 8 for large sets; the output does
-    not depend on it). Returns the output path."""
+    not depend on it). Returns the output path.
+
+    ``multi_share`` (None: a binary set, one defect class per image, masks 0/255): a
+    *multi-class* set with class-index masks and ``labels.txt``: that share of the defect
+    images of each class also holds one or two other defect classes of its family
+    (:func:`extra_classes`), every class painted with its value (:func:`class_value`), disjoint
+    where they overlap. The file name and ``classes.csv`` give the class the image was drawn
+    for; its ``defects`` column lists all."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataPrepError(f"seed must be a non-negative integer, got {seed!r}")
     if size < 32:
@@ -523,6 +584,8 @@ def generate_synthetic(out_dir, seed: int = 0, per_class: int = 40, size: int = 
     for c in classes:
         if c not in SURFACE_OF:
             raise DataPrepError(f"unknown synthetic class {c!r} (known: {', '.join(DEFECT_CLASSES)})")
+    if multi_share is not None and not 0.0 <= float(multi_share) <= 1.0:
+        raise DataPrepError(f"multi_share must lie in [0, 1] (or be None for a binary set), got {multi_share}")
     n_free = per_class if n_free is None else n_free
     jobs = [(c, i) for c in classes for i in range(per_class)] + [(FREE_CLASS, i) for i in range(n_free)]
     if not jobs:
@@ -534,7 +597,8 @@ def generate_synthetic(out_dir, seed: int = 0, per_class: int = 40, size: int = 
     with output_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
-        tasks = [(int(seed), c, i, size, str(tmp)) for c, i in jobs]
+        share = None if multi_share is None else float(multi_share)
+        tasks = [(int(seed), c, i, size, str(tmp), share) for c, i in jobs]
         if workers > 1:
             # fork is fastest, but not safe in a process that already runs torch threads
             methods = mp.get_all_start_methods()
@@ -546,8 +610,10 @@ def generate_synthetic(out_dir, seed: int = 0, per_class: int = 40, size: int = 
             rows = [_write_one(t) for t in progress(tasks, desc="synthetic", total=len(tasks),
                                                     enabled=show_progress)]
         write_classes_csv(tmp, rows)
+        if share is not None:
+            (tmp / LABEL_NAMES).write_text("background\n" + "\n".join(DEFECT_CLASSES) + "\n")
         meta = {"generator": "data_prep.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
-                "size": size, "per_class": per_class, "n_free": n_free,
+                "size": size, "per_class": per_class, "n_free": n_free, "multi_share": share,
                 "families": {f: [c for c in cs if c in classes] for f, cs in FAMILIES.items()},
                 "images": len(rows)}
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -208,3 +208,36 @@ def test_ignore_pixels_count_in_no_iou(tmp_path):
     union = np.logical_or(r.pred, r.gt).sum()
     assert inter == union == 64  # the crowd square is neither a hit nor a false alarm
     assert rows[0].prediction.mask[20:28, 20:28].all()  # the prediction itself is kept as painted
+
+
+# ---------------------------------------------------------------------------------------------
+# the multi-class synthetic set
+# ---------------------------------------------------------------------------------------------
+def test_multiclass_synthetic_set(tmp_path):
+    import csv
+
+    from data_prep.synthetic import DEFECT_CLASSES, SURFACE_OF, class_value, generate_synthetic
+
+    classes = ("scratch", "pit", "crack", "open", "short")
+    a = generate_synthetic(tmp_path / "a", seed=3, per_class=4, size=64, n_free=2, classes=classes,
+                           multi_share=0.75, workers=1)
+    rows = {r["file"]: r for r in csv.DictReader(open(a / "classes.csv"))}
+    idx = D.DefectIndex.scan(a)
+    assert idx.multiclass and read_class_names(a) == {k + 1: c for k, c in enumerate(DEFECT_CLASSES)}
+    n_multi = 0
+    for i, f in enumerate(idx.files):
+        label = np.asarray(Image.open(a / "labels" / f))
+        drawn = [c for c in rows[f]["defects"].split(";") if c]
+        # every drawn class is present with its own value, nothing else is (disjoint by construction)
+        assert sorted(np.unique(label[label > 0]).tolist()) == sorted(class_value(c) for c in drawn)
+        assert idx.classes_in(i) == sorted(drawn)
+        assert len({SURFACE_OF[c] for c in drawn}) <= 1  # one surface family per image
+        n_multi += len(drawn) > 1
+    assert n_multi >= 5
+    b = generate_synthetic(tmp_path / "b", seed=3, per_class=4, size=64, n_free=2, classes=classes,
+                           multi_share=0.75, workers=2)
+    for sub in ("images", "labels"):  # same seed, same bytes (whatever the worker count)
+        for p in sorted((a / sub).iterdir()):
+            assert p.read_bytes() == (b / sub / p.name).read_bytes(), p.name
+    with pytest.raises(Exception, match="multi_share"):
+        generate_synthetic(tmp_path / "c", per_class=1, size=64, multi_share=1.5)
