@@ -5,7 +5,8 @@
                                  [--crowd-as-defect] [--skip-bad] [--overwrite]
     seggpt prepare magnetic-tile --src DIR --out DIR [--limit-per-class N] [--skip-bad] [--overwrite]
     seggpt prepare split         --src DIR --out DIR [--seed S] [--val F] [--test F]
-                                 [--holdout-classes a,b | --holdout-n K] [--skip-bad] [--overwrite]
+                                 [--holdout-classes a,b | --holdout-n K] [--no-dedup] [--dedup-distance D]
+                                 [--allow-incomplete-classes] [--skip-bad] [--overwrite]
     seggpt prepare stats         --src DIR [--out FILE] [--overwrite]
     seggpt prepare preview       --src DIR --out FILE.png [--per-class N] [--overwrite]
 
@@ -97,7 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
-    p = sub.add_parser("split", help="seeded class-stratified train/val/test split")
+    p = sub.add_parser(
+        "split", help="seeded class-stratified train/val/test split (leak-free: groups, near-duplicates)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Split a dataset ROOT into OUT/train, OUT/val, OUT/test (copies) and OUT/split.json.",
+        epilog="Groups, never single images, are split: images sharing the 'group' column of classes.csv (the\n"
+               "per-category copies of one COCO photo) and near-duplicates (rotated, mirrored, re-encoded or\n"
+               "rescaled copies, found by a rotation/flip-invariant perceptual hash) stay in one split.\n"
+               "Refused: a class left without val or test images (it has fewer than 3 groups) while --val/--test\n"
+               "are > 0 (held-out classes excepted), and an empty val or test split.")
     p.add_argument("--src", required=True, help="dataset ROOT to split")
     p.add_argument("--out", required=True, help="output folder (gets train/, val/, test/, split.json)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
@@ -106,6 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--holdout-classes", default=None, help="comma-separated defect classes only in test")
     g.add_argument("--holdout-n", type=_nonneg_int, default=None, help="hold out K random defect classes")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="do not merge near-duplicate images into one group")
+    p.add_argument("--dedup-distance", type=_nonneg_int, default=None,
+                   help="near-duplicates: images whose hashes differ in at most this many of 256 bits "
+                        "(counted over the bits reliable in both; default 24)")
+    p.add_argument("--allow-incomplete-classes", action="store_true",
+                   help="split even when a class gets no val or test image (warn instead of refusing)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
@@ -128,6 +144,32 @@ def _split_list(text: str | None) -> list[str] | None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     return items or None
+
+
+def split_report(plan: dict) -> str:
+    """The lines ``seggpt prepare split`` prints: per split the images and groups, the held-out
+    classes, the groups of several images and the near-duplicates merged (a few examples)."""
+    n = {sp: len(v) for sp, v in plan["files"].items()}
+    g = plan.get("groups", {})
+    gc = g.get("counts", {})
+    lines = [f"{plan['protocol']} split (seed {plan['seed']}): "
+             + ", ".join(f"{sp} {n[sp]} images in {gc.get(sp, n[sp])} groups" for sp in ("train", "val", "test"))
+             + (f"; held out: {', '.join(plan['holdout_classes'])}" if plan["holdout_classes"] else "")]
+    shared = g.get("shared", {})
+    if shared:
+        lines.append(f"groups: {g.get('total')} in all, {len(shared)} of several images "
+                     f"({sum(len(v['files']) for v in shared.values())} images), each kept in one split")
+    nd = plan.get("near_duplicates", {})
+    if nd.get("enabled"):
+        lines.append(f"near-duplicates (distance <= {nd['max_distance']}): {nd['merged']} group(s) merged "
+                     f"({nd['images']} images)" + (":" if nd["merged"] else ""))
+        for ex in nd.get("examples", []):
+            lines.append("  " + ", ".join(ex[:6]) + (f", ... ({len(ex)} images)" if len(ex) > 6 else ""))
+        if nd["merged"] > len(nd.get("examples", [])):
+            lines.append(f"  ... and {nd['merged'] - len(nd['examples'])} more (split.json: groups.shared)")
+    elif nd:
+        lines.append("near-duplicates: not searched (--no-dedup)")
+    return "\n".join(lines)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -156,15 +198,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = convert_magnetic_tile(args.src, args.out, limit_per_class=args.limit_per_class,
                                     skip_bad=args.skip_bad, overwrite=args.overwrite)
     elif cmd == "split":
+        from .near_duplicates import DEFAULT_DISTANCE
         from .split import split_dataset
         out = split_dataset(args.src, args.out, seed=args.seed, val=args.val, test=args.test,
                             holdout_classes=_split_list(args.holdout_classes), holdout_n=args.holdout_n,
-                            skip_bad=args.skip_bad, overwrite=args.overwrite)
+                            skip_bad=args.skip_bad, overwrite=args.overwrite, dedup=args.dedup,
+                            dedup_distance=DEFAULT_DISTANCE if args.dedup_distance is None else args.dedup_distance,
+                            allow_incomplete=args.allow_incomplete_classes)
         plan = json.loads((out / "split.json").read_text())
-        n = {sp: len(v) for sp, v in plan["files"].items()}
-        print(f"{plan['protocol']} split (seed {plan['seed']}): train {n['train']}, val {n['val']}, "
-              f"test {n['test']}" + (f"; held out: {', '.join(plan['holdout_classes'])}"
-                                     if plan["holdout_classes"] else ""))
+        print(split_report(plan))
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
         return 0
     elif cmd == "stats":

@@ -34,12 +34,13 @@ from seggpt_lib.data.layout import CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetE
 from seggpt_lib.data.layout import header_size as image_size
 from seggpt_lib.data.layout import images_by_stem
 from seggpt_lib.data.layout import open_image as read_image
-from seggpt_lib.data.layout import read_classes_csv, read_label
+from seggpt_lib.data.layout import LABEL_NAMES, read_class_names, read_classes_csv, read_label
 from seggpt_lib.utils import outputs
 from seggpt_lib.utils.outputs import OutputError
 
 __all__ = [
-    "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError", "Problems",
+    "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError",
+    "FilenameClassWarning", "Problems", "check_filename_classes",
     "Sample", "check_not_inside", "check_output", "class_from_filename", "copy_file", "image_size", "output_dir",
     "output_file",
     "progress", "read_classes_csv", "read_image", "read_mask", "safe_name", "scan_dataset", "write_classes_csv",
@@ -182,6 +183,53 @@ class Sample:
         return self.image.name
 
 
+class FilenameClassWarning(DataPrepWarning):
+    """The classes come from file-name prefixes and give nearly one class per image (numbered
+    files such as ``000123.jpg`` without ``classes.csv``): see :func:`check_filename_classes`."""
+
+
+# the one-class-per-image check: more than FEW_CLASSES classes from file names, and more than
+# SINGLETON_SHARE of them holding a single image
+FEW_CLASSES = 5
+SINGLETON_SHARE = 0.5
+
+
+def check_filename_classes(root: str | os.PathLike, named: Mapping[str, str]) -> str | None:
+    """Warn (:class:`FilenameClassWarning`) when the classes that file-name prefixes gave
+    (``named``: file -> class, only the images that ``classes.csv`` does not list and whose
+    masks name no class) look like one class per image: more than ``FEW_CLASSES`` (5) defect
+    classes, more than ``SINGLETON_SHARE`` (half) of them with a single image. Returns the
+    message (None: no warning)."""
+    counts: dict[str, int] = {}
+    for c in named.values():
+        if c != FREE_CLASS:
+            counts[c] = counts.get(c, 0) + 1
+    single = sorted(c for c, n in counts.items() if n == 1)
+    if len(counts) <= FEW_CLASSES or len(single) <= SINGLETON_SHARE * len(counts):
+        return None
+    shown = ", ".join(repr(c) for c in single[:4]) + (", ..." if len(single) > 4 else "")
+    msg = (f"{root}: the file-name prefixes give {len(counts)} classes for {sum(counts.values())} images, "
+           f"{len(single)} of them with a single image ({shown}): without {CLASSES_CSV} an image's class is its "
+           f"file-name prefix (<class>_<id>.png), so numbered files make one class per image. Give "
+           f"{CLASSES_CSV} (columns file,class) or class-index masks with labels.txt (label value k = the "
+           f"class on line k)")
+    warnings.warn(msg, FilenameClassWarning, stacklevel=3)
+    return msg
+
+
+def _mask_class(label: np.ndarray, value_names: Mapping[int, str], path: Path) -> str:
+    """The class of a class-index mask: the named value covering most pixels (``free`` when empty)."""
+    counts = np.bincount(np.asarray(label, np.uint8).ravel(), minlength=256)
+    values = np.flatnonzero(counts[1:]) + 1
+    unknown = [int(v) for v in values if int(v) not in value_names]
+    if unknown:
+        raise DataPrepError(f"{path}: label values {unknown} are not named in {LABEL_NAMES} (it names "
+                            f"{min(value_names)}..{max(value_names)})")
+    if not values.size:
+        return FREE_CLASS
+    return value_names[int(min(values, key=lambda v: (-counts[v], v)))]
+
+
 def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool = True,
                  problems: Problems | None = None) -> list[Sample]:
     """List a dataset ROOT (images/, labels/, optional classes.csv) and check it.
@@ -189,7 +237,13 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
     Errors (or, with ``skip_bad``, skipped files listed in one warning): an empty or missing
     images/ folder, an image without a label, a label without an image, two images with the
     same stem, a file listed in classes.csv that does not exist, and, with ``verify``, an
-    unreadable or truncated image or label and a label whose size differs from its image."""
+    unreadable or truncated image or label and a label whose size differs from its image.
+
+    An image's class: its classes.csv row; else, with class-index masks (``labels.txt`` /
+    ``class_index.json``), the named class covering most of its mask (``free`` when empty; a
+    label value the file does not name is an error); else its file-name prefix
+    (:func:`class_from_filename`). When file-name prefixes give nearly one class per image,
+    :func:`check_filename_classes` warns."""
     root = Path(root)
     own_problems = problems is None
     problems = problems or Problems(skip_bad)
@@ -213,6 +267,8 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
                 continue
             by_file[r["file"]] = r
     csv_classes = {f: r["class"] for f, r in by_file.items()}
+    value_names = read_class_names(root)  # None: binary masks, the class from classes.csv / the name
+    named: dict[str, str] = {}  # images whose class is their file-name prefix
 
     samples: list[Sample] = []
     for stem, img in images.items():
@@ -233,6 +289,14 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
                 continue
         row = by_file.get(img.name) or by_file.get(stem)
         cls = class_of(img.name, csv_classes)
+        if row is None and value_names is not None:
+            try:
+                cls = _mask_class(read_label(lbl), value_names, lbl)
+            except DatasetError as e:
+                problems.catch(e)
+                continue
+        elif row is None:
+            named[img.name] = cls
         samples.append(Sample(stem, img, lbl, cls, dict(row) if row else {"file": img.name, "class": cls}))
     for stem, lbl in labels.items():
         if stem not in images:
@@ -241,6 +305,7 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
         problems.warn()
     if not samples:
         raise DataPrepError(f"{root}: no usable image/label pairs")
+    check_filename_classes(root, named)
     return samples
 
 

@@ -60,6 +60,13 @@ foreground). Images with no annotations are class ``free`` (``free_<Sub>_<stem>`
 Binary masks (255) by default; ``multiclass`` writes one output per image with class indices
 1..K (see ``class_index.json``), named after the class covering most pixels, and lists all its
 classes in the ``classes`` column.
+
+Groups: every output derived from one source image carries the same ``group`` in
+``classes.csv`` (:func:`source_group`: the image's path without extension, relative to
+``--src``, e.g. ``Cable/train/000123``; a Roboflow name ``<name>_jpg.rf.<hash>`` counts as
+``<name>_jpg``, so the augmented copies of one upload share it), and ``seggpt prepare split``
+keeps a group in one split: the per-category copies of one photo never land in both train
+and test.
 """
 from __future__ import annotations
 
@@ -413,6 +420,19 @@ class _Job:
     rows: list[dict] = field(default_factory=list)
 
 
+def source_group(src: Path, sp: "CocoSplit", file_name: str) -> str:
+    """The ``group`` of the outputs derived from one source image (module docstring): its path
+    without extension relative to ``src`` (``/``-separated), a Roboflow ``.rf.<hash>`` suffix dropped."""
+    path = PurePosixPath(file_name.replace("\\", "/"))
+    stem = path.stem.split(".rf.")[0] if ".rf." in path.stem else path.stem
+    try:
+        folder = sp.ann_file.parent.resolve().relative_to(Path(src).resolve()).as_posix()
+    except ValueError:
+        folder = sp.ann_file.parent.name
+    parts = [p for p in (folder, *path.parent.parts, stem) if p not in ("", ".", "..", "/")]
+    return "/".join(parts)
+
+
 def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = False,
                         overwrite: bool = False, show_progress: bool | None = None,
                         keep_splits: bool | None = False, boxes_as_masks: bool = False,
@@ -576,7 +596,7 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
             rows = rows_by_split[split]
             stem, ext = Path(file_name.replace("\\", "/")).stem, img_path.suffix.lower()
             surface = sub or src.resolve().name
-            common = {"surface": surface, "source_split": sp.split}
+            common = {"surface": surface, "source_split": sp.split, "group": source_group(src, sp, file_name)}
 
             def emit(name: str, label: np.ndarray, row: dict) -> None:
                 copy_file(img_path, base / "images" / f"{name}{ext}")

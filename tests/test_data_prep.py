@@ -590,9 +590,9 @@ def test_stats(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "syn"
     assert cli_main(["prepare", "synthetic", "--out", str(out), "--per-class", "3", "--size", "48",
-                     "--free", "2", "--seed", "4"]) == 0
+                     "--free", "3", "--seed", "4"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert len(_csv_rows(out)) == 9 * 3 + 2
+    assert len(_csv_rows(out)) == 9 * 3 + 3  # 3 defect-free images: a split needs 3 groups per class
     assert cli_main(["prepare", "synthetic", "--out", str(out), "--per-class", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--overwrite" in err
