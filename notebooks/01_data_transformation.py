@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -40,7 +40,7 @@ preset = "vit_micro"  # the model size decides the pair layout shown below
 model = {}
 weights = ""  # with preset "auto" the architecture is read from these weights
 seed = 0
-train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": "auto", "weight_query_defects": True, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
          "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}  # the pipeline's recipe (pair layout, colouring)
 
 # %%

@@ -21,8 +21,8 @@
 # patches hidden, or the whole query half for a `query_mask_share` of the samples as at
 # inference, defect pixels weighted `fg_weight` in the smooth-L1 loss, negative pairs asking
 # for an empty query half when `negative_target` is `empty`, the defect painted in one fixed
-# `defect_color` or, without it, one random colour per sample as in the original). Training stops after
-# `steps` steps or `train_minutes` minutes, whichever comes first; `steps = 0` skips it and
+# `defect_color` or, without it, one random colour per sample as in the original). Training runs
+# `steps` steps (`train_minutes`, when set, caps it in wall-clock time); `steps = 0` skips it and
 # the given `weights` (or, without weights, the random initialisation) are evaluated.
 #
 # Shown: the loss, learning rate, predicted-defect share and validation mIoU curves
@@ -34,17 +34,18 @@ results_dir = "results"
 preset = "vit_micro"  # "auto": the architecture of `weights`
 model = {}  # preset overrides (official constructor names)
 weights = ""  # initial weights (official .pth, HF, our .safetensors); empty: random init
-steps = 100000  # 0: no training
-train_minutes = 4.5  # wall-clock budget of the training loop; None: none
+steps = 500  # the training budget (0: no training); the same steps and seed give the same run
+train_minutes = None  # optional wall-clock cap on top of steps; None: none
 device = "cpu"
 precision = "auto"
 seed = 0
 normalize = "imagenet"  # imagenet | dataset
-train = {"lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
-         "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}
+train = {"lr": 1e-3, "batch_size": 16, "fg_weight": "auto", "weight_query_defects": True, "defect_color": [255, 255, 255],
+         "query_mask_share": 0.5, "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty",
+         "num_workers": 0}
 eval_every = 50  # validation and checkpoints every N steps
 val_pairs = 64
-checkpoint = "best"  # best (validation mIoU) | last
+checkpoint = "best"  # best (validation PES, train.select_by) | last
 n_panels = 3
 
 # %%

@@ -112,7 +112,7 @@ def test_recipe_keys_are_train_config_fields():
     for k, v in CFG.PIPELINE_RECIPE.items():
         assert k in hints, f"PIPELINE_RECIPE: {k!r} is no TrainConfig field"
         assert CFG.type_matches(v, hints[k]), f"PIPELINE_RECIPE: {k}={v!r} is not {hints[k]}"
-    assert TrainConfig().fg_weight == 1.0 and CFG.PIPELINE_RECIPE["fg_weight"] == 30.0
+    assert TrainConfig().fg_weight == 1.0 and CFG.PIPELINE_RECIPE["fg_weight"] == "auto"
     TrainConfig.from_dict({**CFG.PIPELINE_RECIPE, "train_dataset_dir": "d"})
 
 

@@ -31,7 +31,7 @@ def test_config_file_and_overrides(tmp_path):
     cfg = CFG.load_config(REPO / "configs" / "pipeline.json")
     assert cfg["preset"] == "vit_micro" and cfg["data"] == "synthetic" and cfg["device"] == "cpu"
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["negative_target"] == "empty" and cfg["train"]["batch_size"] == 16
-    assert cfg["train_minutes"] and cfg["steps"] > 0 and cfg["grids"] == [1, 2, 4]
+    assert cfg["train_minutes"] is None and cfg["steps"] > 0 and cfg["grids"] == [1, 2, 4]
     cfg = CFG.load_config(REPO / "configs" / "pipeline.json",
                         ["steps=0", "device=cuda", "weights=w.pth", "train.lr=1e-4", "grids=[1,2]", "data=coco:/x"])
     assert cfg["steps"] == 0 and cfg["device"] == "cuda" and cfg["weights"] == "w.pth"

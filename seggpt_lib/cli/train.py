@@ -5,10 +5,19 @@ import argparse
 import os
 import shlex
 import sys
+import warnings
 
 import torch.distributed as dist
 
-from seggpt_lib.engine.trainer import NonFiniteLoss, TrainConfig, TrainingInterrupted, parse_set, resume, train
+from seggpt_lib.engine.trainer import (
+    CollapseWarning,
+    NonFiniteLoss,
+    TrainConfig,
+    TrainingInterrupted,
+    parse_set,
+    resume,
+    train,
+)
 from seggpt_lib.utils.outputs import check_not_inside
 
 
@@ -30,7 +39,25 @@ def check_log_dir(cfg: TrainConfig) -> None:
                      what="log_dir")
 
 
+def _show_collapse(message, category, filename, lineno, file=None, line=None) -> None:
+    """A CollapseWarning in capitals, on a line of its own (other warnings as Python shows them)."""
+    if issubclass(category, CollapseWarning):
+        print(f"\n!!! WARNING: {message}\n", file=sys.stderr, flush=True)
+    else:
+        _plain_showwarning(message, category, filename, lineno, file, line)
+
+
+_plain_showwarning = warnings.showwarning
+
+
 def run(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CollapseWarning)  # every validation with a collapse is said
+        warnings.showwarning = _show_collapse
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         overrides = parse_set(args.set)
         if args.resume:
@@ -55,5 +82,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result.interrupted}: stopped at step {result.step}; saved {result.run_dir / 'checkpoints' / 'last'}. "
                   f"Resume with:\n  seggpt train --resume {shlex.quote(str(result.run_dir))}", file=sys.stderr)
         else:
-            print(f"run: {result.run_dir}  steps: {result.step}  best val mIoU: {result.best_miou:.4f}")
+            b = result.best_val
+            best = (f"best (by val {result.select_by}, step {result.best_step}): val PES {float(b.get('val_pes', 'nan')):.4f} "
+                    f"catch {float(b.get('val_catch', 'nan')):.3f} yield {float(b.get('val_yield_neg', 'nan')):.3f} "
+                    f"mIoU {result.best_miou:.4f}" if result.best_step is not None else "no validation")
+            print(f"run: {result.run_dir}  steps: {result.step}  fg_weight: {result.fg_weight:.3g}  {best}")
+        if result.collapse:
+            what = result.collapse.upper()
+            print(f"\n!!! WARNING: COLLAPSE: at its last validation the model paints {what} (validation steps with a "
+                  f"collapse: {', '.join(map(str, result.collapse_steps))}); every figure equals the paint-"
+                  f"{result.collapse} baseline. metrics.csv: column collapse.\n", file=sys.stderr)
     return 130 if result.interrupted else 0

@@ -390,7 +390,7 @@ class PairConfig:
       ``swap_prob`` (default 0.5 in training, 0 in evaluation), ``class_balanced``;
     * the targets: ``n_classes``, ``negative_target`` (``query_mask`` or ``empty``),
       ``defect_color`` (a fixed RGB for binary sets instead of a random palette),
-      ``fg_weight``, ``mask_ratio``, ``query_mask_share``;
+      ``fg_weight``, ``weight_query_defects``, ``mask_ratio``, ``query_mask_share``;
     * the images: ``mean``/``std`` normalisation, ``augment``
       (:class:`~seggpt_lib.data.transforms.AugmentConfig`; default on in training, always off
       in evaluation);
@@ -410,6 +410,11 @@ class PairConfig:
     negative_target: str = "query_mask"
     defect_color: Sequence[int] | None = None
     fg_weight: float = 1.0
+    # fg_weight also on the query's own defect pixels where the target does not paint them (a
+    # negative pair with negative_target "empty", another class in a positive's query): a defect
+    # the prompt does not ask for weighs as much as one it asks for, so ignoring the prompt stops
+    # paying. False: only the target's defect pixels (the original recipe)
+    weight_query_defects: bool = False
     mask_ratio: float = 0.75
     query_mask_share: float = 0.0
     mean: Sequence[float] = IMAGENET_MEAN
@@ -449,8 +454,10 @@ class PairDataset(Dataset):
     * ``tgts`` ``(3, 2H, W)`` float: the coloured label pair, normalised the same way
     * ``bool_masked_pos`` ``(L,)`` bool: ``random_patch_mask(mask_ratio)`` in training (the
       query half for a ``query_mask_share`` of the samples), the query half in evaluation
-    * ``valid`` ``(3, 2H, W)`` float: 1, ``fg_weight`` on the defect pixels of the pair, 0 on
-      "ignore" pixels (``labels_ignore/``: crowd regions)
+    * ``valid`` ``(3, 2H, W)`` float: 1, ``fg_weight`` on the defect pixels of the pair (the
+      painted labels; with ``weight_query_defects`` also every defect pixel of the query itself,
+      painted or not: a negative's query defect weighs what a positive's does), 0 on "ignore"
+      pixels (``labels_ignore/``: crowd regions)
     * ``seg_type`` long 0; ``labels`` ``(2H, W)`` uint8: the painted class indices (0/1 for
       binary sets); ``query_label`` ``(H, W)`` uint8: the query's own label (ground truth)
     * ``palette`` ``(n_classes, 3)`` uint8 (row 0 black); ``prompt_class``, ``query_class``,
@@ -522,6 +529,7 @@ class PairDataset(Dataset):
         self.augment = augment
         self.seed = int(c.seed)
         self.fg_weight = float(c.fg_weight)
+        self.weight_query_defects = bool(c.weight_query_defects)
         self.epoch = 0
         self.pairs = list(pairs) if pairs is not None else None
         self.sampler_args = dict(
@@ -670,6 +678,8 @@ class PairDataset(Dataset):
         valid = torch.ones_like(tgts)
         if self.fg_weight != 1.0:
             valid[:, labels > 0] = self.fg_weight
+            if self.weight_query_defects:  # the query's own defects, whether the target paints them or not
+                valid[:, p_lbl.shape[0]:][:, q_mask != 0] = self.fg_weight
         if p_ig is not None or q_ig is not None:  # ignore pixels (crowd regions) weigh nothing
             h = p_lbl.shape[0]
             if p_ig is not None:

@@ -12,7 +12,16 @@ tensors and plain values, ``config.json``, and ``checkpoint.json`` written last:
 it is incomplete). ``last`` is rewritten (atomically) every ``ckpt_interval`` steps, at epoch ends,
 at the end and on SIGINT/SIGTERM (the run stops after the current step); ``--resume`` continues
 from ``last``, else from the highest complete ``step_N``. ``max_steps``, when set, is the length of
-the run (epochs roll over); without it the run lasts ``epoch`` epochs.
+the run (epochs roll over); without it the run lasts ``epoch`` epochs. ``max_minutes`` is an optional
+wall-clock cap on top: a run it ends depends on the machine's load, a run of ``max_steps`` does not
+(the same config and seed write the same ``metrics.csv``, timing columns aside).
+
+Validation scores the test's task (:meth:`Trainer.evaluate`): fixed positive, negative and defect-free
+pairs with the query half hidden, scored by :func:`seggpt_lib.eval.metrics.evaluate` (catch, yield,
+PES, mIoU). ``checkpoints/best`` is the validation with the best ``select_by`` figure (``pes``; ``miou``:
+the positive mIoU, the original's rule); a validation where the model paints nothing or everything
+(:func:`collapse_of`) raises a :class:`CollapseWarning`, is marked in ``metrics.csv`` (``collapse``)
+and, with ``select_by`` ``pes``, is kept as ``best`` only while no validation without a collapse exists.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,7 +49,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from seggpt_lib import data as D
-from seggpt_lib.eval.metrics import iou
+from seggpt_lib.eval import metrics as M
 from seggpt_lib.model.checkpoint import CheckpointError, load_weights, safe_torch_load, save_weights
 from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig, build_seggpt
 from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
@@ -78,7 +88,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides (official constructor names)
     init_weights: str | None = None
     max_steps: int | None = None
-    max_minutes: float | None = None  # wall-clock budget: stop (evaluate, checkpoint) when it is spent
+    max_minutes: float | None = None  # optional wall-clock cap: stop (evaluate, checkpoint) when it is spent
     precision: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     seed: int = 0
     weight_decay: float = 0.05
@@ -90,11 +100,15 @@ class TrainConfig:
     defect_color: list[int] | None = None  # one fixed defect colour (binary sets); None: random per sample (original)
     query_mask_share: float = 0.0  # share of training samples with the whole query half hidden (the inference task)
     free_share: float = 0.0
-    fg_weight: float = 1.0  # weight of defect pixels in the loss (1 = the original loss)
+    fg_weight: float | str = 1.0  # weight of defect pixels in the loss (1 = the original loss); "auto": auto_fg_weight
+    weight_query_defects: bool = False  # fg_weight also on a query's own defects its target leaves out (negatives)
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
     augment: dict[str, Any] | None = None  # seggpt_lib.data.transforms.AugmentConfig fields; None = defaults
     val_pairs: int = 64
+    val_negative_share: float = 0.25  # validation pairs: negative share (the rest: positives and defect-free)
+    val_free_share: float = 0.25  # validation pairs: defect-free share
+    select_by: str = "pes"  # checkpoints/best: best validation PES (the test's score) | "miou" (positive mIoU, the original)
     log_interval: int = 10
     device: str = "auto"
     compile: bool | str = False  # false | "blocks" (each block compiled, seconds) | "full"/true (whole model)
@@ -149,6 +163,9 @@ class TrainConfig:
         if self.negative_share + self.free_share > 1:
             raise ConfigError(f"{source}: negative_share ({self.negative_share}) + free_share ({self.free_share}) "
                               "must be <= 1")
+        if self.val_negative_share + self.val_free_share > 1:
+            raise ConfigError(f"{source}: val_negative_share ({self.val_negative_share}) + val_free_share "
+                              f"({self.val_free_share}) must be <= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +186,9 @@ def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
 def _triple(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(rule(x) for x in v)
 
+
+# checkpoints/best by: the validation PES (the test's score), or the positive mIoU (the original's rule)
+SELECT_BY = ("pes", "miou")
 
 # TrainConfig's ranges (types come from the annotations): key -> (test, what the message says)
 TRAIN_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -201,9 +221,12 @@ TRAIN_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "three integers in [0, 255] (R, G, B) or null"),
     "query_mask_share": (_share, "a number in [0, 1]"),
     "free_share": (_share, "a number in [0, 1]"),
-    "fg_weight": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "fg_weight": (lambda v: v == "auto" or (is_number(v) and v > 0), "a number > 0 or \"auto\""),
     "layer_decay": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "val_pairs": (_at_least(0), "an integer >= 0"),
+    "val_negative_share": (_share, "a number in [0, 1]"),
+    "val_free_share": (_share, "a number in [0, 1]"),
+    "select_by": (lambda v: v in SELECT_BY, "'pes' or 'miou'"),
     "log_interval": (_at_least(1), "an integer >= 1"),
     "compile": (lambda v: isinstance(v, bool) or v in ("blocks", "full"), "false, \"blocks\", \"full\" or true"),
 }
@@ -256,6 +279,94 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------
+# the defect weight from the data; collapse
+# ------------------------------------------------------------------------------------------
+AUTO_FG_SHARE = 0.4  # fg_weight "auto": the share of a defect image's loss weight its defect pixels get
+AUTO_FG_RANGE = (1.0, 100.0)  # fg_weight "auto" is clipped to this range
+COLLAPSE_NOTHING = 1e-3  # predicted defect share of the validation queries below this: the model paints nothing
+COLLAPSE_EVERYTHING = 0.9  # above this: the model paints everything
+
+
+def defect_share(cache: Any) -> float:
+    """The defect share ``p`` of a set: defect pixels over all pixels of the images that hold a
+    defect (defect-free images left out), read from an
+    :class:`~seggpt_lib.data.cache.ImageCache`'s masks (the cache's size, before augmentation);
+    NaN without a defect image. The synthetic set: about 0.023."""
+    index = cache.index
+    rows = np.flatnonzero(~np.asarray(index.is_free, dtype=bool))
+    if not len(rows):
+        return float("nan")
+    hit = total = 0
+    masks = getattr(cache, "masks", None)
+    for lo in range(0, len(rows), 256):
+        chunk = rows[lo : lo + 256]
+        if masks is not None:
+            m = np.asarray(masks[chunk])
+            hit += int(np.count_nonzero(m))
+            total += int(m.size)
+        else:
+            for i in chunk:
+                m = np.asarray(cache.get(int(i))[1])
+                hit += int(np.count_nonzero(m))
+                total += int(m.size)
+    return hit / total if total else float("nan")
+
+
+def auto_fg_weight(p: float) -> float:
+    """``fg_weight`` "auto" for a set of defect share ``p`` (:func:`defect_share`): the weight that
+    gives the defect pixels of a defect image the share :data:`AUTO_FG_SHARE` (0.4) of its loss
+    weight, ``w p / (w p + 1 - p) = 0.4``, i.e. ``w = 0.4 / 0.6 * (1 - p) / p``, clipped to
+    :data:`AUTO_FG_RANGE`; 1 when ``p`` is 0 or unknown.
+
+    Why a share and why 0.4: what tips a model into painting everything is the defect pixels'
+    share of the weight, not the weight itself. On the synthetic set (p = 2.3 %) fg x10, x30, x60
+    give them 19 %, 41 %, 59 %; x30 and x60 learned best, x10 half as well (benchmarks/README.md,
+    round 3). On a steel set (p about 10 %) x30 gives them 77 % and the model painted every pixel
+    (painting everything then costs less than painting nothing), x3 (25 %) learned. 0.4 is the
+    measured good point and stays below one half, where painting everything and painting nothing
+    cost the same: p 2.3 % -> about 28, p 10 % -> 6, p 40 % and more -> 1 (no weighting)."""
+    p = float(p)
+    if not (p > 0):
+        return 1.0
+    w = AUTO_FG_SHARE / (1.0 - AUTO_FG_SHARE) * (1.0 - p) / p
+    return float(min(max(w, AUTO_FG_RANGE[0]), AUTO_FG_RANGE[1]))
+
+
+class CollapseWarning(UserWarning):
+    """The model paints (almost) nothing or (almost) everything on validation queries whose true
+    defect share is neither: it no longer reads the images (:func:`collapse_of`). Warned at each
+    such validation, marked in ``metrics.csv`` (``collapse``), ``TrainResult.collapse`` and the
+    pipeline's training fragment; ``seggpt train`` prints it in capitals."""
+
+
+def collapse_of(pred_share: float, true_share: float, summary: Mapping[str, Any] | None = None) -> str:
+    """``"nothing"``, ``"everything"`` or ``""`` (no collapse). A collapse: the predicted defect share
+    of the queries (``pred_share``) is below :data:`COLLAPSE_NOTHING` or above
+    :data:`COLLAPSE_EVERYTHING` while the true share is neither; or (``summary``: the figures of
+    :func:`seggpt_lib.eval.metrics.evaluate`) every headline figure equals a trivial baseline's
+    (:func:`seggpt_lib.eval.metrics.trivial_baseline`)."""
+    if COLLAPSE_NOTHING <= true_share <= COLLAPSE_EVERYTHING:
+        if pred_share < COLLAPSE_NOTHING:
+            return "nothing"
+        if pred_share > COLLAPSE_EVERYTHING:
+            return "everything"
+    if summary is not None:
+        base = M.trivial_baseline(summary)
+        if base is not None:
+            return {"paint_nothing": "nothing", "paint_everything": "everything"}[base]
+    return ""
+
+
+def collapse_message(what: str, step: int, pred_share: float, true_share: float) -> str:
+    """The line a :class:`CollapseWarning` says."""
+    fix = ("lower fg_weight (or fg_weight auto: it follows the set's defect share)" if what == "everything"
+           else "train longer, or raise fg_weight")
+    return (f"collapse at step {step}: the model paints {what} (predicted defect share {pred_share:.4f} of the "
+            f"validation queries, true share {true_share:.4f}); every figure then equals the paint-{what} "
+            f"baseline: {fix}")
+
+
+# ------------------------------------------------------------------------------------------
 # distributed helpers (torchrun environment variables)
 # ------------------------------------------------------------------------------------------
 @dataclass
@@ -276,6 +387,15 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_gather_list(items: list[Any], info: DistInfo) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order (plain Python objects)."""
+    if info.world_size == 1:
+        return items
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
@@ -474,7 +594,17 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------
-METRIC_FIELDS = ["step", "epoch", "lr", "loss", "fg_frac", "val_loss", "val_miou", "val_fg_frac", "samples_per_s", "elapsed_s"]
+# metrics.csv: one row per logged step. fg_frac: the predicted defect share of the training batch's
+# query halves at that step; the val_* columns: the validation at that step (NaN on other rows):
+# val_miou is the positive pairs' mIoU (= val_miou_pos, the earlier column), val_fg_frac the
+# predicted defect share of the validation queries, val_gt_frac their true share, collapse
+# "nothing" / "everything" / empty (collapse_of). Timing columns: samples_per_s, elapsed_s.
+METRIC_FIELDS = ["step", "epoch", "lr", "loss", "fg_frac", "val_loss", "val_miou", "val_fg_frac", "samples_per_s", "elapsed_s",
+                 "val_pes", "val_catch", "val_yield_neg", "val_yield_free", "val_miou_pos", "val_miou_neg", "val_gt_frac",
+                 "collapse"]
+VAL_FIELDS = ["val_loss", "val_miou", "val_fg_frac", "val_pes", "val_catch", "val_yield_neg", "val_yield_free",
+              "val_miou_pos", "val_miou_neg", "val_gt_frac"]
+TIMING_FIELDS = ("samples_per_s", "elapsed_s")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -483,11 +613,26 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """A run: its folder, the step reached, ``metrics.csv``'s rows (``history``), and the kept
+    ``best`` checkpoint: chosen by ``select_by``, its validation figures ``best_val`` (VAL_FIELDS
+    and ``collapse``), ``best_miou`` (its positive mIoU; -1: no validation) and ``best_score`` (its
+    ``select_by`` figure), at ``best_step``. ``collapse``: the last validation's collapse ("nothing",
+    "everything", "": none), ``collapse_steps`` every validation step with one. ``fg_weight``: the
+    defect weight used (``fg_weight`` "auto" resolved), ``defect_share`` the training set's."""
+
     run_dir: Path
     step: int
     best_miou: float
     history: list[dict[str, Any]]
     interrupted: str | None = None  # the signal (SIGINT/SIGTERM) that stopped the run early, with last saved
+    select_by: str = "pes"
+    best_score: float = float("nan")
+    best_step: int | None = None
+    best_val: dict[str, Any] = field(default_factory=dict)
+    collapse: str = ""
+    collapse_steps: list[int] = field(default_factory=list)
+    fg_weight: float = 1.0
+    defect_share: float = float("nan")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -567,18 +712,35 @@ class Trainer:
         self.train_index = D.DefectIndex.scan(cfg.train_dataset_dir)
         self.val_index = D.DefectIndex.scan(cfg.val_dataset_dir) if cfg.val_dataset_dir else None
         aug = D.AugmentConfig.from_dict(cfg.augment) if cfg.augment is not None else None
+        auto = cfg.fg_weight == "auto"
         common = dict(
             mask_ratio=cfg.mask_ratio, negative_target=cfg.negative_target, n_classes=cfg.n_classes,
-            mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed, fg_weight=cfg.fg_weight,
-            negative_share=cfg.negative_share, free_share=cfg.free_share, defect_color=cfg.defect_color,
+            mean=cfg.image_mean, std=cfg.image_std, seed=cfg.seed, fg_weight=1.0 if auto else float(cfg.fg_weight),
+            weight_query_defects=cfg.weight_query_defects, defect_color=cfg.defect_color,
         )
         self.data_count = int(cfg.data_count or len(self.train_index))
         self.train_ds = D.PairDataset(self.train_index, D.PairConfig.for_model(
-            self.mcfg, train=True, augment=aug, length=self.data_count, query_mask_share=cfg.query_mask_share, **common))
+            self.mcfg, train=True, augment=aug, length=self.data_count, query_mask_share=cfg.query_mask_share,
+            negative_share=cfg.negative_share, free_share=cfg.free_share, **common))
         self.val_ds = (
-            D.PairDataset(self.val_index, D.PairConfig.for_model(self.mcfg, train=False, length=cfg.val_pairs, **common))
+            D.PairDataset(self.val_index, D.PairConfig.for_model(
+                self.mcfg, train=False, length=cfg.val_pairs, negative_share=cfg.val_negative_share,
+                free_share=cfg.val_free_share, **common))
             if self.val_index is not None else None
         )
+        # the defect weight: fixed, or ("auto") from the training set's defect share
+        self.defect_share = defect_share(self.train_ds.cache)
+        self.fg_weight = auto_fg_weight(self.defect_share) if auto else float(cfg.fg_weight)
+        for ds in (self.train_ds, self.val_ds):
+            if ds is not None:
+                ds.fg_weight = self.fg_weight
+        if self.info.is_main:
+            how = (f"fg_weight auto = {self.fg_weight:.2f} (the training set's defect images are {100 * self.defect_share:.2f} % "
+                   f"defect pixels: they get {100 * AUTO_FG_SHARE:.0f} % of the loss weight)" if auto else
+                   f"fg_weight {self.fg_weight:g} (the training set's defect images are {100 * self.defect_share:.2f} % defect pixels)")
+            if cfg.weight_query_defects and self.fg_weight != 1.0:
+                how += "; the query's own defects weigh as much in every pair (weight_query_defects)"
+            print(how, file=sys.stderr, flush=True)
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
         self.steps_per_epoch = max(1, self.data_count // self.global_batch)
         # an explicit max_steps is the run's length (epochs roll over); else epoch x steps per epoch
@@ -601,7 +763,10 @@ class Trainer:
 
         self.step = 0
         self._last_saved_step: int | None = None  # step of checkpoints/last as this trainer knows it
-        self.best_miou = -1.0
+        self.best_miou = -1.0  # positive val mIoU of checkpoints/best (-1: none yet)
+        self.best_key: tuple[float, ...] | None = None  # the select_by key of checkpoints/best (_select_key)
+        self.best_step: int | None = None
+        self.best_val: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         if run_dir is None:
             run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S")
@@ -632,6 +797,12 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "cosine_warm_restarts", "step": self.step},
             "best_miou": self.best_miou,
+            "select_by": self.cfg.select_by,
+            "best_key": [float(v) for v in self.best_key] if self.best_key is not None else [],
+            "best_step": -1 if self.best_step is None else int(self.best_step),
+            "best_val": {k: (v if isinstance(v, str) else float(v)) for k, v in self.best_val.items()},
+            "fg_weight": float(self.fg_weight),
+            "defect_share": float(self.defect_share),
             "rng": _rng_state(),
             "config": self.cfg.to_dict(),
             "model_config": self.mcfg.to_dict(),
@@ -652,6 +823,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
             self.best_miou = float(state.get("best_miou", -1.0))
+            self._restore_best(state)
             _set_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{folder / 'trainer_state.pt'}: the trainer state does not fit this run "
@@ -664,16 +836,38 @@ class Trainer:
         csv_path = self.run_dir / "metrics.csv"
         if csv_path.is_file():  # keep rows up to the checkpoint: the rest is re-done
             with open(csv_path) as f:
-                all_rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                all_rows = list(reader)
+                header = list(reader.fieldnames or [])
             rows = [r for r in all_rows if int(r["step"]) <= self.step]
             self.history = rows
-            if len(rows) < len(all_rows) and self.info.is_main:  # rows past an older checkpoint go
+            # rows past an older checkpoint go; an older run's header gains the new columns
+            if (len(rows) < len(all_rows) or header != METRIC_FIELDS) and self.info.is_main:
                 tmp = csv_path.with_name(csv_path.name + ".tmp")
                 with open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
                     w.writeheader()
                     w.writerows(rows)
                 os.replace(tmp, csv_path)
+
+    def _restore_best(self, state: Mapping[str, Any]) -> None:
+        """The kept ``best`` of a saved state; one saved with another ``select_by`` (or before
+        there was one) counts for ``miou`` by its mIoU and is forgotten otherwise."""
+        saved_by = state.get("select_by", "miou")
+        key = [float(v) for v in state.get("best_key", [])]
+        if saved_by == self.cfg.select_by and key:
+            self.best_key = tuple(key)
+        elif self.cfg.select_by == "miou" and self.best_miou >= 0:
+            self.best_key = (self.best_miou,)
+        else:
+            self.best_key = None
+            if self.info.is_main and self.best_miou >= 0:
+                print(f"select_by {self.cfg.select_by}: the saved best was chosen by {saved_by}; the next validation "
+                      "starts the choice again", file=sys.stderr, flush=True)
+            self.best_miou = -1.0
+        step = int(state.get("best_step", -1))
+        self.best_step = step if step >= 0 and self.best_key is not None else None
+        self.best_val = dict(state.get("best_val", {})) if self.best_key is not None else {}
 
     def _save(self, name: str) -> None:
         if self.info.is_main:
@@ -729,8 +923,19 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation with the query half hidden: loss, mIoU (pairs with a defect to find), fg share."""
+    def evaluate(self) -> dict[str, Any]:
+        """Validation as the test scores: the fixed validation pairs (positives, and the shares
+        ``val_negative_share`` of negatives and ``val_free_share`` of defect-free queries), the query
+        half hidden, the prediction snapped to the palette, scored by
+        :func:`seggpt_lib.eval.metrics.evaluate` at the model's size (a positive against the query's
+        pixels of the prompt's class, a negative's yield and a free query's by the predicted
+        share; a negative's mIoU against the query's own defects).
+
+        Returns ``val_loss``, ``val_pes``, ``val_catch``, ``val_yield_neg``, ``val_yield_free``,
+        ``val_miou_pos`` (also as ``val_miou``, the earlier column), ``val_miou_neg``,
+        ``val_fg_frac`` (predicted defect share of the queries), ``val_gt_frac`` (their true
+        share: a positive's defect, nothing elsewhere) and ``collapse`` (:func:`collapse_of`); a
+        collapse warns (:class:`CollapseWarning`). Empty without validation pairs."""
 
         if self.val_ds is None:
             return {}
@@ -738,35 +943,63 @@ class Trainer:
         ids = list(range(self.info.rank, len(self.val_ds), self.info.world_size))
         loader = DataLoader(torch.utils.data.Subset(self.val_ds, ids), batch_size=self.cfg.batch_size,
                             num_workers=0, collate_fn=D.collate)
-        loss_sum, n, iou_sum, n_iou, fg_sum = 0.0, 0, 0.0, 0, 0.0
+        loss_sum, n = 0.0, 0
         mean, std = self.cfg.image_mean, self.cfg.image_std
         last = None
+        rows: list[tuple[Any, ...]] = []
         for batch in loader:
             inputs = D.model_inputs(batch, self.device)
             with autocast(self.device, self.precision):
                 loss, pred, _ = self.model(**inputs)
             pred_img = self.model.unpatchify(pred.float())
             lbl = _snap_query(pred_img, batch["palette"].to(self.device), mean, std).cpu()
-            h = self.mcfg.image_size[0]
-            gt = batch["labels"][:, h:].long()
-            b = gt.shape[0]
+            b = lbl.shape[0]
             loss_sum += loss.item() * b
             n += b
-            fg_sum += (lbl > 0).float().mean(dim=(1, 2)).sum().item()
-            for p, g in zip(lbl, gt):
-                if g.any():
-                    iou_sum += iou(p > 0, g > 0)
-                    n_iou += 1
+            gt = batch["query_label"]
+            for j in range(b):
+                rows.append((int(batch["sample"][j]), batch["kind"][j], batch["query_class"][j], batch["query_file"][j],
+                             batch["prompt_file"][j], (lbl[j] > 0).numpy(), (gt[j] > 0).numpy()))
             last = (batch, pred_img.cpu())
-        loss_sum, n, iou_sum, n_iou, fg_sum = _all_reduce_sum([loss_sum, n, iou_sum, n_iou, fg_sum], self.device, self.info)
+        loss_sum, n = _all_reduce_sum([loss_sum, n], self.device, self.info)
+        rows = sorted(_all_gather_list(rows, self.info), key=lambda r: r[0])
         self.model.train()
         if last is not None:
             self._log_images(last[0], last[1], "val/prediction")
+        if not rows:
+            return {}
+        records = [M.PairResult(query=q, prompts=[pf], kind=k, query_class=c, pred=pr, gt=g)
+                   for _, k, c, q, pf, pr, g in rows]
+        _, summ = M.evaluate(records)
+        pred_share = float(np.mean([r[5].mean() for r in rows]))
+        true_share = float(np.mean([r[6].mean() if r[1] == "positive" else 0.0 for r in rows]))
+        collapse = collapse_of(pred_share, true_share, summ)
+        if collapse:
+            warnings.warn(collapse_message(collapse, self.step, pred_share, true_share), CollapseWarning, stacklevel=2)
         return {
             "val_loss": loss_sum / max(n, 1),
-            "val_miou": iou_sum / n_iou if n_iou else float("nan"),
-            "val_fg_frac": fg_sum / max(n, 1),
+            "val_miou": summ["miou"],
+            "val_fg_frac": pred_share,
+            "val_pes": summ["pes"],
+            "val_catch": summ["catch_rate"],
+            "val_yield_neg": summ["yield_rate"],
+            "val_yield_free": summ["free_yield_rate"],
+            "val_miou_pos": summ["miou"],
+            "val_miou_neg": summ["negative_miou"],
+            "val_gt_frac": true_share,
+            "collapse": collapse,
         }
+
+    def _select_key(self, val: Mapping[str, Any]) -> tuple[float, ...] | None:
+        """How a validation ranks for ``checkpoints/best`` (higher is better; None: it cannot be
+        ranked, its figure is NaN). ``miou``: the positive mIoU (the original's rule); ``pes``:
+        (no collapse, PES), so a model that paints nothing (PES 0.5 by yield alone) or everything
+        is kept only while no validation without a collapse exists."""
+        if self.cfg.select_by == "miou":
+            v = float(val.get("val_miou", float("nan")))
+            return (v,) if v == v else None
+        v = float(val.get("val_pes", float("nan")))
+        return (0.0 if val.get("collapse") else 1.0, v) if v == v else None
 
     # -- training -----------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> DataLoader:
@@ -794,7 +1027,8 @@ class Trainer:
         if end < self.total_steps:
             line += f"; this call stops at step {end} (stop_at_step)"
         if cfg.max_minutes:
-            line += f"; or when max_minutes={cfg.max_minutes:g} is spent"
+            line += (f"; or when max_minutes={cfg.max_minutes:g} is spent (a wall-clock cap: where it ends depends on "
+                     "the machine's load)")
         if self.step:
             line += f"; starting at step {self.step}"
         return line
@@ -837,7 +1071,7 @@ class Trainer:
                     lr = lr_at(self.step, cfg)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
-                    loss_acc, fg_acc = 0.0, 0.0
+                    loss_acc, fg_acc = 0.0, float("nan")
                     for micro in range(cfg.grad_accum_steps):
                         batch = next(it)
                         inputs = D.model_inputs(batch, self.device)
@@ -848,7 +1082,7 @@ class Trainer:
                                 loss, pred, _ = self.forward_model(**inputs)
                             self.scaler.scale(loss / cfg.grad_accum_steps).backward()
                         loss_acc += loss.detach().float().item() / cfg.grad_accum_steps
-                        if micro == 0 and (self.step % cfg.log_interval == 0 or self.step + 1 == end):
+                        if micro == 0:  # measured at every step (cheap): any step may turn out to be logged
                             with torch.no_grad():
                                 pred_img = self.model.unpatchify(pred.detach().float())
                                 lbl = _snap_query(pred_img, batch["palette"].to(self.device), cfg.image_mean, cfg.image_std)
@@ -886,16 +1120,24 @@ class Trainer:
                         t_last, samples_since = now, 0
                         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "loss": loss_g,
                                "fg_frac": fg_g, "samples_per_s": sps, "elapsed_s": now - t0,
-                               **({k: last_val.get(k, float("nan")) for k in ("val_loss", "val_miou", "val_fg_frac")} if do_eval else
-                                  {"val_loss": float("nan"), "val_miou": float("nan"), "val_fg_frac": float("nan")})}
+                               **{k: (last_val.get(k, float("nan")) if do_eval else float("nan")) for k in VAL_FIELDS},
+                               "collapse": last_val.get("collapse", "") if do_eval else ""}
                         self._log(row)
                         if bar is not None:
                             post = {"loss": f"{loss_g:.4f}", "fg": f"{fg_g:.3f}", "sps": f"{sps:.1f}"}
                             if last_val:
+                                post["pes"] = f"{last_val.get('val_pes', float('nan')):.3f}"
                                 post["miou"] = f"{last_val.get('val_miou', float('nan')):.3f}"
+                                if last_val.get("collapse"):
+                                    post["COLLAPSE"] = last_val["collapse"]
                             bar.set_postfix(post)
-                    if do_eval and last_val.get("val_miou", float("nan")) >= self.best_miou:  # ties: keep the later
-                        self.best_miou = last_val["val_miou"]
+                    key = self._select_key(last_val) if do_eval and last_val else None
+                    if key is not None and (self.best_key is None or key >= self.best_key):  # ties: keep the later
+                        self.best_key, self.best_step = key, self.step
+                        self.best_val = {k: last_val.get(k, float("nan")) for k in VAL_FIELDS}
+                        self.best_val["collapse"] = last_val.get("collapse", "")
+                        v = float(last_val.get("val_miou", float("nan")))
+                        self.best_miou = v if v == v else -1.0
                         self._save("best")
                     if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                         self._save_last()
@@ -915,14 +1157,35 @@ class Trainer:
                 bar.close()
         if self.writer is not None:
             self.writer.flush()
-        result = TrainResult(self.run_dir, self.step, self.best_miou, self.history, interrupted)
+        result = self._result(interrupted)
         if interrupted:
             raise TrainingInterrupted(result)
         return result
 
+    def _result(self, interrupted: str | None = None) -> TrainResult:
+        collapse_steps, collapse = [], ""
+        for r in self.history:
+            if _is_number_text(r.get("val_pes")) or _is_number_text(r.get("val_loss")):  # a validation row
+                collapse = str(r.get("collapse") or "")
+                if collapse:
+                    collapse_steps.append(int(r["step"]))
+        score = self.best_key[-1] if self.best_key else float("nan")
+        return TrainResult(self.run_dir, self.step, self.best_miou, self.history, interrupted, select_by=self.cfg.select_by,
+                           best_score=score, best_step=self.best_step, best_val=dict(self.best_val), collapse=collapse,
+                           collapse_steps=collapse_steps, fg_weight=self.fg_weight, defect_share=self.defect_share)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _is_number_text(v: Any) -> bool:
+    """A metrics value that holds a number (a float, or a CSV cell of a resumed run), not NaN/empty."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f
 
 
 class _nullcontext:

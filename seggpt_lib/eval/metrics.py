@@ -52,6 +52,9 @@ __all__ = [
     "per_class_iou",
     "evaluate",
     "summary_markdown",
+    "BASELINE_TOL",
+    "HEADLINE_FIGURES",
+    "trivial_baseline",
 ]
 
 
@@ -338,6 +341,44 @@ def evaluate(
             table[f"calibrated_{col}"] = cal_table[col].to_numpy()
         summary["calibrated"] = {k: v for k, v in cal.items() if k not in ("baselines", "catch_iou", "yield_response")}
     return table, summary
+
+
+# the figures a results page headlines, compared by trivial_baseline
+HEADLINE_FIGURES = ("miou", "catch_rate", "yield_rate", "free_yield_rate", "pes")
+BASELINE_TOL = 0.005  # below one pair in 200: a figure this close to the baseline's equals it
+
+
+def trivial_baseline(summary: dict, baselines: dict | None = None, tol: float = BASELINE_TOL,
+                     figures: Sequence[str] = HEADLINE_FIGURES) -> str | None:
+    """Which trivial baseline a model's headline figures equal: ``"paint_nothing"``,
+    ``"paint_everything"`` or None (neither).
+
+    ``summary``: :func:`evaluate`'s summary (or any dict of the ``figures``); ``baselines``:
+    ``{"paint_nothing": {...}, "paint_everything": {...}}``, by default ``summary["baselines"]``.
+    A baseline is matched when every figure that both give (not NaN, not missing) lies within
+    ``tol`` of the baseline's, and at least one does. A model that equals *paint everything*
+    (or *paint nothing*) on every figure does not read its images, whatever the figures are;
+    a results page marks it so. Pure: reads the dicts only."""
+    baselines = summary.get("baselines", {}) if baselines is None else baselines
+    for name in ("paint_nothing", "paint_everything"):
+        base = baselines.get(name)
+        if not base:
+            continue
+        compared = 0
+        for k in figures:
+            a, b = summary.get(k), base.get(k)
+            if a is None or b is None:
+                continue
+            a, b = float(a), float(b)
+            if math.isnan(a) or math.isnan(b):
+                continue
+            if abs(a - b) > tol:
+                break
+            compared += 1
+        else:
+            if compared:
+                return name
+    return None
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

@@ -62,10 +62,14 @@ SYNTHETIC: dict[str, Any] = {"per_class": 40, "size": 256, "n_free": None, "seed
 # the pipeline's training recipe: TrainConfig keys over TrainConfig's own defaults (the original's
 # recipe). The sweep in benchmarks/README.md: a fixed defect colour, half the samples hiding the
 # whole query half and defect pixels weighted up learn on a CPU where the original recipe stays
-# at mIoU 0.
+# at mIoU 0. fg_weight "auto": from the training set's defect share (trainer.auto_fg_weight: about
+# 28 on the synthetic set, where x30 was measured best; 6 at 10 % defect pixels, where x30 painted
+# everything); weight_query_defects: a negative's query defect weighs as much as a positive's, so
+# that painting the query's own defect whatever the prompt stops paying (the original: off).
 PIPELINE_RECIPE: dict[str, Any] = {
-    "lr": 1e-3, "batch_size": 16, "fg_weight": 30.0, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
-    "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0,
+    "lr": 1e-3, "batch_size": 16, "fg_weight": "auto", "weight_query_defects": True, "defect_color": [255, 255, 255],
+    "query_mask_share": 0.5, "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty",
+    "num_workers": 0,
 }
 
 
@@ -89,8 +93,11 @@ class PipelineConfig:
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides (official constructor names)
     weights: str = ""  # initial weights; with steps 0 the weights evaluated
     # --- training (02, 05) -----------------------------------------------------------------
-    steps: int = 100000  # training steps (0: no training)
-    train_minutes: float | None = 4.5  # wall-clock budget of the training loop (None/0: none); whichever comes first
+    # the training budget, in steps: the same command and seed give the same tables on any load. 500
+    # steps of vit_micro at batch 16 take about 4.3 min on one core of the 2-core CPU (31 samples/s
+    # measured; benchmarks/README.md)
+    steps: int = 500  # training steps (0: no training)
+    train_minutes: float | None = None  # optional wall-clock cap on top of steps (None/0: none); whichever comes first
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     precision: str = "auto"  # training: bf16 on CUDA, fp32 on CPU; inference likewise
     seed: int = 0
@@ -98,7 +105,7 @@ class PipelineConfig:
     train: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(PIPELINE_RECIPE))  # TrainConfig keys: the recipe
     eval_every: int = 50  # validation (and a checkpoint) every N steps
     val_pairs: int = 64
-    checkpoint: str = "best"  # which checkpoint the evaluation uses: best (val mIoU) | last
+    checkpoint: str = "best"  # which checkpoint the evaluation uses: best (validation PES, train.select_by) | last
     n_panels: int = 3  # rows of the five-panel figures
     # --- evaluation (03, 04) ---------------------------------------------------------------
     grids: list[int] = field(default_factory=lambda: [1, 2, 4])  # tiling: n x n tiles per image (03)
@@ -182,7 +189,8 @@ class PipelineConfig:
             checkpoint=self.checkpoint, top_k=self.beyond_top_k, grid=self.beyond_grid, work_size=self.work_size,
             tile_pairing=self.tile_pairing, max_queries=self.beyond_max_queries, mapping_seed=self.mapping_seed,
             catch_iou=self.catch_iou, yield_response=self.yield_response, tune_steps=self.beyond_tune_steps,
-            max_batch=self.max_batch)
+            max_batch=self.max_batch, calibration_objective=self.calibration_objective,
+            calibration_yield_target=self.calibration_yield_target)
 
 
 @dataclass
@@ -246,6 +254,10 @@ class BeyondConfig:
     tune_batch: int = 4
     tune_negative_share: float = 0.25
     max_batch: int = PipelineConfig.max_batch
+    # --- the line's decision: one operating point per (model, prompt method), chosen on the
+    # validation split only (as notebook 04 does); None: raw rows only
+    calibration_objective: str | None = PipelineConfig.calibration_objective
+    calibration_yield_target: float = PipelineConfig.calibration_yield_target
 
     def full_recipe(self) -> dict[str, Any]:
         """The recipe both models train with: :data:`PIPELINE_RECIPE` updated by ``recipe``."""
@@ -309,7 +321,8 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
     "05_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
                   "precision", "seed", "normalize", "train", "eval_every", "val_pairs", "checkpoint",
                   "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_grid", "work_size",
-                  "tile_pairing", "max_batch", "mapping_seed", "catch_iou", "yield_response", "n_panels"),
+                  "tile_pairing", "max_batch", "mapping_seed", "catch_iou", "yield_response",
+                  "calibration_objective", "calibration_yield_target", "n_panels"),
     "explorer": ("results_dir", "device", "precision", "work_size", "tile_pairing", "max_batch"),
 }
 

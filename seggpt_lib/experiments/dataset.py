@@ -15,6 +15,7 @@ import pandas as pd
 
 from seggpt_lib.data.layout import SPLITS, DefectIndex, is_dataset_root
 from seggpt_lib.data.pairs import PairConfig, PairDataset
+from seggpt_lib.engine.trainer import auto_fg_weight, defect_share
 from seggpt_lib.experiments.config import PIPELINE_RECIPE, model_config
 
 
@@ -61,5 +62,9 @@ def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", mo
         mcfg, train=True, mask_ratio=float(t.get("mask_ratio", 0.75)),
         query_mask_share=float(t.get("query_mask_share", 0.0)), defect_color=t.get("defect_color"),
         negative_target=t.get("negative_target", "query_mask"), seed=seed, length=max(n, 1),
-        fg_weight=float(t.get("fg_weight", 1.0)), negative_share=float(t.get("negative_share", 0.25))))
+        fg_weight=1.0 if t.get("fg_weight") == "auto" else float(t.get("fg_weight", 1.0)),
+        weight_query_defects=bool(t.get("weight_query_defects", False)),
+        negative_share=float(t.get("negative_share", 0.25))))
+    if t.get("fg_weight") == "auto":  # as the trainer resolves it: from the training set's defect share
+        ds.fg_weight = auto_fg_weight(defect_share(ds.cache))
     return ds

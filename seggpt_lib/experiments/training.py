@@ -25,9 +25,11 @@ def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, s
     """The :class:`~seggpt_lib.engine.trainer.TrainConfig` of a pipeline run.
 
     ``settings.recipe`` is the recipe (TrainConfig keys over :data:`PIPELINE_RECIPE`); the pipeline
-    sets the data folders, the model, the device, ``max_steps = steps``, ``max_minutes =
-    train_minutes``, and sizes an epoch to ``eval_every`` steps so that validation (and the
-    ``last``/``best`` checkpoints) come every ``eval_every`` steps. With ``normalize`` ``dataset``
+    sets the data folders, the model, the device, ``max_steps = steps`` (the budget: the same
+    steps and seed give the same run), ``max_minutes = train_minutes`` (an optional wall-clock cap,
+    None by default: a run it ends depends on the machine's load), and sizes an epoch to
+    ``eval_every`` steps so that validation (and the ``last``/``best`` checkpoints) come every
+    ``eval_every`` steps. With ``normalize`` ``dataset``
     the training split's ``mean_std`` (computed when not given). Without a class holding two
     defect images in ``val`` there is no validation (said in the log)."""
     s = settings
@@ -74,20 +76,65 @@ def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
         length=max(1, n), negative_share=cfg.negative_share, defect_color=getattr(cfg, "defect_color", None)))
 
 
+# run_training's keys beyond run_dir / steps_done / wall_s, as a run without training has them
+NO_TRAINING: dict[str, Any] = {
+    "best_val_miou": math.nan, "best_val_pes": math.nan, "best_val_catch": math.nan, "best_val_yield": math.nan,
+    "best_step": None, "select_by": None, "collapse": None, "collapse_steps": [], "fg_weight": None,
+    "defect_share": None,
+}
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def run_summary(res) -> dict[str, Any]:
+    """A :class:`~seggpt_lib.engine.trainer.TrainResult`'s figures as :func:`run_training` returns
+    them: the kept ``best`` checkpoint's validation (``best_val_miou``, ``best_val_pes``,
+    ``best_val_catch``, ``best_val_yield`` (negative pairs), ``best_step``, chosen by
+    ``select_by``), the last validation's ``collapse`` ("nothing" / "everything", None: none)
+    with every ``collapse_steps``, the ``fg_weight`` used and the training set's ``defect_share``."""
+    b = res.best_val
+    return {
+        "best_val_miou": res.best_miou if res.best_miou >= 0 else math.nan,
+        "best_val_pes": _num(b.get("val_pes")), "best_val_catch": _num(b.get("val_catch")),
+        "best_val_yield": _num(b.get("val_yield_neg")), "best_step": res.best_step, "select_by": res.select_by,
+        "collapse": res.collapse or None, "collapse_steps": list(res.collapse_steps), "fg_weight": float(res.fg_weight),
+        "defect_share": float(res.defect_share),
+    }
+
+
 def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (a fresh run in ``run_dir``, an older one there is removed); returns the run's
-    ``run_dir``, ``steps_done``, ``best_val_miou``, ``wall_s``."""
+    ``run_dir``, ``steps_done``, ``wall_s`` and :func:`run_summary`'s keys (``best_val_miou``,
+    ``best_val_pes``, ``collapse``, ``fg_weight``...). A collapse is said in the log in capitals."""
     run_dir = Path(run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
-    log(f"training {cfg.preset} on {cfg.device}: up to {cfg.max_steps} steps{budget}, batch {cfg.batch_size}, lr {cfg.lr:g}")
+    log(f"training {cfg.preset} on {cfg.device}: {cfg.max_steps} steps{budget}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+        f"fg_weight {cfg.fg_weight}, best checkpoint by validation {cfg.select_by}")
     t0 = time.perf_counter()
     res = train(cfg, run_dir=run_dir, progress=False)
     wall = time.perf_counter() - t0
-    best = res.best_miou if res.best_miou >= 0 else math.nan
-    log(f"trained {res.step} steps in {wall / 60:.1f} min; best val mIoU {best:.4f}")
-    return {"run_dir": str(run_dir), "steps_done": int(res.step), "best_val_miou": best, "wall_s": wall}
+    out = run_summary(res)
+    log(f"trained {res.step} steps in {wall / 60:.1f} min (fg_weight {out['fg_weight']:.2f}, defect share "
+        f"{100 * out['defect_share']:.2f} %); best checkpoint (step {out['best_step']}): val PES {out['best_val_pes']:.4f}, "
+        f"catch {out['best_val_catch']:.3f}, yield {out['best_val_yield']:.3f}, mIoU {out['best_val_miou']:.4f}")
+    if out["collapse"]:
+        log(collapse_banner(out["collapse"], out["collapse_steps"]))
+    return {"run_dir": str(run_dir), "steps_done": int(res.step), "wall_s": wall, **out}
+
+
+def collapse_banner(collapse: str, steps: Sequence[int]) -> str:
+    """The loud line of a collapsed run (the CLI and the notebooks print it)."""
+    return (f"WARNING: COLLAPSE: at its last validation the model paints {collapse.upper()} (validation steps with a "
+            f"collapse: {', '.join(map(str, steps)) or 'none'}): its figures equal the paint-{collapse} baseline. "
+            + ("Lower fg_weight (fg_weight auto follows the set's defect share)." if collapse == "everything"
+               else "Train longer or raise fg_weight."))
 
 
 def train_or_take(cfg: TrainConfig, run_dir: str | os.PathLike, initial, checkpoint: str = "best",
@@ -102,15 +149,19 @@ def train_or_take(cfg: TrainConfig, run_dir: str | os.PathLike, initial, checkpo
         return {**res, "weights": trained_weights(run_dir, checkpoint), "trained": True}
     weights = Path(cfg.init_weights) if cfg.init_weights else save_weights(initial, run_dir.parent / "init.safetensors")
     log(f"no training (steps = 0): evaluating {weights}")
-    return {"run_dir": None, "steps_done": 0, "best_val_miou": math.nan, "wall_s": 0.0, "weights": weights,
+    return {"run_dir": None, "steps_done": 0, "wall_s": 0.0, **NO_TRAINING, "collapse_steps": [], "weights": weights,
             "trained": False}
 
 
 def training_table(cfg: TrainConfig, run: dict[str, Any], metrics: pd.DataFrame, n_parameters: int) -> pd.DataFrame:
-    """Notebook 02's one-row summary: the model, the budget used, the best validation mIoU."""
+    """Notebook 02's one-row summary: the model, the budget used, the kept checkpoint's validation
+    (PES, catch, yield, mIoU), a collapse, the defect weight."""
     return pd.DataFrame([{
         "preset": cfg.preset, "parameters_M": n_parameters / 1e6, "device": cfg.device, "trained": run["trained"],
         "steps": run["steps_done"], "minutes": run["wall_s"] / 60, "best_val_mIoU": run["best_val_miou"],
+        "best_val_PES": run.get("best_val_pes", math.nan), "best_val_catch": run.get("best_val_catch", math.nan),
+        "best_val_yield": run.get("best_val_yield", math.nan), "collapse": run.get("collapse") or "none",
+        "fg_weight": run.get("fg_weight"),
         "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else math.nan,
         "lr": cfg.lr, "batch_size": cfg.batch_size,
         "init_weights": Path(cfg.init_weights).name if cfg.init_weights else "random",
