@@ -30,6 +30,14 @@
 # without running the model again. One colour legend for every panel: red = predicted where
 # there is no defect, green = a true defect missed, yellow = hit, blue = a prompt's defect mask.
 #
+# **The calibrated decision.** When the results hold an operating point (notebook 04 chose one on
+# the validation split: `operating_point.json`), the slider starts at its calibrated pixel
+# threshold and is labelled *calibrated* while it stays there; the *calibrated* button goes back
+# to it. The verdict is then the full decision: pixel threshold, connected components below the
+# minimum area dropped, the image score against its threshold (and the prompt consistency where
+# the point uses it). Without an operating point the slider starts at 0.5 (the snapped mask) and
+# the verdict is "anything painted".
+#
 # The callbacks live in `seggpt_lib.experiments.viz.Explorer`, so the same thing works from plain Python:
 # `Explorer(...).update(query=..., prompts=[...], top_k=..., grid=...)` returns the metrics
 # and the figure. Run notebooks 01 and 02 first (or give `weights` and `split_dir`). Not a stage of
@@ -60,10 +68,15 @@ R = V.find_results_dir(results_dir)  # "results" from notebooks/: the repository
 split_root = V.find_results_dir(split_dir) if split_dir else Path(RES.load_fragment(R, RES.DataFragment).split_root)
 em = EV.load_eval_model(R, weights=weights, device=device, precision=precision, max_batch=max_batch)
 q_root, p_root = EV.eval_roots(split_root)
+point = V.results_operating_point(R, weights)  # notebook 04's calibration (or the one beside `weights`)
 explorer = V.Explorer(em.predictor, q_root, p_root, work_size=EV.work_size_of(work_size, q_root, em),
-                      tile_pairing=tile_pairing)
+                      tile_pairing=tile_pairing, operating_point=point)
 print("results:", R.resolve())
 print("model:", em.describe())
+if point is not None:
+    print(EV.operating_point_text(point), f"The slider starts at {explorer.threshold:.2f} (calibrated).")
+else:
+    print("no operating point in the results (run notebook 04): the slider starts at 0.5, the snapped mask")
 print(f"{len(explorer.queries)} queries, {len(explorer.prompt_files)} prompt candidates")
 
 # %% [markdown]

@@ -18,15 +18,29 @@ replaces only the files listed here, other files in the folder stay). They are b
 sibling folder and moved into ``--outdir`` only when the run succeeded: a failed run leaves no
 output (and, with ``--overwrite``, the previous outputs as they were):
 
-* ``color/<stem>.png``: the prediction snapped to the palette, at the query's resolution;
-* ``label/<stem>.png``: the binary prediction, 0/255;
-* ``concat/<stem>.png``: input | ground truth (green) | prediction (red), side by side;
+* ``color/<stem>.png``: the mask written, at the query's resolution, in the palette: the
+  prediction snapped to it (raw masks), or the decision's mask in the defect colour on black;
+* ``label/<stem>.png``: the binary mask written, 0/255 (the decision's: all 0 = pass);
+* ``concat/<stem>.png``: input | ground truth (green) | the mask written (red), side by side;
 * ``per_image.csv``: one row per mapping entry (file, class, kind, prompts, iou, catch,
-  response_rate, yield, pixel counts, gt_missing, n_prompts, seconds);
+  response_rate, yield, pixel counts, gt_missing, n_prompts, seconds; these are the raw
+  masks' figures); with an operating point also the decision's: ``calibrated_*`` (its mask's
+  IoU, catch, response rate, yield, pixels), ``image_score`` (the value compared with the
+  image threshold), ``image_score_kind``, ``verdict`` (``pass`` or ``defect``) and ``mask``
+  (which mask was written: ``calibrated`` or ``raw``);
 * ``summary.json``: :func:`seggpt_lib.eval.metrics.evaluate`'s summary (``miou``, ``catch_rate``,
-  ``yield_rate``, ``pes``, counts, thresholds, baselines) plus ``settings`` and ``timing``;
-* ``results.txt``: the original's text report, one line per image (IoU, response rate), then
-  the means and rates.
+  ``yield_rate``, ``pes``, counts, thresholds, baselines; ``calibrated`` with an operating
+  point) plus ``masks`` (``calibrated`` or ``raw``), ``decision`` (the operating point's file,
+  its default decision, ``n_defect`` / ``n_pass``), ``settings`` and ``timing``;
+* ``results.txt``: the original's text report, one line per image (IoU, response rate, and
+  the verdict with an operating point), then the means and rates.
+
+Which masks are written: with an operating point (``operating_point.json`` beside the weights,
+written by ``seggpt calibrate`` or notebook 04, or ``--operating-point FILE``) the line's
+decision's (:mod:`seggpt_lib.eval.decision`: pixel threshold, min area, image score; an empty
+mask = pass); ``--raw-masks`` writes the raw snapped masks instead (the decision is still
+scored and reported); without an operating point (none found, or ``--operating-point none``)
+the raw snapped masks. The run says which on start.
 
 A learned prompt (``--learned-prompt FILE.safetensors``, from ``seggpt tune-prompt``) replaces
 the mapping's image prompts: every query is predicted from it (``--top-k`` does not apply), the
@@ -130,8 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace this command's outputs in a non-empty --outdir")
     g.add_argument("--no-concat", action="store_true", help="skip the concat/ images")
     g.add_argument("--operating-point", default=None, metavar="PATH|none",
-                   help="the line's decision (seggpt calibrate): also report calibrated rates (summary 'calibrated', "
-                        "calibrated_* columns); default: operating_point.json beside the weights when present; none: off")
+                   help="the line's decision (seggpt calibrate / notebook 04): the masks written are the decision's "
+                        "(empty mask = pass), each image's score and verdict go to per_image.csv, the calibrated "
+                        "rates to summary.json; default: operating_point.json beside the weights when present; "
+                        "none: off (raw snapped masks)")
+    g.add_argument("--raw-masks", action="store_true",
+                   help="write the raw snapped masks (score >= 0.5) even with an operating point; the decision is "
+                        "still scored and reported")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -282,12 +301,24 @@ def _overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int,
     return out.round().astype(np.uint8)
 
 
-def _write_outputs(outdir: Path, stem: str, image: np.ndarray, gt: np.ndarray | None, pred, concat: bool) -> None:
-    Image.fromarray(pred.color).save(outdir / "color" / f"{stem}.png", compress_level=1)
-    Image.fromarray(pred.label, mode="L").save(outdir / "label" / f"{stem}.png", compress_level=6)
+def _written(pred, decision, defect_color: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The mask written and its colour image: the raw snapped prediction (``decision`` None), or
+    the decision's mask (empty when the image passes) in ``defect_color`` on black."""
+    if decision is None:
+        return np.asarray(pred.mask, dtype=bool), pred.color
+    mask = np.asarray(decision.mask, dtype=bool)
+    color = np.zeros(mask.shape + (3,), np.uint8)
+    color[mask] = np.asarray(defect_color, np.uint8)
+    return mask, color
+
+
+def _write_outputs(outdir: Path, stem: str, image: np.ndarray, gt: np.ndarray | None, mask: np.ndarray,
+                   color: np.ndarray, concat: bool) -> None:
+    Image.fromarray(color).save(outdir / "color" / f"{stem}.png", compress_level=1)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(outdir / "label" / f"{stem}.png", compress_level=6)
     if concat:
         sep = np.full((image.shape[0], 4, 3), 255, np.uint8)
-        row = np.concatenate([image, sep, _overlay(image, gt, (0, 255, 0)), sep, _overlay(image, pred.mask, (255, 0, 0))], axis=1)
+        row = np.concatenate([image, sep, _overlay(image, gt, (0, 255, 0)), sep, _overlay(image, mask, (255, 0, 0))], axis=1)
         Image.fromarray(row).save(outdir / "concat" / f"{stem}.png", compress_level=1)
 
 
@@ -317,11 +348,14 @@ def results_text(table, summary: dict, settings: dict) -> str:
         f"# seggpt infer: grid {settings['grid']}, top-k {settings['top_k'] or 'all'}, "
         f"tile pairing {settings['tile_pairing']}, seam pass {settings['seam_pass']}, weights {settings['weights']}",
     ]
+    if settings.get("operating_point"):
+        lines.append(f"# masks written: {settings.get('masks')}; the line's decision from {settings['operating_point']}")
     width = max([len(str(f)) for f in table["file"]] + [4])
     for _, r in table.iterrows():
         gt_note = "  (no ground truth)" if bool(r["gt_missing"]) else ""
+        verdict = f"  verdict: {r['verdict']} (image score {_fmt(r['image_score'], 4)})" if "verdict" in r else ""
         lines.append(f"{str(r['file']):<{width}}  {r['kind']:<8}  IoU: {_fmt(r['iou'], 4)}  "
-                     f"response rate: {_fmt(r['response_rate'], 6)}{gt_note}")
+                     f"response rate: {_fmt(r['response_rate'], 6)}{verdict}{gt_note}")
     resp = table["response_rate"].astype(float)
     lines += [
         "",
@@ -333,6 +367,16 @@ def results_text(table, summary: dict, settings: dict) -> str:
         f"free yield rate: {_fmt(summary.get('free_yield_rate'), 4)} ({summary.get('n_free_yield', 0)}/{summary.get('n_free', 0)})",
         f"PES: {_fmt(summary.get('pes'), 4)} (yield from {summary.get('pes_yield_source')})",
     ]
+    cal = summary.get("calibrated")
+    if cal:
+        lines += [
+            f"calibrated (the line's decision): catch rate {_fmt(cal.get('catch_rate'), 4)}, yield rate "
+            f"{_fmt(cal.get('yield_rate'), 4)}, free yield rate {_fmt(cal.get('free_yield_rate'), 4)}, "
+            f"PES {_fmt(cal.get('pes'), 4)}",
+        ]
+    dec = summary.get("decision") or {}
+    if "n_defect" in dec:
+        lines.append(f"verdicts: {dec['n_defect']} defect, {dec['n_pass']} pass")
     if summary.get("n_missing_gt"):
         lines.append(f"{summary['n_missing_gt']} image(s) without ground truth: predictions written, not scored")
     return "\n".join(lines) + "\n"
@@ -366,6 +410,17 @@ def _operating_point(args: argparse.Namespace):
         raise InferInputError(f"--operating-point: {e}") from None
     args._operating_point_path = str(path)
     return point
+
+
+def _masks_line(masks: str, point_path: str | None, raw_asked: bool) -> str:
+    """The line printed on start: which masks this run writes, and why."""
+    if masks == "calibrated":
+        return (f"masks: the line's decision from {point_path} (an empty mask = pass); --raw-masks writes the raw "
+                "snapped masks")
+    if point_path:
+        return f"masks: raw snapped masks (--raw-masks); the decision of {point_path} is still scored and reported"
+    note = " (--raw-masks has nothing to override)" if raw_asked else ""
+    return f"masks: raw snapped masks (no operating point: none beside the weights, or --operating-point none){note}"
 
 
 def infer(args: argparse.Namespace) -> dict:
@@ -410,6 +465,10 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
     p_label_dir = Path(args.prompt_label_dir) if learned is None else None
     _check_inputs(mapping, args, q_dir, p_dir, p_label_dir, gt_dir)
     classes = class_lookup(dataset, _prompt_root(Path(args.prompt_img_dir)) if args.prompt_img_dir else None)
+    point = _operating_point(args)
+    masks = "calibrated" if point is not None and not getattr(args, "raw_masks", False) else "raw"
+    print(_masks_line(masks, getattr(args, "_operating_point_path", None), bool(getattr(args, "raw_masks", False))),
+          flush=True)
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -445,11 +504,12 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
         tile_pairing=args.tile_pairing, seam_pass=args.seam_pass, ensemble=not args.no_ensemble,
         queries_per_call=max(1, math.ceil(4 * args.max_batch / per_query)),  # about four full passes per call
         columns=("n_prompts", "n_pairs", "seconds"),
-        operating_point=_operating_point(args),
+        operating_point=point,
     )
 
     records: list[PairResult] = []
     calibrated: list[PairResult] = []
+    verdicts: list[dict[str, Any]] = []
     model_s = 0.0
     with ThreadPoolExecutor(max_workers=2) as pool:
         writes = []
@@ -462,7 +522,13 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
             records.append(r)
             if scored.calibrated is not None:
                 calibrated.append(scored.calibrated)
-            writes.append(pool.submit(_write_outputs, work, Path(r.query).stem, scored.image, r.gt, pred,
+            d = scored.decision
+            if d is not None:
+                verdicts.append({"image_score": float(d.image_score),
+                                 "image_score_kind": point.config_for(scored.prompt_class).image_score,
+                                 "verdict": "defect" if d.defect else "pass", "mask": masks})
+            mask, color = _written(pred, d if masks == "calibrated" else None, predictor.defect_color)
+            writes.append(pool.submit(_write_outputs, work, Path(r.query).stem, scored.image, r.gt, mask, color,
                                       not args.no_concat))
         for w in writes:
             w.result()
@@ -470,6 +536,13 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
 
     table, summary = evaluate(records, catch_iou=args.catch_iou, yield_response=args.yield_response,
                               calibrated=calibrated if cfg.operating_point is not None else None)
+    decision: dict[str, Any] = {"operating_point": getattr(args, "_operating_point_path", None)}
+    if point is not None:
+        for key in ("image_score", "image_score_kind", "verdict", "mask"):
+            table[key] = [v[key] for v in verdicts]
+        decision.update(default=point.default.to_dict(), per_class={c: v.to_dict() for c, v in point.per_class.items()},
+                        n_defect=sum(v["verdict"] == "defect" for v in verdicts),
+                        n_pass=sum(v["verdict"] == "pass" for v in verdicts))
     settings = {
         "weights": str(args.weights), "preset": args.preset, "mapping": str(args.mapping),
         "dataset_dir": str(args.dataset_dir), "prompt_img_dir": str(args.prompt_img_dir),
@@ -481,7 +554,7 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
         "device": str(predictor.device), "max_batch": args.max_batch,
         "defect_color": list(predictor.defect_color), "mean": list(predictor.mean), "std": list(predictor.std),
         "model": predictor.model.cfg.to_dict(),
-        "operating_point": getattr(args, "_operating_point_path", None),
+        "operating_point": getattr(args, "_operating_point_path", None), "masks": masks,
     }
     n = len(mapping)
     timing = {
@@ -490,7 +563,7 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
         "seconds_per_image": round((t_done - t_loaded) / n, 4), "images_per_s": round(n / max(t_done - t_loaded, 1e-9), 3),
         "pairs": int(predictor.stats["pairs"]), "forward_passes": int(predictor.stats["forward_passes"]),
     }
-    summary = {**summary, "n_images": n, "settings": settings, "timing": timing}
+    summary = {**summary, "n_images": n, "masks": masks, "decision": decision, "settings": settings, "timing": timing}
     table.to_csv(work / "per_image.csv", index=False)
     (work / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
     (work / "results.txt").write_text(results_text(table, summary, settings), encoding="utf-8")
@@ -498,6 +571,8 @@ def _infer(args: argparse.Namespace, stage: StagedDir) -> dict:
     print(summary_markdown(summary), end="")
     print(f"{n} image(s), {timing['pairs']} pairs in {timing['forward_passes']} forward passes, "
           f"{timing['predict_s']:.2f} s ({timing['seconds_per_image']:.3f} s/image); outputs in {outdir}")
+    if point is not None:
+        print(f"verdicts: {decision['n_defect']} defect, {decision['n_pass']} pass; masks written: {masks}")
     return summary
 
 

@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a study setting (StudySettings: preset, model, steps, minutes, eval_every, "
                              "val_pairs, tune_steps, max_queries, top_k, limit_per_class, val, test, "
-                             "train.<TrainConfig key>)")
+                             "calibration_objective (max_pes, max_catch_at_yield or null: raw rows only), "
+                             "calibration_yield_target, train.<TrainConfig key>). Every model and prompt gets a raw "
+                             "and a calibrated row (the line's decision chosen on the protocol's validation split "
+                             "only): tables/study_<protocol>_decision, summary.json decision_rows")
 
 
 def study(data: str | None, out: str, *, quick: bool = False, device: str = "auto", protocols=("seen", "holdout"),

@@ -171,6 +171,17 @@ class TrainingFragment(Fragment):
     best_val_miou: float | None = None
     device: str | None = None
     n_parameters: int | None = None
+    # the kept checkpoint's validation (scored as the test is) and how it was chosen; a collapse:
+    # "nothing" / "everything" at the last validation (None: none), collapse_steps every one
+    best_val_pes: float | None = None
+    best_val_catch: float | None = None
+    best_val_yield: float | None = None
+    best_step: int | None = None
+    select_by: str | None = None
+    collapse: str | None = None
+    collapse_steps: list[int] = field(default_factory=list)
+    fg_weight: float | None = None  # the defect weight used (fg_weight "auto" resolved)
+    defect_share: float | None = None  # the training set's defect share (defect pixels of its defect images)
 
     @classmethod
     def build(cls, results_dir: str | os.PathLike, cfg, run: dict[str, Any], weights: str | os.PathLike, trained: bool,
@@ -185,7 +196,10 @@ class TrainingFragment(Fragment):
         return cls(weights=str(w), weights_label=label, preset=cfg.preset, model=dict(cfg.model),
                    mean=list(cfg.image_mean), std=list(cfg.image_std), defect_color=cfg.defect_color, trained=trained,
                    steps_done=int(run["steps_done"]), wall_s=float(run["wall_s"]), best_val_miou=run["best_val_miou"],
-                   device=cfg.device, n_parameters=int(n_parameters))
+                   device=cfg.device, n_parameters=int(n_parameters),
+                   **{k: run.get(k) for k in ("best_val_pes", "best_val_catch", "best_val_yield", "best_step",
+                                              "select_by", "collapse", "fg_weight", "defect_share")},
+                   collapse_steps=list(run.get("collapse_steps") or []))
 
 
 @dataclass
@@ -266,7 +280,13 @@ class PairEvaluationFragment(Fragment):
 
 @dataclass
 class BeyondFragment(Fragment):
-    """Notebook 05: the recipes and prompts compared."""
+    """Notebook 05: the recipes and prompts compared (``rows``: the raw masks' figures, one per
+    (recipe, prompt), then paint nothing). ``decision_rows``: the line's decision, a ``raw`` and a
+    ``calibrated`` row per (recipe, prompt) (``decision``; catch, yield, defect-free yield, PES,
+    ``PES_over_floor`` = PES - 0.5, ``operating_point``), then paint nothing; each calibrated
+    on the validation split ``val_dir`` only (``calibration_objective``), the points in
+    ``operating_points`` (``"<negative_target>/<method>"``:
+    :func:`~seggpt_lib.experiments.evaluation.operating_point_record`). Empty in an older run's."""
 
     NAME: ClassVar[str] = "05_beyond"
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -278,6 +298,11 @@ class BeyondFragment(Fragment):
     max_queries: int | None = None
     device: str | None = None
     seconds: float | None = None
+    decision_rows: list[dict[str, Any]] = field(default_factory=list)
+    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration_objective: str | None = None
+    calibration_yield_target: float | None = None
+    val_dir: str | None = None
 
 
 FRAGMENTS: tuple[type[Fragment], ...] = (DataFragment, TrainingFragment, GridAblationFragment, PairEvaluationFragment,

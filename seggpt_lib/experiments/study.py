@@ -17,6 +17,14 @@ top-k feature ensemble, and the learned prompt of the class. Every row has mIoU,
 (positive prompts), yield rate (negative prompts), defect-free yield (defect-free queries) and
 PES, beside the paint-nothing baseline on the same pairs.
 
+The line's decision (:mod:`seggpt_lib.eval.decision`): each (model, prompt method) also gets an
+operating point chosen on the validation split ALONE with notebook 04's functions
+(:func:`calibrate_method`: :func:`~seggpt_lib.experiments.evaluation.calibrate_operating_point`
+for image prompts, :func:`~seggpt_lib.eval.calibration.calibrate` on the same kind of validation
+pairs for learned prompts), applied to the same test pairs: ``decision`` holds a raw and a
+calibrated row for each (catch, yield, defect-free yield, PES, PES over the paint-nothing floor
+0.5).
+
 ``seggpt study`` runs that comparison on the magnetic-tile set under two protocols (see the
 README's "Magnetic-tile study"): **seen classes** (a seeded 70/30 split of every class; a
 validation share carved from the 70) and **held-out classes** (defect classes never seen in
@@ -43,6 +51,9 @@ import torch
 
 from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, to_prompt_pairs, tune_prompt
+from seggpt_lib.eval.calibration import OBJECTIVES, PairScore, calibrate, catch_yield_curve, pairs_summary
+from seggpt_lib.eval.decision import OperatingPoint
+from seggpt_lib.eval.mapping import build_mapping
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, evaluate, iou, response_rate
 from seggpt_lib.eval.scoring import LearnedPrompts, ScoringConfig, score_mapping
 from seggpt_lib.experiments import config as CFG
@@ -55,15 +66,24 @@ from seggpt_lib.experiments import viz as V
 from seggpt_lib.experiments.config import BeyondConfig, PipelineConfig
 
 __all__ = [
+    "DECISION_COLUMNS",
     "FULL",
     "METHODS",
+    "PAINT_NOTHING_PES",
     "QUICK",
     "RECIPES",
     "StudySettings",
+    "calibrate_method",
     "compare_recipes",
+    "decision_figure",
+    "decision_note",
+    "decision_rows",
     "evaluate_model",
+    "floor_sentence",
+    "floor_summary",
     "learned_prompts",
     "machine_info",
+    "operating_point_records",
     "run_beyond",
     "run_study",
     "study_dirs",
@@ -81,6 +101,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TABLE_COLUMNS = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
                  "PES", "negative_mIoU", "n_positive", "n_negative", "n_free", "s_per_query"]
+# the line's decision: a raw and a calibrated row per (model, prompt method), then paint nothing
+DECISION_COLUMNS = ["recipe", "negative_target", "prompt", "decision", "catch_rate", "yield_rate", "free_yield_rate",
+                    "PES", "PES_over_floor", "mIoU", "operating_point"]
+PAINT_NOTHING_PES = 0.5  # catch 0, yield 1: the floor a calibrated decision must beat
 
 
 def _quiet(msg: str) -> None:  # a log that says nothing
@@ -164,17 +188,180 @@ def _scan(root: str | os.PathLike):
     return _SCANS[key]
 
 
+def _tune_fg_weight(recipe: dict[str, Any], prompt_root: str | os.PathLike) -> float:
+    """Prompt tuning's defect weight: the recipe's ``fg_weight``; ``"auto"`` resolved as the
+    trainer resolves it (:func:`seggpt_lib.engine.trainer.auto_fg_weight`) from the defect share of
+    the prompt folder's defect images (their labels at full size)."""
+    fw = recipe.get("fg_weight", 1.0)
+    if fw != "auto":
+        return float(fw)
+    from seggpt_lib.engine.trainer import auto_fg_weight
+
+    idx = _scan(prompt_root)
+    hit = total = 0
+    for i in np.flatnonzero(~np.asarray(idx.is_free, dtype=bool)):
+        lab = read_label(idx.label_path(int(i)))
+        hit += int(np.count_nonzero(lab))
+        total += int(lab.size)
+    return auto_fg_weight(hit / total if total else math.nan)
+
+
+def _learned(em, prompts: dict[str, Any]) -> LearnedPrompts:
+    """The learned prompts of ``{class: LearnedPrompt}`` as prompt pairs of ``em``'s predictor."""
+    return LearnedPrompts({c: to_prompt_pairs(p, em.predictor) for c, p in prompts.items()})
+
+
+def _score_pairs(em, eval_root, mapping: dict[str, list[str]], kind: str, method: str, *, k: int = 1,
+                 learned: LearnedPrompts | None = None, grid: int = 1, work_size: int = 1024,
+                 tile_pairing: str = "aligned", point: OperatingPoint | None = None):
+    """Predict ``mapping``'s queries (``eval_root``: ``test`` queries, ``train`` prompts) with one
+    prompt ``method`` (``top1``, ``topk`` with ``k`` prompts, ``learned``: ``learned``'s prompt of
+    the query's class, positive, or of the first mapped prompt's class, negative and free).
+    Returns ``(raw PairResults, calibrated PairResults)``; the calibrated ones (the masks of
+    ``point``'s decision, :mod:`seggpt_lib.eval.decision`) only with an operating point, else []."""
+    q_root, p_root = EV.eval_roots(eval_root)
+    if method == "learned":
+        cfg = ScoringConfig(grid=grid, work_size=work_size, tile_pairing=tile_pairing,
+                            extra={"method": method, "grid": grid, "top_k": 1}, operating_point=point)
+    else:
+        kk = 1 if method == "top1" else int(k)
+        cfg = ScoringConfig(grid=grid, top_k=kk, work_size=work_size, tile_pairing=tile_pairing,
+                            extra={"grid": grid, "top_k": kk}, operating_point=point)
+    records, calibrated = [], []
+    for s in score_mapping(em.predictor, EV.index_folder(_scan(q_root)), {q: mapping[q] for q in sorted(mapping)},
+                           kind, cfg, prompts=EV.index_folder(_scan(p_root)),
+                           learned=learned if method == "learned" else None):
+        if method != "learned":
+            s.result.extra["method"] = method
+        records.append(s.result)
+        if s.calibrated is not None:
+            s.calibrated.extra["method"] = method
+            calibrated.append(s.calibrated)
+    return records, calibrated
+
+
 def _predict_learned(em, eval_root, mapping: dict[str, list[str]], kind: str, prompts: dict[str, Any],
                      grid: int, work_size: int, tile_pairing: str, method: str):
     """PairResults of ``mapping``'s queries predicted from the learned prompt of the query's
     class (positive) or of the first mapped prompt's class (negative, free)."""
-    q_root, p_root = EV.eval_roots(eval_root)
-    pred = em.predictor
-    learned = LearnedPrompts({c: to_prompt_pairs(p, pred) for c, p in prompts.items()})
-    cfg = ScoringConfig(grid=grid, work_size=work_size, tile_pairing=tile_pairing,
-                        extra={"method": method, "grid": grid, "top_k": 1})
-    return [s.result for s in score_mapping(pred, EV.index_folder(_scan(q_root)), {q: mapping[q] for q in sorted(mapping)},
-                                            kind, cfg, prompts=EV.index_folder(_scan(p_root)), learned=learned)]
+    return _score_pairs(em, eval_root, mapping, kind, method, learned=_learned(em, prompts), grid=grid,
+                        work_size=work_size, tile_pairing=tile_pairing)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# the line's decision, calibrated on the validation split
+# ------------------------------------------------------------------------------------------
+def _learned_val_mappings(val_root: Path, seed: int) -> dict[str, dict[str, list[str]]]:
+    """The validation pairs of a learned prompt: every defect query (its class's prompt), and
+    the negative and defect-free mappings of :func:`~seggpt_lib.eval.mapping.build_mapping` on
+    the validation folder alone (their first prompt's class names the learned prompt)."""
+    idx = _scan(val_root)
+    out = {"positive": {f: [] for i, f in enumerate(idx.files) if not idx.is_free[i]}}
+    for kind in ("negative", "free"):
+        try:
+            out[kind] = build_mapping(val_root, val_root, kind, k=1, seed=seed)
+        except ValueError:  # no such query, or too few prompts of another class
+            out[kind] = {}
+    return out
+
+
+def _learned_val_pairs(em, val_root: Path, prompts: dict[str, Any], *, grid: int, work_size: int,
+                       tile_pairing: str, seed: int) -> list[PairScore]:
+    """:func:`~seggpt_lib.eval.calibration.collect_pairs` for learned prompts: the validation
+    folder's positive, negative and defect-free pairs predicted once with the learned prompt of
+    each pair's class (``prompts`` must hold every class needed)."""
+    folder = EV.index_folder(_scan(val_root))
+    learned = _learned(em, prompts)
+    cfg = ScoringConfig(grid=grid, work_size=work_size, tile_pairing=tile_pairing, consistency=True)
+    out: list[PairScore] = []
+    for kind, mapping in _learned_val_mappings(val_root, seed).items():
+        if not mapping:
+            continue
+        for sp in score_mapping(em.predictor, folder, mapping, kind, cfg, prompts=folder, learned=learned):
+            r = sp.result
+            gt = None if r.gt is None else np.asarray(r.gt).astype(bool)
+            out.append(PairScore(r.query, r.kind, r.query_class, sp.prompt_class,
+                                 np.asarray(sp.prediction.score, dtype=np.float32), gt, sp.prediction.consistency))
+    return out
+
+
+def _learned_val_classes(val_root: Path, seed: int) -> set[str]:
+    """The classes whose learned prompt the validation pairs ask for."""
+    idx = _scan(val_root)
+    maps = _learned_val_mappings(val_root, seed)
+    need = {idx.class_of(idx.find(q)) for q in maps["positive"]}
+    for kind in ("negative", "free"):
+        need |= {idx.class_of(idx.find(ps[0])) for ps in maps[kind].values() if ps}
+    return need
+
+
+def calibrate_method(em, val_root: str | os.PathLike, method: str, *, k: int = 1, prompts: dict[str, Any] | None = None,
+                     grid: int = 1, work_size: int = 1024, tile_pairing: str = "aligned",
+                     objective: str = "max_pes", yield_target: float = 0.6, seed: int = 0,
+                     catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE,
+                     log: Callable[[str], None] = print) -> OperatingPoint | None:
+    """The line's decision of one (model, prompt method), chosen on the dataset folder
+    ``val_root`` ALONE (the validation split; queries and image prompts from it), predicted as the
+    test pairs will be: image prompts (``top1``; ``topk`` with ``k`` prompts, one where the folder
+    has fewer per class) through notebook 04's
+    :func:`~seggpt_lib.experiments.evaluation.calibrate_operating_point`; learned prompts (tuned on
+    the training split, ``prompts``: ``{class: LearnedPrompt}``) on the same positive, negative and
+    defect-free pairs, then :func:`~seggpt_lib.eval.calibration.calibrate`. None (and a log line)
+    when there is nothing to calibrate on."""
+    val_root = Path(val_root)
+    kw = dict(grid=grid, work_size=int(work_size), tile_pairing=tile_pairing, objective=objective,
+              yield_target=yield_target, seed=seed, catch_iou=catch_iou, yield_response=yield_response)
+    if method != "learned":
+        for kk in dict.fromkeys((int(k) if method == "topk" else 1, 1)):
+            point = EV.calibrate_operating_point(em, val_root, top_k=kk, log=log, **kw)
+            if point is not None:
+                return point
+            if kk > 1:
+                log(f"{method}: calibrating with one prompt per pair instead of {kk}")
+        return None
+    t0 = time.perf_counter()
+    try:
+        pairs = _learned_val_pairs(em, val_root, prompts or {}, grid=grid, work_size=int(work_size),
+                                   tile_pairing=tile_pairing, seed=seed)
+        settings = {"val_dir": str(val_root), "weights": em.weights, "prompt": "learned", "grid": grid, "top_k": 1,
+                    "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
+                    "defect_color": [int(c) for c in em.predictor.defect_color]}
+        point = calibrate(pairs, objective, yield_target, catch_iou=catch_iou, yield_response=yield_response,
+                          settings=settings)
+    except (ValueError, KeyError) as e:
+        log(f"no calibration of the learned prompts on {val_root}: {e}")
+        return None
+    curve = catch_yield_curve(pairs, point.default, catch_iou=catch_iou, yield_response=yield_response)
+    point.validation.update(auc_negative=curve["auc_negative"], auc_free=curve["auc_free"],
+                            pairs=pairs_summary(pairs), seconds=time.perf_counter() - t0)
+    log(f"calibrated the learned prompts on {val_root} ({len(pairs)} pairs, {objective}) in "
+        f"{time.perf_counter() - t0:.1f} s: " + json.dumps(point.default.to_dict()))
+    return point
+
+
+def _point_short(point: OperatingPoint | None) -> str:
+    """The chosen decision in a table cell."""
+    if point is None:
+        return "none (nothing to calibrate on in the validation split)"
+    c = point.default
+    parts = [f"score >= {c.pixel_threshold:g}", f"area >= {c.min_area}", f"{c.image_score} >= {c.image_threshold:.4g}"]
+    if c.consistency_threshold is not None:
+        parts.append(f"consistency >= {c.consistency_threshold:.3f}")
+    if point.per_class:
+        parts.append(f"{len(point.per_class)} class point(s)")
+    k = (point.settings or {}).get("top_k")
+    if k is not None and (point.settings or {}).get("prompt") != "learned":
+        parts.append(f"val top-{k}")
+    return ", ".join(parts)
+
+
+def _decision_values(summary: dict[str, Any] | None) -> dict[str, Any]:
+    s = summary or {}
+    pes = s.get("pes", math.nan)
+    return {"catch_rate": s.get("catch_rate", math.nan), "yield_rate": s.get("yield_rate", math.nan),
+            "free_yield_rate": s.get("free_yield_rate", math.nan), "PES": pes,
+            "PES_over_floor": pes - PAINT_NOTHING_PES if pes is not None else math.nan,
+            "mIoU": s.get("miou", math.nan)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,7 +387,8 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
                    yield_response: float = YIELD_RESPONSE, tune_steps: int = 40, tune_lr: float = 0.1,
                    tune_batch: int = 4, tune_fg_weight: float = 1.0, tune_negative_share: float = 0.25,
                    seed: int = 0, prompt_dir: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   val_root: str | os.PathLike | None = None, calibration_objective: str | None = None,
+                   calibration_yield_target: float = 0.6, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score one model (an :class:`~seggpt_lib.experiments.evaluation.EvalModel`) on ``eval_root`` (a folder
     with ``test/``, the queries, and ``train/``, the prompts and prompt-tuning data), queries cut
     into ``grid x grid`` tiles.
@@ -210,9 +398,15 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
     prompt), ``topk`` (the first ``top_k``, feature ensemble), ``learned`` (the class's learned
     prompt; for negative and defect-free queries the prompt of the first mapped prompt's class,
     so each negative pair asks for the same other class as the image-prompt rows).
+
+    With ``calibration_objective`` and a ``val_root`` (the validation split: never the test
+    queries), each method also gets the line's decision chosen there (:func:`calibrate_method`)
+    and applied to the same test pairs: ``decision_rows`` holds a ``raw`` and a ``calibrated``
+    row per method (catch, yield, defect-free yield, PES, PES over the paint-nothing floor).
     Returns ``rows`` ({method, prompt, metrics...}), ``per_image`` (every scored pair, with a
-    ``method`` column), ``baseline`` (the paint-nothing row), ``prompts`` (the learned ones),
-    ``mappings``, ``work_size``."""
+    ``method`` column; ``calibrated_*`` columns where calibrated), ``baseline`` (the paint-nothing
+    row), ``decision_rows``, ``operating_points`` ({method: OperatingPoint or None}; empty without
+    calibration), ``prompts`` (the learned ones), ``mappings``, ``work_size``."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; methods: {METHODS}")
@@ -238,36 +432,51 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
         if not mappings[kind] and k > 1:  # too few prompts of other classes for k: fall back to one
             mappings[kind] = EV.prompt_mapping(eval_root, kind, k=1, seed=mapping_seed, max_queries=max_queries)
 
+    calibrating = bool(calibration_objective) and val_root is not None
     prompts: dict[str, Any] = {}
     if "learned" in methods:
         p_idx, q_idx = _scan(p_root), _scan(q_root)
         need = {q_idx.class_of(q_idx.find(q)) for q in pos}
         for kind in ("negative", "free"):
             need |= {p_idx.class_of(p_idx.find(ps[0])) for ps in mappings[kind].values()}
+        if calibrating:  # the validation pairs' classes too (the prompts are tuned on train/ all the same)
+            need |= {c for c in _learned_val_classes(Path(val_root), mapping_seed) if c in set(p_idx.class_names)}
         prompts = learned_prompts(em, p_root, sorted(need), steps=tune_steps, lr=tune_lr, batch_size=tune_batch,
                                   fg_weight=tune_fg_weight, negative_share=tune_negative_share, seed=seed,
                                   save_dir=prompt_dir, log=log)
-    rows, tables, baseline = [], [], None
+    learned = _learned(em, prompts) if prompts else None
+    rows, tables, baseline, decisions, points = [], [], None, [], {}
     for method in methods:
-        records = []
+        label = _method_label(method, k, tune_steps)
+        point = None
+        if calibrating:
+            point = calibrate_method(em, val_root, method, k=k, prompts=prompts, grid=grid, work_size=ws,
+                                     tile_pairing=tile_pairing, objective=calibration_objective,
+                                     yield_target=calibration_yield_target, seed=mapping_seed, catch_iou=catch_iou,
+                                     yield_response=yield_response, log=log)
+            points[method] = point
+        records, calibrated = [], []
         t0 = time.perf_counter()
         for kind, m in mappings.items():
             if not m:
                 continue
-            if method == "learned":
-                records += _predict_learned(em, eval_root, m, kind, prompts, grid, ws, tile_pairing, method)
-            else:
-                kk = 1 if method == "top1" else k
-                recs = EV.predict_mapping(em, eval_root, m, kind, grid=grid, top_k=kk, work_size=ws,
-                                         tile_pairing=tile_pairing)
-                for r in recs:
-                    r.extra["method"] = method
-                records += recs
-        table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response)
-        log(f"  {_method_label(method, k, tune_steps)}: {len(records)} pairs in {time.perf_counter() - t0:.1f} s, "
+            r, c = _score_pairs(em, eval_root, m, kind, method, k=k, learned=learned, grid=grid, work_size=ws,
+                                tile_pairing=tile_pairing, point=point)
+            records += r
+            calibrated += c
+        table, summary = evaluate(records, catch_iou=catch_iou, yield_response=yield_response,
+                                  calibrated=calibrated if point is not None else None)
+        log(f"  {label}: {len(records)} pairs in {time.perf_counter() - t0:.1f} s, "
             f"mIoU {summary['miou']:.3f}, catch {summary['catch_rate']:.3f}, yield {summary['yield_rate']:.3f}, "
-            f"PES {summary['pes']:.3f}")
-        rows.append({"method": method, "prompt": _method_label(method, k, tune_steps), **_row(summary, table)})
+            f"PES {summary['pes']:.3f}" + (f"; calibrated PES {summary['calibrated']['pes']:.3f}"
+                                           if summary.get("calibrated") else ""))
+        rows.append({"method": method, "prompt": label, **_row(summary, table)})
+        if calibrating:
+            decisions.append({"method": method, "prompt": label, "decision": "raw", **_decision_values(summary),
+                              "operating_point": "raw snapped mask"})
+            decisions.append({"method": method, "prompt": label, "decision": "calibrated",
+                              **_decision_values(summary.get("calibrated") if point is not None else None),
+                              "operating_point": _point_short(point)})
         tables.append(table)
         if baseline is None:
             b = summary["baselines"]["paint_nothing"]
@@ -276,8 +485,8 @@ def evaluate_model(em, eval_root: str | os.PathLike, *, methods: Sequence[str] =
                         "n_positive": summary["n_positive"], "n_negative": summary["n_negative"],
                         "n_free": summary["n_free"], "s_per_query": 0.0}
     per_image = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return {"rows": rows, "per_image": per_image, "baseline": baseline, "prompts": prompts, "mappings": mappings,
-            "work_size": ws, "top_k": k}
+    return {"rows": rows, "per_image": per_image, "baseline": baseline, "decision_rows": decisions,
+            "operating_points": points, "prompts": prompts, "mappings": mappings, "work_size": ws, "top_k": k}
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,7 +497,8 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                     negative_targets: Sequence[str] = ("query_mask", "empty"),
                     eval_root: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None,
                     mean_std=None, results_dir: str | os.PathLike | None = None, table_name: str | None = None,
-                    title: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    title: str | None = None, val_root: str | os.PathLike | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or reuse) one model per ``negative_targets`` entry with the same recipe and budget
     (``cfg``: :class:`~seggpt_lib.experiments.config.BeyondConfig`, its ``recipe`` over the
     pipeline's, ``steps`` / ``budget_minutes``), score each with :func:`evaluate_model` on
@@ -302,11 +512,22 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
     ``training`` (one row per recipe: steps, minutes, best validation mIoU, reused),
     ``models`` ({negative_target: its training dict}), ``evals`` ({negative_target: evaluate_model's
     result}) and ``seconds``. With ``results_dir`` and ``table_name`` the tables are written there
-    (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``)."""
+    (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``).
+
+    The line's decision (``cfg.calibration_objective``; None: off): each (model, prompt method)
+    gets an operating point chosen on ``val_root`` ALONE (default: ``split_root``'s ``val``
+    split; never the test queries), as notebook 04 chooses its own (:func:`calibrate_method`), and
+    ``decision`` (a DataFrame, columns :data:`DECISION_COLUMNS` + ``method``) holds its ``raw``
+    and ``calibrated`` rows on the same test pairs, then paint nothing (PES 0.5, the floor);
+    written as ``<name>_decision``. ``operating_points``: ``{negative_target: {method: point}}``."""
     t_all = time.perf_counter()
     recipe = cfg.full_recipe()
     device = CFG.resolve_device_name(cfg.device)
     eval_root = Path(eval_root or split_root)
+    if val_root is None:
+        val_root = DS.split_roots(split_root).get("val")
+    if cfg.calibration_objective and val_root is None:
+        log(f"{split_root}: no val/ split: raw rows only (no calibration)")
     work = Path(work_dir) if work_dir is not None else Path(split_root).parent / "compare"
     models: dict[str, dict[str, Any]] = {}
     for nt in negative_targets:
@@ -327,7 +548,7 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                                 checkpoint=cfg.checkpoint, log=log)
         models[nt] = info
 
-    rows, per_image, evals, ems, baseline = [], [], {}, {}, None
+    rows, per_image, evals, ems, baseline, decision = [], [], {}, {}, None, []
     for nt, info in models.items():
         label = info.get("label") or RECIPES[nt]
         em = EV.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=cfg.precision,
@@ -339,12 +560,16 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                             work_size=cfg.work_size, tile_pairing=cfg.tile_pairing, max_queries=cfg.max_queries,
                             mapping_seed=cfg.mapping_seed, catch_iou=cfg.catch_iou,
                             yield_response=cfg.yield_response, tune_steps=cfg.tune_steps, tune_lr=cfg.tune_lr,
-                            tune_batch=cfg.tune_batch, tune_fg_weight=float(recipe.get("fg_weight", 1.0)),
+                            tune_batch=cfg.tune_batch, tune_fg_weight=_tune_fg_weight(recipe, EV.eval_roots(eval_root)[1]),
                             tune_negative_share=cfg.tune_negative_share, seed=cfg.seed,
-                            prompt_dir=work / f"prompts_{nt}", log=log)
+                            prompt_dir=work / f"prompts_{nt}", val_root=val_root,
+                            calibration_objective=cfg.calibration_objective,
+                            calibration_yield_target=cfg.calibration_yield_target, log=log)
         evals[nt] = ev
         for r in ev["rows"]:
             rows.append({"recipe": label, "negative_target": nt, "steps": info.get("steps"), **r})
+        for r in ev["decision_rows"]:
+            decision.append({"recipe": label, "negative_target": nt, **r})
         t = ev["per_image"].copy()
         t.insert(0, "negative_target", nt)
         per_image.append(t)
@@ -352,6 +577,12 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
     if baseline is not None:
         rows.append({"recipe": "baseline", "negative_target": "", "prompt": "paint nothing", "steps": None,
                      "method": "paint_nothing", **baseline})
+    if baseline is not None and decision:
+        decision.append({"recipe": "baseline", "negative_target": "", "prompt": "paint nothing", "decision": "none",
+                         "method": "paint_nothing", **_decision_values({"catch_rate": baseline["catch_rate"],
+                         "yield_rate": baseline["yield_rate"], "free_yield_rate": baseline["free_yield_rate"],
+                         "pes": baseline["PES"], "miou": baseline["mIoU"]}), "operating_point": "an empty mask"})
+    decision_df = pd.DataFrame(decision, columns=DECISION_COLUMNS + ["method"])
     table = pd.DataFrame(rows)
     table = table[[c for c in TABLE_COLUMNS if c in table.columns] + ["method"]]
     table["steps"] = pd.Series([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
@@ -368,22 +599,35 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
         if len(per_image_df):
             RES.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
         RES.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
+        if len(decision_df):
+            RES.write_table(decision_df.drop(columns=["method"]), results_dir, f"{table_name}_decision",
+                            title=f"{title or 'Beyond the original'}: the line's decision, raw and calibrated",
+                            note=decision_note(decision_df, cfg.calibration_objective))
     return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
+            "decision": decision_df, "operating_points": {nt: ev["operating_points"] for nt, ev in evals.items()},
             "eval_models": ems, "eval_root": str(eval_root), "grid": cfg.grid, "tile_pairing": cfg.tile_pairing,
             "seconds": time.perf_counter() - t_all}
 
 
-def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callable[[str], None] = print, *,
+               calibration_objective: str | None = None,
+               calibration_yield_target: float | None = None) -> dict[str, Any]:
     """Notebook 05: notebook 02's model stands for its own recipe (``cfg.train``'s
     ``negative_target``) and the other recipe trains here with the same budget
     (``beyond_minutes``, None: ``train_minutes``); both are compared by :func:`compare_recipes` on
     notebook 01's split and written as ``tables/05_beyond*``. Without training in 02 (``steps``
-    0) only the prompts are compared, on the given weights. Returns :func:`compare_recipes`'s
-    result plus ``fragment`` (the :class:`~seggpt_lib.experiments.results.BeyondFragment`)."""
+    0) only the prompts are compared, on the given weights. Every (model, prompt) also gets the
+    line's decision chosen on the validation split only (``calibration_objective`` /
+    ``calibration_yield_target``, default ``cfg``'s, as notebook 04; ``"none"``: raw rows only):
+    ``decision`` holds its raw and calibrated rows. Returns :func:`compare_recipes`'s result plus
+    ``fragment`` (the :class:`~seggpt_lib.experiments.results.BeyondFragment`)."""
     R = Path(results_dir)
     data = RES.load_fragment(R, RES.DataFragment)
     trained = RES.load_fragment(R, RES.TrainingFragment)
-    bc = cfg.beyond()
+    objective = cfg.calibration_objective if calibration_objective is None else calibration_objective
+    objective = None if not objective or str(objective).lower() == "none" else str(objective)
+    bc = cfg.beyond().replace(calibration_objective=objective, calibration_yield_target=float(
+        cfg.calibration_yield_target if calibration_yield_target is None else calibration_yield_target))
     own = cfg.train.get("negative_target", CFG.PIPELINE_RECIPE["negative_target"])  # the recipe notebook 02 trained
     reuse = {own: {"weights": trained.weights, "steps": trained.steps_done, "minutes": (trained.wall_s or 0) / 60,
                    "best_val_miou": trained.best_val_miou, "mean": trained.mean, "std": trained.std,
@@ -400,10 +644,15 @@ def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callabl
                           mean_std=data.mean_std() if cfg.normalize == "dataset" else None, results_dir=R,
                           table_name=RES.BeyondFragment.NAME,
                           title=f"Beyond the original (grid {bc.grid}, same test queries for every row)", log=log)
+    val_dir = DS.split_roots(data.split_root).get("val")
     res["fragment"] = RES.BeyondFragment(
         rows=headline_rows(res["table"]), training=res["training"].to_dict("records"),
         budget_minutes=bc.budget_minutes, grid=bc.grid, top_k=bc.top_k, tune_steps=bc.tune_steps,
-        max_queries=bc.max_queries, device=CFG.resolve_device_name(cfg.device), seconds=res["seconds"])
+        max_queries=bc.max_queries, device=CFG.resolve_device_name(cfg.device), seconds=res["seconds"],
+        decision_rows=decision_rows(res["decision"]), operating_points=operating_point_records(res),
+        calibration_objective=bc.calibration_objective,
+        calibration_yield_target=bc.calibration_yield_target if bc.calibration_objective else None,
+        val_dir=_portable_path(val_dir) if val_dir is not None else None)
     return res
 
 
@@ -478,6 +727,89 @@ def prompt_previews(res: dict[str, Any], max_classes: int = 6):
     return V.contact_sheet(images, titles, ncols=3, cell=2.6, suptitle="learned prompts: image | label | snapped mask")
 
 
+def decision_rows(decision) -> list[dict[str, Any]]:
+    """:func:`compare_recipes`'s ``decision`` table as plain dicts for a summary (NaN as None)."""
+    if decision is None or not len(decision):
+        return []
+    out = []
+    for r in decision.to_dict("records"):
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    return out
+
+
+def operating_point_records(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"<negative_target>/<method>": what a summary keeps of its operating point}``
+    (:func:`~seggpt_lib.experiments.evaluation.operating_point_record`; ``{}`` where none was chosen)."""
+    return {f"{nt}/{m}": EV.operating_point_record(p, None)
+            for nt, pts in (res.get("operating_points") or {}).items() for m, p in pts.items()}
+
+
+def floor_sentence(decision) -> str:
+    """One sentence per compared model: its best calibrated PES (the test pairs, the decision
+    chosen on validation) against the paint-nothing floor (0.5), beside its raw PES."""
+    if decision is None or not len(decision):
+        return "No calibrated rows (no calibration)."
+    parts = []
+    for nt in [v for v in dict.fromkeys(decision["negative_target"]) if v]:
+        d = decision[decision["negative_target"] == nt]
+        cal = d[(d["decision"] == "calibrated") & d["PES"].notna()]
+        raw = d[(d["decision"] == "raw") & d["PES"].notna()]
+        name = d["recipe"].iloc[0]
+        if not len(cal):
+            parts.append(f"{name}: no calibrated row (nothing to calibrate on in the validation split).")
+            continue
+        best = cal.sort_values("PES", ascending=False).iloc[0]
+        diff = float(best["PES"]) - PAINT_NOTHING_PES
+        where = "above" if diff > 1e-12 else ("at" if abs(diff) <= 1e-12 else "below")
+        raw_best = f"; best raw PES {raw['PES'].max():.3f}" if len(raw) else ""
+        parts.append(f"{name}: best calibrated PES {best['PES']:.3f} ({best['prompt']}; catch "
+                     f"{best['catch_rate']:.3f}, yield {best['yield_rate']:.3f}), {abs(diff):.3f} {where} the "
+                     f"paint-nothing floor {PAINT_NOTHING_PES}{raw_best}.")
+    return " ".join(parts)
+
+
+def floor_summary(decision) -> dict[str, Any]:
+    """Each compared model's best calibrated PES against the paint-nothing floor: ``floor``,
+    ``models`` ({negative_target: {recipe, prompt, pes, raw_pes (same prompt), over_floor, above}}),
+    ``sentence`` (:func:`floor_sentence`)."""
+    models: dict[str, Any] = {}
+    if decision is not None and len(decision):
+        for nt in [v for v in dict.fromkeys(decision["negative_target"]) if v]:
+            d = decision[decision["negative_target"] == nt]
+            cal = d[(d["decision"] == "calibrated") & d["PES"].notna()]
+            if not len(cal):
+                models[nt] = {"recipe": d["recipe"].iloc[0], "prompt": None, "pes": None, "raw_pes": None,
+                              "over_floor": None, "above": None}
+                continue
+            best = cal.sort_values("PES", ascending=False).iloc[0]
+            raw = d[(d["decision"] == "raw") & (d["method"] == best["method"])]
+            models[nt] = {"recipe": best["recipe"], "prompt": best["prompt"], "pes": float(best["PES"]),
+                          "raw_pes": float(raw["PES"].iloc[0]) if len(raw) else None,
+                          "over_floor": float(best["PES"]) - PAINT_NOTHING_PES,
+                          "above": bool(float(best["PES"]) > PAINT_NOTHING_PES)}
+    return {"floor": PAINT_NOTHING_PES, "models": models, "sentence": floor_sentence(decision)}
+
+
+def decision_figure(decision, title: str = "The line's decision: raw and calibrated on val"):
+    """PES of every (model, prompt), raw beside calibrated, the paint-nothing floor dashed."""
+    d = decision[decision["decision"].isin(("raw", "calibrated"))]
+    wide = d.pivot_table(index=["negative_target", "method"], columns="decision", values="PES", aggfunc="first",
+                         sort=False, dropna=False).reset_index()
+    labels = {(r["negative_target"], r["method"]): f"{r['recipe'].split(' ')[0]} · {r['prompt']}" for r in d.to_dict("records")}
+    wide["row"] = [labels[(a, b)] for a, b in zip(wide["negative_target"], wide["method"])]
+    cols = [c for c in ("raw", "calibrated") if c in wide.columns]
+    return V.bar_chart(wide.rename(columns={c: f"PES {c}" for c in cols}), "row", [f"PES {c}" for c in cols],
+                       title=title, hline=PAINT_NOTHING_PES, hline_label="paint nothing (0.5)", rotate=30)
+
+
+def decision_note(decision, objective: str | None) -> str:
+    """The note under the decision table: how the calibrated rows were chosen and how they compare
+    with the paint-nothing floor."""
+    return (f"raw: the snapped masks; calibrated: the line's decision (pixel threshold, min area, image score) "
+            f"chosen per model and prompt on the validation split only ({objective}), applied to the same test "
+            f"pairs. PES_over_floor = PES - {PAINT_NOTHING_PES} (paint nothing). " + floor_sentence(decision))
+
+
 def headline_rows(table) -> list[dict[str, Any]]:
     """The comparison's rows as plain dicts for a summary (recipe, prompt, steps, the rates)."""
     keep = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
@@ -542,6 +874,9 @@ class StudySettings:
                                                            "num_workers": 6})  # TrainConfig keys over PIPELINE_RECIPE
     val: float = 0.1  # the split: validation share (configs/magnetic_tile.json splits the same way)
     test: float = 0.3  # test share
+    # the line's decision per (model, prompt), chosen on each protocol's validation split (None: raw only)
+    calibration_objective: str | None = PipelineConfig.calibration_objective
+    calibration_yield_target: float = PipelineConfig.calibration_yield_target
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "StudySettings":
         valid = [f.name for f in dataclasses.fields(self)]
@@ -550,14 +885,19 @@ class StudySettings:
             if k not in valid:
                 raise ValueError(f"unknown study setting {k!r}; settings: {', '.join(sorted(valid))}")
             changes[k] = {**self.train, **v} if k == "train" and isinstance(v, dict) else v
-        return dataclasses.replace(self, **json.loads(json.dumps(changes)))
+        out = dataclasses.replace(self, **json.loads(json.dumps(changes)))
+        if out.calibration_objective not in (None, *OBJECTIVES):
+            raise ValueError(f"calibration_objective must be one of {OBJECTIVES} or null, got {out.calibration_objective!r}")
+        return out
 
     def beyond(self, device: str, seed: int, recipe: dict[str, Any]) -> BeyondConfig:
         """The :class:`~seggpt_lib.experiments.config.BeyondConfig` of one protocol's comparison."""
         return BeyondConfig(preset=self.preset, model=dict(self.model), steps=int(self.steps),
                             budget_minutes=self.minutes, device=device, seed=seed, recipe=recipe,
                             eval_every=int(self.eval_every), val_pairs=int(self.val_pairs), top_k=int(self.top_k),
-                            max_queries=self.max_queries, tune_steps=int(self.tune_steps))
+                            max_queries=self.max_queries, tune_steps=int(self.tune_steps),
+                            calibration_objective=self.calibration_objective or None,
+                            calibration_yield_target=float(self.calibration_yield_target))
 
 
 # the quick CPU configuration (--quick; the test suite runs it): a handful of images per class,
@@ -596,8 +936,11 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
     """The magnetic-tile study on data prepared by :func:`data_prep.study_data.prepare_study_data`
     (converted, split per protocol: seen classes 70/30 by class with a 10 % val carved from the 70;
     held-out classes never in training): :func:`compare_recipes` per protocol. Writes
-    ``out/tables/study_<protocol>*.{csv,md}``, ``out/figures/study_<protocol>.png`` and
-    ``out/summary.json`` (rows, settings, timings, machine)."""
+    ``out/tables/study_<protocol>*.{csv,md}`` (``study_<protocol>_decision``: the raw and the
+    calibrated rows, the decision chosen on the protocol's validation split only),
+    ``out/figures/study_<protocol>.png`` (``_decision.png``: raw against calibrated PES, the
+    paint-nothing floor dashed) and ``out/summary.json`` (rows, ``decision_rows``,
+    ``operating_points``, ``calibrated_vs_floor``, settings, timings, machine)."""
     t_all = time.perf_counter()
     st = settings
     out = Path(out)
@@ -621,7 +964,14 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
         fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
                           ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
         RES.save_figure(fig, out, name, show=False)
+        dec = res["decision"]
+        if len(dec):
+            RES.save_figure(decision_figure(dec, title=f"{title}: raw and calibrated on val"), out, f"{name}_decision",
+                            show=False)
+            log(f"[{proto}] {floor_sentence(dec)}")
         results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
+                          "decision_rows": decision_rows(dec), "operating_points": operating_point_records(res),
+                          "calibrated_vs_floor": floor_summary(dec),
                           "training": json.loads(res["training"].to_json(orient="records")),
                           "counts": DS.class_counts(eval_root).to_dict("records"), "seconds": res["seconds"]}
     times["total_s"] = prepared["convert_s"] + time.perf_counter() - t_all

@@ -47,6 +47,7 @@ __all__ = [
     "dataset_samples",
     "figure_png",
     "find_results_dir",
+    "results_operating_point",
     "five_panel_figure",
     "model_panel_rows",
     "overlay",
@@ -585,6 +586,40 @@ def find_results_dir(results_dir: str | Path) -> Path:
     return REPO_ROOT / p
 
 
+def results_operating_point(results_dir: str | Path, weights: str | Path = ""):
+    """The line's decision the results hold, as an
+    :class:`~seggpt_lib.eval.decision.OperatingPoint` (None when there is none): for given
+    ``weights``, ``operating_point.json`` beside them; else notebook 04's (its fragment names the
+    file it wrote, relative to ``results_dir``; the record it keeps when the file is gone), else
+    the file beside notebook 02's weights. A malformed file raises
+    :class:`~seggpt_lib.eval.decision.OperatingPointError` naming it."""
+    import json
+
+    from seggpt_lib.eval.decision import OperatingPoint, load_operating_point, operating_point_beside
+
+    R = Path(results_dir)
+    if weights:
+        beside = operating_point_beside(weights)
+        return load_operating_point(beside) if beside.is_file() else None
+
+    def fragment(name: str) -> dict[str, Any]:
+        f = R / "work" / f"{name}.json"
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    rec = fragment("04_pair_evaluation").get("operating_point") or {}
+    if rec.get("path"):
+        path = Path(rec["path"])
+        path = path if path.is_absolute() else R / path
+        if path.is_file():
+            return load_operating_point(path)
+    if rec.get("default"):
+        return OperatingPoint.from_dict(rec)
+    w = fragment("02_training").get("weights")
+    if w and operating_point_beside(w).is_file():
+        return load_operating_point(operating_point_beside(w))
+    return None
+
+
 def _legend_html() -> str:
     """The explorer's colour legend as HTML swatches (for the widget)."""
     items = "".join(
@@ -616,15 +651,21 @@ class Explorer:
     mask is blue.
 
     Decision threshold: the mask shown and scored is the line's decision
-    (:func:`seggpt_lib.eval.decision.decide`, pixel threshold only) on the prediction's per-pixel
-    defect score at ``threshold`` (0.5: the predictor's own snapped mask); :meth:`redraw` decides
-    the last prediction again at another threshold without running the model (the widget's
-    threshold slider). A prediction without a score keeps its mask (and the widget no slider).
+    (:func:`seggpt_lib.eval.decision.decide`) on the prediction's per-pixel defect score at pixel
+    ``threshold``; :meth:`redraw` decides the last prediction again at another threshold without
+    running the model (the widget's threshold slider). Without an operating point the decision is
+    the pixel threshold alone (0.5: the predictor's own snapped mask). With ``operating_point``
+    (an :class:`~seggpt_lib.eval.decision.OperatingPoint`, e.g. notebook 04's calibration:
+    :func:`results_operating_point`) the verdict is its full decision for the first prompt's class
+    (pixel threshold, min area, image score against its threshold, prompt consistency), the
+    threshold starts at its calibrated pixel threshold (unless ``threshold`` is given) and the
+    slider moves only the pixel threshold; :meth:`calibrated_threshold` is the one to go back
+    to. A prediction without a score keeps its mask (and the widget no slider).
     """
 
     def __init__(self, predictor, query_root: str | Path, prompt_root: str | Path, work_size: int | None = None,
                  tile_pairing: str = "all", catch_iou: float = CATCH_IOU, yield_response: float = YIELD_RESPONSE,
-                 threshold: float = 0.5) -> None:
+                 threshold: float | None = None, operating_point=None) -> None:
 
         self.predictor = predictor
         self.query_index = DefectIndex.scan(query_root, verify=False)
@@ -634,6 +675,9 @@ class Explorer:
         self.catch_iou = float(catch_iou)
         self.yield_response = float(yield_response)
         self.last: dict[str, Any] | None = None
+        self.operating_point = operating_point
+        if threshold is None:
+            threshold = operating_point.default.pixel_threshold if operating_point is not None else 0.5
         self.threshold = float(threshold)
         self.prediction = None  # the last update's Prediction
         self._state: dict[str, Any] | None = None  # what redraw needs of the last update
@@ -688,19 +732,42 @@ class Explorer:
             self._cache[key] = (read_rgb(idx.image_path(i)), read_label(idx.label_path(i)))
         return self._cache[key]
 
-    def decision(self, prediction, threshold: float | None = None):
-        """The line's decision on ``prediction`` at pixel threshold ``threshold`` (default
-        ``self.threshold``; 0.5 is the predictor's own snapped mask): ``(mask, defect)``, from
-        :func:`seggpt_lib.eval.decision.decide` on the per-pixel defect score (pixel threshold
-        only). A prediction without a score keeps its mask."""
-        from seggpt_lib.eval.decision import DecisionConfig, decide
+    def calibrated_threshold(self, prompt_class: str | None = None) -> float | None:
+        """The operating point's pixel threshold for a prompt of ``prompt_class`` (its default
+        when None or without a point of its own); None without an operating point."""
+        op = self.operating_point
+        return None if op is None else float(op.config_for(prompt_class).pixel_threshold)
+
+    def decision_config(self, threshold: float | None = None, prompt_class: str | None = None):
+        """The :class:`~seggpt_lib.eval.decision.DecisionConfig` applied: the operating point's for
+        ``prompt_class`` (else the raw decision) at pixel ``threshold`` (default ``self.threshold``)."""
+        import dataclasses
+
+        from seggpt_lib.eval.decision import DecisionConfig
 
         t = self.threshold if threshold is None else float(threshold)
+        base = self.operating_point.config_for(prompt_class) if self.operating_point is not None else DecisionConfig()
+        return dataclasses.replace(base, pixel_threshold=t)
+
+    def decide(self, prediction, threshold: float | None = None, prompt_class: str | None = None):
+        """The full :class:`~seggpt_lib.eval.decision.Decision` on ``prediction``
+        (:meth:`decision_config`); None for a prediction without a score."""
+        from seggpt_lib.eval.decision import decide
+
         score = getattr(prediction, "score", None)
         if score is None:
+            return None
+        return decide(score, self.decision_config(threshold, prompt_class), getattr(prediction, "consistency", None))
+
+    def decision(self, prediction, threshold: float | None = None, prompt_class: str | None = None):
+        """The line's decision on ``prediction`` at pixel threshold ``threshold`` (default
+        ``self.threshold``; 0.5 without an operating point is the predictor's own snapped mask):
+        ``(mask, defect)``, from :meth:`decide` (with an operating point: its full decision for
+        ``prompt_class``). A prediction without a score keeps its mask."""
+        d = self.decide(prediction, threshold, prompt_class)
+        if d is None:
             mask = np.asarray(prediction.mask, dtype=bool)
             return mask, bool(mask.any())
-        d = decide(score, DecisionConfig(pixel_threshold=t))
         return np.asarray(d.mask, dtype=bool), bool(d.defect)
 
     # -- the callback ---------------------------------------------------------------------
@@ -730,8 +797,10 @@ class Explorer:
         p = [self._load("prompt", f) for f in used]
         ws = self.work_size or max(q_img.shape[:2])
         t0 = time.perf_counter()
+        op = self.operating_point
+        extra = {"consistency": True} if op is not None and op.needs_consistency else {}
         pred = self.predictor.predict(q_img, [a for a, _ in p], [b for _, b in p], grid=int(grid),
-                                      tile_pairing=self.tile_pairing, work_size=int(ws))
+                                      tile_pairing=self.tile_pairing, work_size=int(ws), **extra)
         seconds = time.perf_counter() - t0
         self.prediction = pred
         self._state = {"query": query, "used": used, "grid": int(grid), "note": note, "seconds": seconds,
@@ -757,13 +826,24 @@ class Explorer:
             kind = "negative"
         else:
             kind = "positive"
-        mask, defect = self.decision(pred)
+        d = self.decide(pred, prompt_class=p_cls[0] if p_cls else None)
+        if d is None:
+            mask = np.asarray(pred.mask, dtype=bool)
+            defect = bool(mask.any())
+        else:
+            mask, defect = np.asarray(d.mask, dtype=bool), bool(d.defect)
         resp = response_rate(mask)
+        cal_t = self.calibrated_threshold(p_cls[0] if p_cls else None)
+        has_score = getattr(pred, "score", None) is not None
         out: dict[str, Any] = {
             "query": query, "query_class": q_cls, "prompts": list(used), "prompt_classes": p_cls, "kind": kind,
             "top_k": len(used), "grid": st["grid"], "tile_pairing": self.tile_pairing,
             "iou": None, "catch": None, "response_rate": resp, "yield": None,
-            "threshold": self.threshold if getattr(pred, "score", None) is not None else None,
+            "threshold": self.threshold if has_score else None,
+            "calibrated_threshold": cal_t if has_score else None,
+            "calibrated": bool(has_score and cal_t is not None and abs(self.threshold - cal_t) < 5e-3),
+            "decision": self.decision_config(prompt_class=p_cls[0] if p_cls else None).to_dict() if has_score else None,
+            "image_score": float(d.image_score) if d is not None else None,
             "defect": defect, "pred_pixels": int(mask.sum()), "gt_pixels": int(gt.sum()),
             "n_pairs": int(pred.n_pairs), "seconds": st["seconds"], "note": st["note"],
         }
@@ -791,6 +871,14 @@ class Explorer:
 
     def _decision_text(self, o: dict[str, Any]) -> str:
         at = "" if o["threshold"] is None else f" at pixel threshold {o['threshold']:.2f}"
+        if o.get("calibrated_threshold") is not None:
+            c = o["decision"]
+            which = "calibrated" if o["calibrated"] else f"manual; calibrated {o['calibrated_threshold']:.2f}"
+            rest = [f"components >= {c['min_area']} px", f"{c['image_score']} {o['image_score']:.4g} vs >= "
+                                                          f"{c['image_threshold']:.4g}"]
+            if c.get("consistency_threshold") is not None:
+                rest.append(f"consistency >= {c['consistency_threshold']:.3f}")
+            at += f" ({which}; {', '.join(rest)})"
         return f"line's decision{at}: {'DEFECT' if o['defect'] else 'PASS'}"
 
     def _title(self, o: dict[str, Any]) -> str:
@@ -852,8 +940,10 @@ class Explorer:
         top of the list so they stay in sight; an empty selection falls back to the default
         prompts and says so. The threshold slider (shown when the predictions carry a per-pixel
         defect score) decides the last prediction again (mask, score map, pass/defect verdict)
-        without running the model. Children: ``[HBox(query, grid, top-k[, threshold]), prompts,
-        text, figure]``."""
+        without running the model. With an operating point it starts at the calibrated pixel
+        threshold, is labelled ``calibrated`` while it stays there (``threshold`` once moved), and
+        a button goes back to the calibrated threshold of the pair shown. Children:
+        ``[HBox(query, grid, top-k[, threshold[, calibrated button]]), prompts, text, figure]``."""
         import html as _html
 
         import ipywidgets as W
@@ -870,6 +960,8 @@ class Explorer:
                        layout=W.Layout(width="10em"))
         t = W.FloatSlider(value=self.threshold, min=0.0, max=1.0, step=0.01, description="threshold",
                           tooltip="pixel threshold on the defect score (0.5: the snapped mask)")
+        cal = W.Button(description="calibrated", tooltip="back to the operating point's pixel threshold (notebook 04)",
+                       layout=W.Layout(width="13em"))
         text = W.HTML()
         out = W.Output()
         row = W.HBox([q, s, k])
@@ -905,6 +997,10 @@ class Explorer:
                     text.value = f"<b>error:</b> {_html.escape(str(e))}"
                     return
                 state["last_note"] = note
+                if res.get("calibrated_threshold") is not None:
+                    t.description = "calibrated" if res["calibrated"] else "threshold"
+                    cal.description = f"calibrated ({res['calibrated_threshold']:.2f})"
+                    state["calibrated"] = res["calibrated_threshold"]
                 used = " ".join(f"<b>{j + 1}.</b> {_html.escape(label(f))}" for j, f in enumerate(res["prompts"]))
                 notes = [n for n in (note, res.get("note")) if n]
                 text.value = ("".join(f"<div style='color:#b45309'><b>note:</b> {_html.escape(n)}</div>" for n in notes)
@@ -955,7 +1051,18 @@ class Explorer:
         k.observe(on_top_k, names="value")
         s.observe(lambda change: refresh(), names="value")
         t.observe(lambda change: refresh(state.get("last_note", ""), predict=False), names="value")
+
+        def on_calibrated(button=None) -> None:
+            target = state.get("calibrated")
+            if target is None:
+                return
+            if abs(t.value - target) > 1e-12:
+                t.value = target  # redraws through the slider
+            else:
+                refresh(state.get("last_note", ""), predict=False)
+
+        cal.on_click(on_calibrated)
         on_query()
         if getattr(self.prediction, "score", None) is not None:  # a per-pixel score: the threshold slider
-            row.children = (q, s, k, t)
+            row.children = (q, s, k, t, cal) if self.operating_point is not None else (q, s, k, t)
         return W.VBox([row, pr, text, out])
