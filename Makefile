@@ -1,6 +1,8 @@
 # Two entry points (see README):
 #   make reproduce   create .venv, install, run the whole notebook pipeline on built-in synthetic data
 #   make test        create .venv if missing, install, run the test suite
+#   make ablate      an ablation grid: make ablate NAME=original [QUICK=1] (configs/ablations/NAME.json)
+#   make pretrained  rebuild the shipped pretrained checkpoint (pretrained/; resumable, about 1 h on 2 cores)
 #   make lab         JupyterLab on the interactive explorer (notebooks/explorer.ipynb) with results/
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +20,7 @@ OVERRIDES := $(if $(DATA),--set data=$(DATA)) $(if $(WEIGHTS),--set weights=$(WE
              $(if $(DEVICE),--set device=$(DEVICE)) $(if $(PRESET),--set preset=$(PRESET)) \
              $(if $(STEPS),--set steps=$(STEPS))
 
-.PHONY: reproduce test install browser clean lab
+.PHONY: reproduce test install browser clean lab ablate pretrained
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +41,22 @@ browser:
 
 reproduce: $(STAMP)
 	$(VENV)/bin/seggpt reproduce --config $(CONFIG) $(OVERRIDES)
+
+# An ablation grid (configs/ablations/$(NAME).json; see README "Ablations"): make ablate NAME=original
+# [QUICK=1] [JOBS=2] [DEVICE=...]; a rerun skips the finished cells. Results: results/ablations/NAME/index.html
+ifneq ($(origin NAME),command line)
+NAME  := original# (an environment's NAME, e.g. the host name some shells set, is not a grid)
+endif
+QUICK ?=
+JOBS  ?=
+ablate: $(STAMP)
+	$(VENV)/bin/seggpt ablate --config configs/ablations/$(NAME).json $(if $(QUICK),--quick) \
+	  $(if $(JOBS),--jobs $(JOBS)) $(OVERRIDES)
+
+# The shipped pretrained checkpoint (pretrained/vit_micro_shapes.*): build the shapes set, pretrain,
+# export weights + SHA-256 + recipe + curve. Resumable: interrupted, the same command continues.
+pretrained: $(STAMP)
+	$(VENV)/bin/seggpt pretrain
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --timeout=600

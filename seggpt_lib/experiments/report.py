@@ -101,7 +101,8 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
         "steps": d02.steps_done if d02 is not None else None,
         "train_wall_s": d02.wall_s if d02 is not None else None,
         "best_val_miou": d02.best_val_miou if d02 is not None else None,
-        "beyond": ({k: getattr(d05, k) for k in ("rows", "training", "budget_minutes", "grid", "top_k", "tune_steps",
+        "beyond": ({k: getattr(d05, k) for k in ("rows", "decision_rows", "operating_points", "calibration_objective",
+                                                 "training", "budget_minutes", "grid", "top_k", "tune_steps",
                                                  "max_queries")} if d05 is not None else {}),
         "device": d04.device if d04 is not None and d04.device else cfg.get("device"),
         "wall_time_s": wall_s,
@@ -176,12 +177,21 @@ def _beyond_html(summary: dict[str, Any]) -> list[str]:
     b = summary.get("beyond") or {}
     df = df.assign(steps=[("–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
                           for v in df["steps"]])
-    return ["<h2>Beyond the original</h2>", _html_table(df),
-            f"<p><small>Notebook 05: the original's negatives (a negative pair paints the query's own defect) against "
-            f"class-aware negatives (it paints nothing), trained with the same budget "
-            f"({b.get('budget_minutes')} min), each with one image prompt, a top-{b.get('top_k')} ensemble and a "
-            f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); grid "
-            f"{b.get('grid')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
+    budget = f"{b.get('budget_minutes')} min" if b.get("budget_minutes") is not None else "steps"
+    out = ["<h2>Beyond the original</h2>", _html_table(df),
+           f"<p><small>Notebook 05: the original's negatives (a negative pair paints the query's own defect) against "
+           f"class-aware negatives (it paints nothing), trained with the same budget "
+           f"({budget}), each with one image prompt, a top-{b.get('top_k')} ensemble and a "
+           f"learned prompt ({b.get('tune_steps')} tuning steps per class, the model frozen); grid "
+           f"{b.get('grid')}, at most {b.get('max_queries')} queries per kind.</small></p>"]
+    drows = b.get("decision_rows") or []
+    if drows:
+        cols = ["recipe", "prompt", "decision", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
+        out += ["<h3>The line's decision: raw and calibrated rows</h3>",
+                _html_table(pd.DataFrame([{c: r.get(c) for c in cols} for r in drows], columns=cols)),
+                f"<p><small>Each (recipe, prompt) with its own operating point, calibrated on the validation split "
+                f"only ({b.get('calibration_objective')}); the raw row is the snapped masks, never replaced.</small></p>"]
+    return out
 
 
 def _decision_html(summary: dict[str, Any]) -> list[str]:
@@ -261,6 +271,7 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     for p in sorted(dirs["figures"].glob("*.png")):
         parts.append(f"<a href=\"figures/{h(p.name)}\"><img src=\"figures/{h(p.name)}\" alt=\"{h(p.stem)}\">{h(p.stem)}</a>")
     parts.append("</div><h2>Files</h2><ul><li><a href=\"summary.json\">summary.json</a>: every figure and setting</li></ul>")
+    parts += ablation_links(root)
     parts.append("<h2>Explorer</h2><p>Try other queries, prompts, top-k and grids on this run interactively: "
                  "<code>make lab</code> in the repository opens <code>notebooks/explorer.ipynb</code> in JupyterLab "
                  "at <a href=\"http://localhost:8888/lab/tree/notebooks/explorer.ipynb\">"
@@ -271,3 +282,124 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     path = root / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# ablations in the results index
+# ------------------------------------------------------------------------------------------
+def ablation_links(results_dir: str | os.PathLike) -> list[str]:
+    """The "Ablations" section of the results index: a link to every
+    ``ablations/<name>/index.html`` (``seggpt ablate``) with its cells done / total; none: []."""
+    root = Path(results_dir)
+    pages = sorted((root / "ablations").glob("*/index.html"))
+    if not pages:
+        return []
+    import json
+
+    h = html.escape
+    items = []
+    for p in pages:
+        extra = ""
+        try:
+            prog = json.loads((p.parent / "progress.json").read_text())
+            extra = f" ({prog.get('done')}/{prog.get('total')} cells complete" + (
+                f", {prog['failed']} failed" if prog.get("failed") else "") + ")"
+        except (OSError, ValueError):
+            pass
+        items.append(f"<li><a href=\"ablations/{h(p.parent.name)}/index.html\">{h(p.parent.name)}</a>{h(extra)}</li>")
+    return ["<h2>Ablations</h2><p><small><code>seggpt ablate</code> grids (<code>make ablate NAME=...</code>): "
+            "each cell's headline figures as mean ± standard deviation over seeds.</small></p><ul>", *items, "</ul>"]
+
+
+def refresh_results_index(results_dir: str | os.PathLike) -> Path:
+    """Rewrite ``<results_dir>/index.html`` so that it links to the ablations: from its
+    ``summary.json`` where the pipeline ran, else a page with the ablations alone."""
+    import json
+
+    root = Path(results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = json.loads((root / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and summary.get("headline") is not None:
+        return write_index_html(root, summary)
+    parts = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+             "<title>SegGPT defect segmentation: results</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>SegGPT few-shot defect segmentation: results</h1>",
+             "<p>No pipeline run in this folder yet (<code>make reproduce</code> writes its headline here).</p>",
+             *ablation_links(root), "</body></html>\n"]
+    path = root / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# notebook reports: results first, code folded
+# ------------------------------------------------------------------------------------------
+RESULTS_TAG = "report-results"  # the cell that repeats the notebook's closing results at the top
+
+REPORT_CSS = """
+.report-bar{position:sticky;top:0;z-index:10;background:#f7f7f7;border-bottom:1px solid #ddd;padding:.35em 1em;
+ font:14px system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;display:flex;gap:1.2em;align-items:center}
+.report-bar a{color:#0645ad}.report-bar label{cursor:pointer;user-select:none}
+#report-show-code{position:absolute;opacity:0;width:1px;height:1px;margin:0}
+.report-bar label::before{content:"\\2610  "}#report-show-code:checked ~ nav label::before{content:"\\2611  "}
+#report-show-code:focus-visible ~ nav label{outline:2px solid #0645ad}
+#report-show-code:not(:checked) ~ main .jp-CodeCell .jp-Cell-inputWrapper{display:none}
+#report-show-code:not(:checked) ~ main .jp-CodeCell.jp-mod-noOutputs{display:none}
+#report-show-code:not(:checked) ~ main .jp-CodeCell .jp-OutputPrompt{visibility:hidden}
+main .celltag_report-results .jp-Cell-inputWrapper{display:none}
+main .celltag_report-results{border:2px solid #4a7;border-radius:6px;margin:.5em 0 1.5em;padding:.3em}
+@media print{.report-bar{display:none}}
+"""
+
+
+def results_first(nb) -> Any:
+    """A copy of an executed notebook that opens with its results: the outputs of its last code
+    cell that shows or prints something (each pipeline notebook ends with its summary table or sentence)
+    repeated in a framed cell after the title, or, where a cell failed, its error."""
+    import copy as _copy
+
+    import nbformat
+
+    nb = _copy.deepcopy(nb)
+    cells = nb.cells
+
+    def shown(o) -> bool:  # what a reader reads: displays and printed lines (warnings on stderr left out)
+        t = o.get("output_type")
+        return t in ("display_data", "execute_result") or (t == "stream" and o.get("name") == "stdout")
+
+    error = next(((i, o) for i, c in enumerate(cells) if c.cell_type == "code"
+                  for o in c.get("outputs", []) if o.get("output_type") == "error"), None)
+    if error is not None:
+        i, o = error
+        head = nbformat.v4.new_markdown_cell(
+            f"**This run failed** in cell {i} ({o.get('ename')}: {o.get('evalue')}); its outputs up to there "
+            "follow (the switch at the top shows the code).")
+        new = [head]
+    else:
+        last = next((c for c in reversed(cells) if c.cell_type == "code"
+                     and any(shown(o) for o in c.get("outputs", []))), None)
+        if last is None:
+            return nb
+        res = nbformat.v4.new_code_cell("", metadata={"tags": [RESULTS_TAG]})
+        res.outputs = [_copy.deepcopy(o) for o in last.outputs if shown(o)]
+        new = [nbformat.v4.new_markdown_cell("**Results** (the notebook's closing output; how they came about "
+                                             "follows)"), res]
+    at = 1 if cells and cells[0].cell_type == "markdown" else 0  # after the title
+    nb.cells = cells[:at] + new + cells[at:]
+    return nb
+
+
+def fold_code(page: str, index_href: str | None = "../index.html") -> str:
+    """A notebook's nbconvert HTML page with its code cells hidden by default: a bar at the top
+    with a "show code" switch (a checkbox and CSS: no script) and a link back to the results index."""
+    import re
+
+    bar = ("<input type=checkbox id=report-show-code aria-label=\"show code\">"
+           "<nav class=report-bar><label for=report-show-code>show code</label>"
+           + (f"<a href=\"{html.escape(index_href)}\">results index</a>" if index_href else "")
+           + "<span><small>code cells are folded; the switch shows them</small></span></nav>")
+    page = page.replace("</head>", f"<style>{REPORT_CSS}</style></head>", 1)
+    return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + bar, page, count=1)

@@ -23,7 +23,7 @@ from seggpt_lib.experiments.config import (
     PipelineError,
     parse_data_spec,
 )
-from seggpt_lib.experiments.report import build_summary, headline_table, write_index_html
+from seggpt_lib.experiments.report import build_summary, fold_code, headline_table, results_first, write_index_html
 from seggpt_lib.experiments.results import result_dirs, write_table
 
 
@@ -162,14 +162,18 @@ def execute_notebook(name: str, output: str | os.PathLike, parameters: dict[str,
     return output
 
 
-def render_html(executed: str | os.PathLike, out_html: str | os.PathLike) -> Path:
-    """An executed notebook as a standalone HTML page (images embedded)."""
+def render_html(executed: str | os.PathLike, out_html: str | os.PathLike, index_href: str | None = "../index.html") -> Path:
+    """An executed notebook as a standalone HTML page (images embedded) that reads as a report: it
+    opens with the notebook's results (:func:`~seggpt_lib.experiments.report.results_first`) and its
+    code cells are folded, with a "show code" switch and a link to ``index_href`` at the top
+    (:func:`~seggpt_lib.experiments.report.fold_code`)."""
     import nbformat  # lazy: see the module docstring
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(str(executed), as_version=4)
+    nb = results_first(nbformat.read(str(executed), as_version=4))
     exporter = HTMLExporter()
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": Path(executed).stem}})
+    body = fold_code(body, index_href)
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(body, encoding="utf-8")
