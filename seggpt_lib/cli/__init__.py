@@ -14,6 +14,7 @@ from typing import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("seggpt_lib.cli.train", "fine-tune SegGPT on defect pairs (single process, or DDP under torchrun)"),
+    "pretrain": ("seggpt_lib.cli.pretrain", "pretrain the shipped in-context checkpoint on generic shapes (resumable; make pretrained)"),
     "info": ("seggpt_lib.cli.info", "show presets, parameter counts and the checkpoint formats understood"),
     "prepare": ("data_prep.cli", "build datasets: synthetic, coco, magnetic-tile, split, stats"),
     "make-mapping": ("seggpt_lib.cli.make_mapping", "build prompt mapping JSONs (positive, negative, free, retrieval) from a dataset"),
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("seggpt_lib.cli.calibrate", "choose the line's decision (operating_point.json) on the validation split"),
     "tune-prompt": ("seggpt_lib.cli.tune_prompt", "learn a prompt image+mask for one defect class with SegGPT frozen"),
     "reproduce": ("seggpt_lib.cli.reproduce", "run the notebook pipeline (01-04, 06) with papermill and regenerate results/"),
+    "ablate": ("seggpt_lib.cli.ablate", "run an ablation grid (configs/ablations/NAME.json): every cell's notebooks, then mean ± std over seeds"),
     "study": ("seggpt_lib.cli.study", "magnetic-tile study: original vs class-aware negatives, image vs learned prompts, seen and held-out classes"),
 }
 
