@@ -2,7 +2,7 @@
 #   make reproduce   create .venv, install, run the whole notebook pipeline on built-in synthetic data
 #   make test        create .venv if missing, install, run the test suite
 #   make ablate      an ablation grid: make ablate NAME=original [QUICK=1] (configs/ablations/NAME.json)
-#   make pretrained  rebuild the shipped pretrained checkpoint (pretrained/; resumable, about 1 h on 2 cores)
+#   make pretrained  rebuild the shipped pretrained checkpoint (pretrained/; resumable, about 45 min on 2 cores)
 #   make lab         JupyterLab on the interactive explorer (notebooks/explorer.ipynb) with results/
 PYTHON ?= python3
 VENV   ?= .venv

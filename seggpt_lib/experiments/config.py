@@ -571,11 +571,30 @@ def _match_preset(cfg) -> tuple[str, dict[str, Any]]:
     return best, diff(best)
 
 
+PRETRAINED_WEIGHTS = "pretrained"  # weights "pretrained": the shipped checkpoint (seggpt_lib.experiments.pretrain)
+
+
+def resolve_weights(weights: str | os.PathLike | None) -> str:
+    """A ``weights`` value as a file: ``"pretrained"`` is the shipped pretrained checkpoint
+    (``pretrained/vit_micro_shapes.safetensors``, its SHA-256 checked; ``make pretrained``
+    rebuilds it), anything else is returned as given ("" / None: no initial weights)."""
+    if not weights:
+        return ""
+    if str(weights) == PRETRAINED_WEIGHTS:
+        from seggpt_lib.experiments.pretrain import PretrainedError, shipped_checkpoint
+        try:
+            return str(shipped_checkpoint())
+        except PretrainedError as e:
+            raise PipelineError(f"weights \"pretrained\": {e}") from None
+    return str(weights)
+
+
 def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict | None = None) -> tuple[str, dict[str, Any]]:
     """``(preset, overrides)`` of the model: the given preset, or (``auto``) the architecture the
     checkpoint ``weights`` records (our safetensors, HF folders) or its tensor shapes imply
-    (the official pickle)."""
+    (the official pickle). ``weights`` "pretrained": the shipped checkpoint (:func:`resolve_weights`)."""
     model = dict(model or {})
+    weights = resolve_weights(weights)
     if preset and preset != "auto":
         return preset, model
     if not weights:

@@ -76,7 +76,7 @@ class PretrainConfig:
     image_size: int = 128  # rendered size (resized to the model's 64 x 64)
     data_seed: int = 0
     preset: str = "vit_micro"
-    steps: int = 12000
+    steps: int = 6000
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -206,18 +206,21 @@ def export_pretrained(run_dir: str | os.PathLike, cfg: PretrainConfig, command: 
     return info
 
 
-def shipped_info(out_dir: str | os.PathLike = PRETRAINED_DIR, name: str = SHIPPED_NAME) -> dict[str, Any]:
-    """The JSON recorded beside the shipped checkpoint (:class:`PretrainedError` when absent)."""
-    path = Path(out_dir) / f"{name}.json"
+def shipped_info(out_dir: str | os.PathLike | None = None, name: str = SHIPPED_NAME) -> dict[str, Any]:
+    """The JSON recorded beside the shipped checkpoint (:class:`PretrainedError` when absent);
+    ``out_dir`` None: :data:`PRETRAINED_DIR` (read at call time)."""
+    path = Path(out_dir if out_dir is not None else PRETRAINED_DIR) / f"{name}.json"
     if not path.is_file():
         raise PretrainedError(f"{path}: no shipped pretrained checkpoint here (make pretrained builds it)")
     return json.loads(path.read_text())
 
 
-def shipped_checkpoint(out_dir: str | os.PathLike = PRETRAINED_DIR, name: str = SHIPPED_NAME, verify: bool = True) -> Path:
-    """The shipped checkpoint's path, its SHA-256 checked against the recorded one (``verify``)."""
+def shipped_checkpoint(out_dir: str | os.PathLike | None = None, name: str = SHIPPED_NAME, verify: bool = True) -> Path:
+    """The shipped checkpoint's path, its SHA-256 checked against the recorded one (``verify``);
+    ``out_dir`` None: :data:`PRETRAINED_DIR` (read at call time, so tests can point it elsewhere)."""
+    out_dir = Path(out_dir if out_dir is not None else PRETRAINED_DIR)
     info = shipped_info(out_dir, name)
-    path = Path(out_dir) / info["file"]
+    path = out_dir / info["file"]
     if not path.is_file():
         raise PretrainedError(f"{path}: recorded in {name}.json but missing")
     if verify and file_sha256(path) != info["sha256"]:

@@ -22,6 +22,7 @@ from seggpt_lib.experiments.config import (
     REPO_ROOT,
     PipelineError,
     parse_data_spec,
+    resolve_weights,
 )
 from seggpt_lib.experiments.report import build_summary, fold_code, headline_table, results_first, write_index_html
 from seggpt_lib.experiments.results import result_dirs, write_table
@@ -59,7 +60,7 @@ def notebook_parameters(name: str, config: dict[str, Any]) -> dict[str, Any]:
     if "source" in keys:
         params["source"], params["source_path"] = parse_data_spec(config["data"])
     if "weights" in params and params["weights"]:
-        params["weights"] = str(Path(params["weights"]).expanduser().resolve())
+        params["weights"] = str(Path(resolve_weights(params["weights"])).expanduser().resolve())
     if "preset" in params and params.get("weights") and "preset" not in config.get("_explicit", []):
         params["preset"] = "auto"  # weights given, no preset asked for: the checkpoint's architecture
     params["results_dir"] = str(Path(config["results_dir"]).expanduser().resolve())

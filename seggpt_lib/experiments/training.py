@@ -14,7 +14,7 @@ import torch
 from seggpt_lib.data.pairs import PairConfig, PairDataset
 from seggpt_lib.data.stats import compute_stats
 from seggpt_lib.engine.trainer import TrainConfig, build_model, train
-from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset
+from seggpt_lib.experiments.config import PipelineError, TrainSettings, resolve_device_name, resolve_preset, resolve_weights
 from seggpt_lib.experiments.dataset import has_positive_pairs, scan_index, split_roots
 from seggpt_lib.model.checkpoint import save_weights
 
@@ -51,7 +51,7 @@ def training_config(split_root: str | os.PathLike, run_dir: str | os.PathLike, s
             mean_std = compute_stats(roots["train"], size=256)
         d["image_mean"], d["image_std"] = [float(v) for v in mean_std[0]], [float(v) for v in mean_std[1]]
     d.update(
-        preset=name, model=ov, init_weights=s.weights or None, train_dataset_dir=str(roots["train"]),
+        preset=name, model=ov, init_weights=resolve_weights(s.weights) or None, train_dataset_dir=str(roots["train"]),
         val_dataset_dir=val_dir, device=resolve_device_name(s.device), precision=s.precision, seed=int(s.seed),
         max_steps=steps, max_minutes=float(s.train_minutes) if s.train_minutes else None,
         log_dir=str(Path(run_dir).parent), run_id=Path(run_dir).name, val_pairs=int(s.val_pairs),
