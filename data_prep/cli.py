@@ -1,12 +1,12 @@
 """``seggpt prepare``: build datasets in the project's layout.
 
     seggpt prepare synthetic     --out DIR [--seed S] [--per-class N] [--size PX] [--free N] [--overwrite]
-    seggpt prepare coco          --src DIR --out DIR [--multiclass] [--[no-]keep-splits] [--boxes-as-masks]
-                                 [--crowd-as-defect] [--skip-bad] [--overwrite]
+    seggpt prepare coco          --src DIR --out DIR [--multiclass | --per-category-copies] [--[no-]keep-splits]
+                                 [--boxes-as-masks] [--crowd-as-defect] [--skip-bad] [--overwrite]
     seggpt prepare magnetic-tile --src DIR --out DIR [--limit-per-class N] [--skip-bad] [--overwrite]
     seggpt prepare split         --src DIR --out DIR [--seed S] [--val F] [--test F]
                                  [--holdout-classes a,b | --holdout-n K] [--no-dedup] [--dedup-distance D]
-                                 [--allow-incomplete-classes] [--skip-bad] [--overwrite]
+                                 [--allow-incomplete-classes] [--class-names a,b,c] [--skip-bad] [--overwrite]
     seggpt prepare stats         --src DIR [--out FILE] [--overwrite]
     seggpt prepare preview       --src DIR --out FILE.png [--per-class N] [--overwrite]
 
@@ -70,13 +70,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "Bad annotations are handled alone: a degenerate polygon (< 3 points) is skipped with a warning\n"
                "and the image kept; a malformed or missing segmentation is an error (--skip-bad: that annotation\n"
                "is skipped). Crowd regions (iscrowd=1) go to labels_ignore/<stem>.png unless --crowd-as-defect.\n"
+               "Several classes (the default): each image written once, its mask holding label value k for the\n"
+               "k-th class (names sorted) as named in OUT/labels.txt; where classes overlap the smaller one (fewer\n"
+               "pixels in that image) wins; classes.csv: class = the class with most pixels, classes = all.\n"
+               "One class: binary masks (255). --per-category-copies: binary masks, one copy per category.\n"
                "EXIF orientation is applied when reading images.")
     p.add_argument("--src", required=True,
                    help="export folder: <Sub>/<split>/, <split>/ or . holding _annotations.coco.json; images "
                         "beside it, in images/ beside it, or in ../images/")
     p.add_argument("--out", required=True,
                    help="output dataset folder (with kept splits: OUT/train, OUT/val, OUT/test)")
-    p.add_argument("--multiclass", action="store_true", help="class-index masks + class_index.json")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--multiclass", dest="multiclass", action="store_const", const=True, default=None,
+                   help="class-index masks + labels.txt even for a single-category export (default: when the "
+                        "export has more than one class)")
+    g.add_argument("--per-category-copies", dest="multiclass", action="store_const", const=False,
+                   help="binary masks (255): an image with several categories written once per category, each "
+                        "copy holding one category (the old behaviour; copies share the group column)")
     p.add_argument("--keep-splits", action=argparse.BooleanOptionalAction, default=None,
                    help="write the export's own train/valid/test split as OUT/train, OUT/val, OUT/test "
                         "(usable in place: make reproduce DATA=folder:OUT); default: on when every annotation "
@@ -103,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Split a dataset ROOT into OUT/train, OUT/val, OUT/test (copies) and OUT/split.json.",
         epilog="Groups, never single images, are split: images sharing the 'group' column of classes.csv (the\n"
-               "per-category copies of one COCO photo) and near-duplicates (rotated, mirrored, re-encoded or\n"
+               "copies of one COCO photo) and near-duplicates (rotated, mirrored, re-encoded or\n"
                "rescaled copies, found by a rotation/flip-invariant perceptual hash) stay in one split.\n"
                "Refused: a class left without val or test images (it has fewer than 3 groups) while --val/--test\n"
                "are > 0 (held-out classes excepted), and an empty val or test split.")
@@ -122,6 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(counted over the bits reliable in both; default 24)")
     p.add_argument("--allow-incomplete-classes", action="store_true",
                    help="split even when a class gets no val or test image (warn instead of refusing)")
+    p.add_argument("--class-names", default=None, metavar="a,b,c",
+                   help="class-index masks without labels.txt: the names of label values 1..K (must match the "
+                        "values the masks hold); written as labels.txt into each split")
     p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
@@ -204,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                             holdout_classes=_split_list(args.holdout_classes), holdout_n=args.holdout_n,
                             skip_bad=args.skip_bad, overwrite=args.overwrite, dedup=args.dedup,
                             dedup_distance=DEFAULT_DISTANCE if args.dedup_distance is None else args.dedup_distance,
-                            allow_incomplete=args.allow_incomplete_classes)
+                            allow_incomplete=args.allow_incomplete_classes, class_names=args.class_names)
         plan = json.loads((out / "split.json").read_text())
         print(split_report(plan))
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

@@ -34,17 +34,17 @@ from seggpt_lib.data.layout import CLASSES_CSV, FREE_CLASS, IMAGE_EXTS, DatasetE
 from seggpt_lib.data.layout import header_size as image_size
 from seggpt_lib.data.layout import images_by_stem
 from seggpt_lib.data.layout import open_image as read_image
-from seggpt_lib.data.layout import LABEL_NAMES, read_class_names, read_classes_csv, read_label
+from seggpt_lib.data.layout import _BACKGROUND_NAMES, LABEL_NAMES, read_class_names, read_classes_csv, read_label
 from seggpt_lib.utils import outputs
 from seggpt_lib.utils.outputs import OutputError
 
 __all__ = [
     "CLASSES_CSV", "FREE_CLASS", "IMAGE_EXTS", "DataPrepError", "DataPrepWarning", "DatasetError",
     "FilenameClassWarning", "Problems", "check_filename_classes",
-    "Sample", "check_not_inside", "check_output", "class_from_filename", "copy_file", "image_size", "output_dir",
-    "output_file",
+    "Sample", "check_class_names", "check_not_inside", "check_output", "class_from_filename", "copy_file",
+    "image_size", "label_values", "output_dir", "output_file", "parse_class_names",
     "progress", "read_classes_csv", "read_image", "read_mask", "safe_name", "scan_dataset", "write_classes_csv",
-    "write_image", "write_label",
+    "write_image", "write_label", "write_label_names",
 ]
 
 
@@ -126,6 +126,82 @@ def write_classes_csv(root: str | os.PathLike, rows: Sequence[dict]) -> Path:
         for row in sorted(rows, key=lambda r: r["file"]):
             w.writerow({k: row.get(k, "") for k in columns})
     return path
+
+
+def write_label_names(root: str | os.PathLike, names: Mapping[int, str]) -> Path:
+    """Write ``ROOT/labels.txt``: line ``k`` names label value ``k`` (``names`` must be 1..K)."""
+    values = sorted(names)
+    if values != list(range(1, len(values) + 1)):
+        raise DataPrepError(f"{Path(root) / LABEL_NAMES}: label values must be 1..{len(values)}, got {values}")
+    path = Path(root) / LABEL_NAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{names[v]}\n" for v in values), encoding="utf-8")
+    return path
+
+
+def parse_class_names(names: str | Sequence[str], what: str = "--class-names") -> dict[int, str]:
+    """``{k: name}`` for the names of label values 1..K (``"a,b,c"`` or a list), checked as
+    ``labels.txt`` would be read back: :class:`DataPrepError` for an empty name, a name given
+    twice, ``free``, a background or comment name, or more than 255 names."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    items = [str(n).strip() for n in items]
+    if not items or any(not n for n in items):
+        raise DataPrepError(f"{what}: empty class name in {names!r} (give a,b,c: the names of label values 1, 2, 3)")
+    for n in items:
+        if n == FREE_CLASS:
+            raise DataPrepError(f"{what}: {FREE_CLASS!r} names defect-free images, not a defect class")
+        if n.lower() in _BACKGROUND_NAMES or n.startswith("#") or n == "__ignore__" or "\n" in n:
+            raise DataPrepError(f"{what}: {n!r} cannot name a defect class (it names label value "
+                                f"{items.index(n) + 1}; value 0 is the background)")
+    dup = sorted({n for n in items if items.count(n) > 1})
+    if dup:
+        raise DataPrepError(f"{what}: the class(es) {', '.join(map(repr, dup))} are named twice")
+    if len(items) > 255:
+        raise DataPrepError(f"{what}: {len(items)} names do not fit uint8 label values 1..255")
+    return {k: n for k, n in enumerate(items, start=1)}
+
+
+def label_values(label_dir: str | os.PathLike) -> dict[int, Path]:
+    """The non-zero values the masks ``label_dir/*.png`` hold: ``{value: the first file holding
+    it}`` (files in name order; an unreadable file is left to the dataset scan to report)."""
+    found: dict[int, Path] = {}
+    for path in sorted(Path(label_dir).glob("*.png")):
+        try:
+            values = np.unique(read_label(path))
+        except DatasetError:
+            continue
+        for v in values.tolist():
+            if v and v not in found:
+                found[int(v)] = path
+    return dict(sorted(found.items()))
+
+
+def check_class_names(root: str | os.PathLike, names: Mapping[int, str], what: str = "--class-names") -> None:
+    """Check that ``names`` (``{k: name}``, values 1..K) name exactly the label values the masks
+    ``ROOT/labels/*.png`` hold: :class:`DataPrepError` naming the values found (and a file
+    holding each value ``names`` lacks) when the count does not match, or when ``ROOT`` already
+    names its values differently (``labels.txt`` / ``class_index.json``)."""
+    root = Path(root)
+    own = read_class_names(root)
+    listed = ", ".join(f"{k}={n}" for k, n in sorted(names.items()))
+    if own is not None and dict(own) != dict(names):
+        raise DataPrepError(f"{root}: its {LABEL_NAMES} (or class_index.json) already names the label values "
+                            f"({', '.join(f'{k}={n}' for k, n in own.items())}), unlike {what} ({listed})")
+    found = label_values(root / "labels")
+    unknown = {v: p for v, p in found.items() if v not in names}
+    missing = [v for v in names if v not in found]
+    if not unknown and not missing:
+        return
+    values = ", ".join(map(str, found)) or "none (every mask is empty)"
+    parts = [f"{root / 'labels'}: {what} gives {len(names)} name(s) ({listed}) but the masks hold the "
+             f"label values {values}"]
+    if unknown:
+        parts.append("not named: " + ", ".join(f"{v} (e.g. {p})" for v, p in unknown.items()))
+    if missing:
+        parts.append("in no mask: " + ", ".join(map(str, missing)))
+    hint = "give one name per label value 1..K" + ("; 255 is the defect value of binary masks, which need no "
+                                                   f"{what}" if 255 in unknown else "")
+    raise DataPrepError("; ".join(parts) + f" ({hint})")
 
 
 def safe_name(text: str) -> str:
@@ -217,13 +293,13 @@ def check_filename_classes(root: str | os.PathLike, named: Mapping[str, str]) ->
     return msg
 
 
-def _mask_class(label: np.ndarray, value_names: Mapping[int, str], path: Path) -> str:
+def _mask_class(label: np.ndarray, value_names: Mapping[int, str], path: Path, named_by: str = LABEL_NAMES) -> str:
     """The class of a class-index mask: the named value covering most pixels (``free`` when empty)."""
     counts = np.bincount(np.asarray(label, np.uint8).ravel(), minlength=256)
     values = np.flatnonzero(counts[1:]) + 1
     unknown = [int(v) for v in values if int(v) not in value_names]
     if unknown:
-        raise DataPrepError(f"{path}: label values {unknown} are not named in {LABEL_NAMES} (it names "
+        raise DataPrepError(f"{path}: label values {unknown} are not named in {named_by} (it names "
                             f"{min(value_names)}..{max(value_names)})")
     if not values.size:
         return FREE_CLASS
@@ -231,7 +307,7 @@ def _mask_class(label: np.ndarray, value_names: Mapping[int, str], path: Path) -
 
 
 def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool = True,
-                 problems: Problems | None = None) -> list[Sample]:
+                 problems: Problems | None = None, class_names: Mapping[int, str] | None = None) -> list[Sample]:
     """List a dataset ROOT (images/, labels/, optional classes.csv) and check it.
 
     Errors (or, with ``skip_bad``, skipped files listed in one warning): an empty or missing
@@ -243,7 +319,8 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
     ``class_index.json``), the named class covering most of its mask (``free`` when empty; a
     label value the file does not name is an error); else its file-name prefix
     (:func:`class_from_filename`). When file-name prefixes give nearly one class per image,
-    :func:`check_filename_classes` warns."""
+    :func:`check_filename_classes` warns. ``class_names`` (``{k: name}``, ``--class-names``)
+    names the label values in place of ``labels.txt``."""
     root = Path(root)
     own_problems = problems is None
     problems = problems or Problems(skip_bad)
@@ -267,7 +344,9 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
                 continue
             by_file[r["file"]] = r
     csv_classes = {f: r["class"] for f, r in by_file.items()}
-    value_names = read_class_names(root)  # None: binary masks, the class from classes.csv / the name
+    # None: binary masks, the class from classes.csv / the name
+    value_names = dict(class_names) if class_names is not None else read_class_names(root)
+    named_by = "--class-names" if class_names is not None else LABEL_NAMES
     named: dict[str, str] = {}  # images whose class is their file-name prefix
 
     samples: list[Sample] = []
@@ -291,7 +370,7 @@ def scan_dataset(root: str | os.PathLike, skip_bad: bool = False, verify: bool =
         cls = class_of(img.name, csv_classes)
         if row is None and value_names is not None:
             try:
-                cls = _mask_class(read_label(lbl), value_names, lbl)
+                cls = _mask_class(read_label(lbl), value_names, lbl, named_by)
             except DatasetError as e:
                 problems.catch(e)
                 continue

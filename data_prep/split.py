@@ -14,7 +14,7 @@ of a group:
 
 * images sharing a value in the optional ``group`` column of ``classes.csv`` form one group
   (every derivative of one source photo shares it: ``seggpt prepare coco`` writes it for the
-  per-category copies of one photo); an image without one is its own group;
+  per-category copies of one photo, prepare coco --per-category-copies); an image without one is its own group;
 * near-duplicates (:mod:`data_prep.near_duplicates`: rotated, mirrored, re-encoded or rescaled
   copies of one photo) are merged into one group (union-find), unless ``dedup=False``
   (``--no-dedup``); ``dedup_distance`` (``--dedup-distance``) sets how close counts.
@@ -36,7 +36,10 @@ instead); and, always, a split whose whole val or test part would be empty while
 fraction is > 0.
 
 Output: ``OUT/{train,val,test}/`` (each a dataset ROOT; files copied, never moved; with
-``labels.txt`` / ``class_index.json`` and ``labels_ignore/`` carried along) and
+``labels.txt`` / ``class_index.json`` and ``labels_ignore/`` carried along; ``class_names``,
+``--class-names a,b,c``, names the label values 1..K of a folder of class-index masks without
+``labels.txt`` and writes ``labels.txt`` into each part: the names must match the values the
+masks hold, exactly, else :class:`DataPrepError` naming the labels folder and the values) and
 ``OUT/split.json`` with the seed, protocol, fractions, per-class counts, the class -> split
 assignment, the file lists, the groups (per-split counts, and the members of every group of
 two or more images with its split) and the near-duplicate report (settings, merged groups,
@@ -60,12 +63,15 @@ from .common import (
     DataPrepError,
     DataPrepWarning,
     Sample,
+    check_class_names,
     check_output,
     copy_file,
     output_dir,
+    parse_class_names,
     progress,
     scan_dataset,
     write_classes_csv,
+    write_label_names,
 )
 from .near_duplicates import DEFAULT_DISTANCE, UnionFind, near_duplicate_groups
 
@@ -298,14 +304,21 @@ def split_dataset(src, out, seed: int = 0, val: float = 0.15, test: float = 0.15
                   holdout_classes: Sequence[str] | None = None, holdout_n: int | None = None,
                   skip_bad: bool = False, overwrite: bool = False, show_progress: bool | None = None,
                   dedup: bool = True, dedup_distance: float = DEFAULT_DISTANCE,
-                  allow_incomplete: bool = False, workers: int | None = None) -> Path:
+                  allow_incomplete: bool = False, workers: int | None = None,
+                  class_names: str | Sequence[str] | None = None) -> Path:
     """Split the dataset ROOT ``src`` into ``out/{train,val,test}`` (copies) + ``out/split.json``.
     See the module docstring for the groups (``dedup``, ``dedup_distance``: near-duplicates)
-    and the refused splits, :func:`plan_split` for the protocol. Returns ``out``."""
+    and the refused splits, :func:`plan_split` for the protocol. ``class_names`` (``"a,b,c"``
+    or a list): the names of the label values 1..K (class-index masks without ``labels.txt``),
+    written as ``labels.txt`` into each part. Returns ``out``."""
     src, out = Path(src), Path(out)
     check_output(out, [src], overwrite)
     _check_parameters(seed, val, test, holdout_classes, holdout_n)
-    samples = scan_dataset(src, skip_bad=skip_bad, verify=True)
+    names = None
+    if class_names is not None:
+        names = parse_class_names(class_names)
+        check_class_names(src, names)
+    samples = scan_dataset(src, skip_bad=skip_bad, verify=True, class_names=names)
     if dedup:
         near = find_near_duplicates(samples, dedup_distance, workers)
     else:
@@ -332,6 +345,8 @@ def split_dataset(src, out, seed: int = 0, val: float = 0.15, test: float = 0.15
             for name in (LABEL_NAMES, CLASS_INDEX_JSON):
                 if (src / name).is_file():
                     copy_file(src / name, root / name)
+            if names is not None:
+                write_label_names(root, names)
             rows = []
             for name in progress(plan["files"][sp], desc=f"split {sp}", enabled=show_progress):
                 s = by_file[name]

@@ -54,19 +54,36 @@ the image bytes are copied unchanged (every reader of the output turns them upri
 
 Output naming: the class is the category name, prefixed by the sub-dataset name when several
 sub-datasets are merged (``Cable_thunderbolt``); files are ``<class>_<originalstem>.<ext>``.
-An image with annotations of several categories gives one output image per category, each mask
-holding only that category's pixels (so a prompt of one defect type never shows another type as
-foreground). Images with no annotations are class ``free`` (``free_<Sub>_<stem>`` when merging).
-Binary masks (255) by default; ``multiclass`` writes one output per image with class indices
-1..K (see ``class_index.json``), named after the class covering most pixels, and lists all its
-classes in the ``classes`` column.
+Images with no annotations are class ``free`` (``free_<Sub>_<stem>`` when merging).
+
+Masks (``multiclass``):
+
+* **class-index masks** (``multiclass=None``, the default, when the export has more than one
+  class; ``multiclass=True`` always): every image is written **once**, its mask holding label
+  value ``k`` (1..K) where the ``k``-th class lies; the classes are those with (non-crowd)
+  annotations, numbered in the order of their names (sorted; stable whatever the annotation
+  order), named in ``OUT/labels.txt`` (line ``k`` names value ``k``; the same table as
+  ``class_index.json``, ``{"background": 0, name: k}``; with kept splits in every split folder
+  too). Each class's pixels are pycocotools' union of that category's annotations; **where the
+  categories of one image overlap, the one with the smaller area in that image (its union's
+  pixel count) wins** (a small defect is never hidden by a large one; equal areas: the lower
+  label value), so the union of the classes is the same union as in binary masks. The
+  ``class`` column of ``classes.csv`` (and the file-name prefix) is the image's *main* class,
+  the one covering most pixels of the written mask (ties: the lower label value), as
+  :class:`seggpt_lib.data.layout.DefectIndex` reads it; the ``classes`` column lists every
+  class the mask holds (``;``-separated). Readers of the output give such an image a
+  membership in each of its classes (``DefectIndex.members``).
+* **binary masks** (255; an export with one class, or ``multiclass=False``:
+  ``--per-category-copies``): an image with annotations of several categories gives one output
+  image per category, each mask holding only that category's pixels (the outputs of a
+  single-category export are byte for byte what earlier versions wrote).
 
 Groups: every output derived from one source image carries the same ``group`` in
 ``classes.csv`` (:func:`source_group`: the image's path without extension, relative to
 ``--src``, e.g. ``Cable/train/000123``; a Roboflow name ``<name>_jpg.rf.<hash>`` counts as
 ``<name>_jpg``, so the augmented copies of one upload share it), and ``seggpt prepare split``
-keeps a group in one split: the per-category copies of one photo never land in both train
-and test.
+keeps a group in one split: the per-category copies of one photo (``--per-category-copies``)
+and Roboflow's augmented copies never land in both train and test.
 """
 from __future__ import annotations
 
@@ -81,7 +98,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from seggpt_lib.data.layout import IGNORE_DIR
+from seggpt_lib.data.layout import CLASS_INDEX_JSON, IGNORE_DIR
 
 from .common import (
     FREE_CLASS,
@@ -97,6 +114,7 @@ from .common import (
     safe_name,
     write_classes_csv,
     write_label,
+    write_label_names,
 )
 
 ANNOTATION_FILE = "_annotations.coco.json"
@@ -420,6 +438,25 @@ class _Job:
     rows: list[dict] = field(default_factory=list)
 
 
+def class_index_mask(per_class: dict[str, np.ndarray], class_index: dict[str, int]) -> np.ndarray:
+    """One image's class-index mask (uint8) from its per-class bool masks: value
+    ``class_index[c]`` where class ``c`` lies; where classes overlap, the one with the smaller
+    area (pixel count of its mask) wins, equal areas the lower value (module docstring)."""
+    label = np.zeros(next(iter(per_class.values())).shape, np.uint8)
+    # painted largest first (equal areas: the higher value first), so the winner is painted last
+    for cls in sorted(per_class, key=lambda c: (-int(np.count_nonzero(per_class[c])), -class_index[c])):
+        label[per_class[cls]] = class_index[cls]
+    return label
+
+
+def write_class_tables(root: Path, class_index: dict[str, int]) -> None:
+    """``root/labels.txt`` (line ``k`` names label value ``k``) and ``root/class_index.json``
+    (``{"background": 0, name: k}``): the same table, as the layout reads it."""
+    write_label_names(root, {v: c for c, v in class_index.items()})
+    (root / CLASS_INDEX_JSON).write_text(json.dumps({"background": 0, **class_index}, indent=2) + "\n",
+                                         encoding="utf-8")
+
+
 def source_group(src: Path, sp: "CocoSplit", file_name: str) -> str:
     """The ``group`` of the outputs derived from one source image (module docstring): its path
     without extension relative to ``src`` (``/``-separated), a Roboflow ``.rf.<hash>`` suffix dropped."""
@@ -433,7 +470,7 @@ def source_group(src: Path, sp: "CocoSplit", file_name: str) -> str:
     return "/".join(parts)
 
 
-def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = False,
+def convert_vision_coco(src, out, multiclass: bool | None = None, skip_bad: bool = False,
                         overwrite: bool = False, show_progress: bool | None = None,
                         keep_splits: bool | None = False, boxes_as_masks: bool = False,
                         crowd_as_defect: bool = False) -> Path:
@@ -441,6 +478,9 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
     with ``keep_splits``, into ``out/train``, ``out/val``, ``out/test``; None: when the export
     has its own split). See the module docstring for where images may be, how masks are
     decoded (pycocotools), crowd regions and the annotation-by-annotation handling of bad input.
+    ``multiclass``: None (default) writes class-index masks + ``labels.txt`` (each image once)
+    when the export has more than one class, binary masks otherwise; True always class-index
+    masks; False binary masks, one output per (image, category) (``--per-category-copies``).
 
     Bad input (raises :class:`DataPrepError` naming the file, or with ``skip_bad`` skips it and
     emits one :class:`DataPrepWarning` listing all): an empty source, an unreadable COCO file,
@@ -524,8 +564,12 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
     if FREE_CLASS in all_classes:
         raise DataPrepError(f"{src}: a category is named {FREE_CLASS!r}, which is reserved for defect-free images")
     class_index = {c: i + 1 for i, c in enumerate(all_classes)}
+    if multiclass is None:  # the default: class-index masks when there is more than one class
+        multiclass = len(class_index) > 1
+    multiclass = bool(multiclass and class_index)  # no class at all: every image is free, nothing to name
     if multiclass and len(class_index) > 255:
-        raise DataPrepError(f"{src}: {len(class_index)} classes do not fit a uint8 multi-class mask")
+        raise DataPrepError(f"{src}: {len(class_index)} classes do not fit a uint8 class-index mask "
+                            "(--per-category-copies writes binary masks, one image per category)")
     if not jobs:
         raise DataPrepError(f"{src}: the COCO files list no images")
 
@@ -613,12 +657,14 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
                 name = unique(f"{FREE_CLASS}_{safe_name(sub)}_{stem}" if merge and sub else f"{FREE_CLASS}_{stem}")
                 emit(name, np.zeros((h, w), np.uint8), {"class": FREE_CLASS})
             elif multiclass:
-                label = np.zeros((h, w), np.uint8)
-                for cls in sorted(per_class, key=lambda c: -per_class[c].sum()):  # smallest on top
-                    label[per_class[cls]] = class_index[cls]
-                main = max(per_class, key=lambda c: (int(per_class[c].sum()), c))
+                label = class_index_mask(per_class, class_index)
+                counts = np.bincount(label.ravel(), minlength=256)
+                held = sorted((c for c in per_class if counts[class_index[c]]), key=class_index.get)
+                # the main class as DefectIndex reads it: most pixels, ties the lower value
+                main = (min(held, key=lambda c: (-int(counts[class_index[c]]), class_index[c])) if held
+                        else min(per_class, key=class_index.get))       # annotations without pixels
                 emit(unique(f"{main}_{stem}"), label,
-                     {"class": main, "_extra": {"classes": ";".join(sorted(per_class))}})
+                     {"class": main, "_extra": {"classes": ";".join(sorted(held))}})
             else:
                 for cls, m in sorted(per_class.items()):
                     emit(unique(f"{cls}_{stem}"), m, {"class": cls})
@@ -628,15 +674,14 @@ def convert_vision_coco(src, out, multiclass: bool = False, skip_bad: bool = Fal
                           DataPrepWarning, stacklevel=2)
         if not any(rows_by_split.values()):
             raise DataPrepError(f"{src}: no usable images (every one was bad)")
-        index_json = json.dumps({"background": 0, **class_index}, indent=2) + "\n"
         for split, rows in sorted(rows_by_split.items()):
             if rows:
                 write_classes_csv(tmp / split if split else tmp, rows)
                 if multiclass:
-                    (tmp / split / "class_index.json" if split else tmp / "class_index.json").write_text(index_json)
+                    write_class_tables(tmp / split if split else tmp, class_index)
         if keep_splits:
             if multiclass:
-                (tmp / "class_index.json").write_text(index_json)
+                write_class_tables(tmp, class_index)
             files = {sp_: sorted(r["file"] for r in rows_by_split.get(sp_, [])) for sp_ in ("train", "val", "test")}
             meta = {"protocol": "export", "source": str(src), "seed": None, "holdout_classes": [],
                     "counts": {k: len(v) for k, v in files.items()}, "files": files}

@@ -255,7 +255,7 @@ def _make_vision(root: Path) -> Path:
 
 def test_coco_polygon_and_rle_rasterisation_and_merge_naming(tmp_path):
     src = _make_vision(tmp_path / "vision")
-    out = convert_vision_coco(src, tmp_path / "out")
+    out = convert_vision_coco(src, tmp_path / "out", multiclass=False)     # --per-category-copies: binary
     rows = {r["file"]: r for r in _csv_rows(out)}
     poly, rle_a, rle_b = _expected_masks()
     expected = {
@@ -319,7 +319,7 @@ def test_coco_bad_inputs(tmp_path):
         convert_vision_coco(src, tmp_path / "o2")
     with pytest.warns(DataPrepWarning, match="unknown image id 42"):
         out = convert_vision_coco(src, tmp_path / "o3", skip_bad=True)
-    assert len(_csv_rows(out)) == 6
+    assert len(_csv_rows(out)) == 5          # c.png (two categories) is one class-index image
     data = json.loads(original)
     data["annotations"][0]["category_id"] = 9
     ann.write_text(json.dumps(data))

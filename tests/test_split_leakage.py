@@ -191,9 +191,35 @@ def _multi_category_coco(root: Path, n: int = 18) -> Path:
     return root
 
 
+def test_coco_multi_category_photo_is_one_image_and_in_one_split(tmp_path, capsys):
+    """The default: a photo holding several categories is ONE image (a class-index mask), so no
+    copy of it can land in another split; ``prepare split`` stratifies it by its main class."""
+    src = _multi_category_coco(tmp_path / "export")
+    assert cli_main(["prepare", "coco", "--src", str(src), "--out", str(tmp_path / "ds"), "--no-keep-splits"]) == 0
+    ds = tmp_path / "ds"
+    rows = _rows(ds)
+    assert len(rows) == 18 and len({r["group"] for r in rows}) == 18          # one image per photo
+    assert (ds / "labels.txt").read_text().split() == ["crack", "dent", "stain"]
+    pairs = {(1, 2): "crack;dent", (2, 3): "dent;stain", (1, 3): "crack;stain"}
+    for r in rows:
+        i = int(r["group"].rsplit("p", 1)[1])
+        held = ((1, 2), (2, 3), (1, 3))[i % 3]
+        assert r["classes"] == pairs[held] and r["class"] == ["crack", "dent", "stain"][held[0] - 1]
+        lbl = np.asarray(Image.open(ds / "labels" / (Path(r["file"]).stem + ".png")))
+        assert set(np.unique(lbl)) == {0, *held}
+    capsys.readouterr()
+    assert cli_main(["prepare", "split", "--src", str(ds), "--out", str(tmp_path / "split"), "--no-dedup"]) == 0
+    plan = json.loads((tmp_path / "split" / "split.json").read_text())
+    listed = [f for sp in SPLITS for f in plan["files"][sp]]
+    assert sorted(listed) == sorted(r["file"] for r in rows)                   # each photo in exactly one split
+    assert all(plan["files"][sp] for sp in SPLITS)
+    for sp in SPLITS:
+        assert (tmp_path / "split" / sp / "labels.txt").read_text() == (ds / "labels.txt").read_text()
+
+
 def test_coco_per_category_copies_share_a_group_and_stay_together(tmp_path):
     src = _multi_category_coco(tmp_path / "export")
-    ds = convert_vision_coco(src, tmp_path / "ds", keep_splits=False)
+    ds = convert_vision_coco(src, tmp_path / "ds", keep_splits=False, multiclass=False)  # --per-category-copies
     rows = _rows(ds)
     assert len(rows) == 36 and all(r["group"] == "train/" + r["file"].split("_", 1)[1][:-4] for r in rows)
     source = {r["file"]: r["group"] for r in rows}

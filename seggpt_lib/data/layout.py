@@ -98,7 +98,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CLASSES_CSV = "classes.csv"
 LABEL_NAMES = "labels.txt"  # class-index masks: line k names label value k
 IGNORE_DIR = "labels_ignore"  # optional ROOT/labels_ignore/<stem>.png: non-zero = ignore (crowd regions)
-CLASS_INDEX_JSON = "class_index.json"  # the same as {"name": value} (what `seggpt prepare coco --multiclass` writes)
+CLASS_INDEX_JSON = "class_index.json"  # the same as {"name": value} (`seggpt prepare coco` writes both for a multi-class export)
 _BACKGROUND_NAMES = ("background", "_background_", "__background__")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 
