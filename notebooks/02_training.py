@@ -92,6 +92,11 @@ RES.save_figure(V.five_panel_figure(rows, suptitle="initial weights"), R, "02_pa
 # %%
 res = TR.train_or_take(cfg, run_dir, model0, checkpoint)
 eval_weights, trained = res["weights"], res["trained"]
+# a collapse (the model paints nothing or everything at its last validation) said loudly
+collapse_note = (f"### ⚠ Training collapsed: the model paints {res['collapse'].upper()}\n\n"
+                 f"> **{TR.collapse_banner(res['collapse'], res['collapse_steps'])}**" if res.get("collapse") else "")
+if collapse_note:
+    display(Markdown(collapse_note))
 
 # %% [markdown]
 # ## Curves (from `metrics.csv`)
@@ -118,4 +123,6 @@ RES.save_figure(V.five_panel_figure(rows, suptitle=title), R, "02_panels_end");
 summary = TR.training_table(cfg, res, metrics, n_params)
 RES.write_table(summary, R, "02_training", title="Training")
 RES.write_fragment(R, RES.TrainingFragment.build(R, cfg, res, eval_weights, trained, n_params))
+if collapse_note:  # again here: the report opens with this cell's output
+    display(Markdown(collapse_note))
 summary
