@@ -116,7 +116,7 @@ def test_study_reports_raw_and_calibrated_rows(split, tmp_path):
     """run_study on a prepared split (the magnetic-tile data stand-in): its summary and tables carry
     the decision rows and the calibrated PES against the paint-nothing floor."""
     st = S.StudySettings(preset=TINY["preset"], steps=1, minutes=None, eval_every=1, val_pairs=4, tune_steps=1,
-                         max_queries=2, top_k=2, train={"batch_size": 4, "warmup_steps": 1, "num_workers": 0})
+                         max_queries=2, top_k=2, pretrained=None, train={"batch_size": 4, "warmup_steps": 1, "num_workers": 0})
     prepared = {"work": str(tmp_path / "work"), "convert_s": 0.0, "source": str(split),
                 "protocols": {"seen": {"split_root": str(split), "eval_root": str(split), "holdout_classes": [],
                                        "split_s": 0.0}}}

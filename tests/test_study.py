@@ -204,6 +204,9 @@ def test_study_settings():
         S.FULL.with_overrides({"stepz": 1})
     for st in (S.QUICK, S.FULL):
         CFG.check_recipe({**CFG.PIPELINE_RECIPE, **st.train})
+        assert st.pretrained == CFG.PRETRAINED_WEIGHTS  # the shipped checkpoint beside from scratch
+    assert S.FULL.with_overrides({"pretrained": None}).pretrained is None
+    assert S.model_key("empty") == "empty" and S.model_key("empty", "pretrained") == "empty_from_pretrained"
 
 
 def test_budget_defaults():
@@ -223,7 +226,8 @@ def test_study_command_registered(capsys):
     assert cli.COMMANDS["study"][0] == "seggpt_lib.cli.study"
     with pytest.raises(SystemExit):
         cli.main(["study", "--help"])
-    assert "--quick" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--quick" in out and "from pretrained" in out and "without any fine-tuning" in out
     assert cli.main(["study", "--data", "/nonexistent/magnetic_tile", "--quick", "--out", "unused"]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -243,9 +247,12 @@ def test_quick_magnetic_tile_study(tmp_path):
     assert set(s["protocols"]) == {"seen", "holdout"}
     held = s["protocols"]["holdout"]["holdout_classes"]
     assert len(held) == 2 and "free" not in held
+    # from scratch, and where the shipped checkpoint is there from it too plus it without fine-tuning
+    models = 5 if s["pretrained"]["available"] else 2
     for proto, p in s["protocols"].items():
         rows = p["rows"]
-        assert len(rows) == 7 and rows[-1]["prompt"] == "paint nothing"
+        assert len(rows) == models * 3 + 1 and rows[-1]["prompt"] == "paint nothing"
+        assert {r["init"] for r in rows[:-1]} == ({"scratch", "pretrained"} if models == 5 else {"scratch"})
         for r in rows:
             _unit([r[c] for c in ("mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES")])
         assert (tmp_path / "mt" / "tables" / f"study_{proto}.md").is_file()
@@ -257,3 +264,132 @@ def test_quick_magnetic_tile_study(tmp_path):
     m = saved["machine"]
     assert m["torch"] and m["platform"] and "cpu" in m and saved["quick"] is True
     print(f"quick magnetic-tile study: {wall:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------
+# the init dimension: from scratch and from the shipped pretrained checkpoint
+# ------------------------------------------------------------------------------------------
+SHIPPED_ARCH = {"decoder_embed_dim": 8}  # vit_nano with a narrower decoder: not the study's architecture
+
+
+@pytest.fixture(scope="module")
+def cal_split(tmp_path_factory) -> Path:
+    """3 defect classes x 6 images + 3 defect-free, 48 px; a validation split with two or more
+    images per class (calibration has positive validation pairs)."""
+    from data_prep.split import split_dataset
+    from data_prep.synthetic import generate_synthetic
+
+    base = tmp_path_factory.mktemp("initstudy")
+    root = generate_synthetic(base / "syn", seed=0, per_class=6, size=48, classes=("pit", "stain", "scratch"),
+                              n_free=3, show_progress=False)
+    return split_dataset(root, base / "split", seed=0, val=0.4, test=0.3, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def shipped_dir(tmp_path_factory) -> Path:
+    """A tiny "shipped" checkpoint as seggpt pretrain exports it (vit_nano, narrower decoder; random weights)."""
+    import torch
+
+    from seggpt_lib import build_seggpt, save_weights
+    from seggpt_lib.experiments import pretrain as PT
+
+    base = tmp_path_factory.mktemp("shipped")
+    run = base / "run"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    torch.manual_seed(3)
+    save_weights(build_seggpt(TINY_PRESET, **SHIPPED_ARCH), run / "checkpoints" / "last" / "model.safetensors")
+    PT.export_pretrained(run, PT.PretrainConfig(preset=TINY_PRESET), "test", out_dir=base / "pretrained",
+                         name="vit_nano_shapes")
+    return base / "pretrained"
+
+
+def _prepared(split: Path, work: Path) -> dict:
+    return {"work": str(work), "convert_s": 0.0, "source": str(split),
+            "protocols": {"seen": {"split_root": str(split), "eval_root": str(split), "holdout_classes": [],
+                                   "split_s": 0.0}}}
+
+
+TINY_STUDY = dict(preset=TINY_PRESET, steps=2, minutes=None, eval_every=2, val_pairs=4, tune_steps=1, max_queries=2,
+                  top_k=2, train={**TINY_RECIPE, "num_workers": 0})
+
+
+@pytest.mark.timeout(120)
+def test_study_from_scratch_and_from_the_shipped_checkpoint(cal_split, shipped_dir, tmp_path, monkeypatch):
+    from seggpt_lib.experiments import pretrain as PT
+
+    monkeypatch.setattr(PT, "PRETRAINED_DIR", shipped_dir)
+    monkeypatch.setattr(PT, "SHIPPED_NAME", "vit_nano_shapes")
+    logs: list[str] = []
+    s = S.run_study(_prepared(cal_split, tmp_path / "work"), tmp_path / "out", S.StudySettings(**TINY_STUDY),
+                    device="cpu", log=logs.append)  # about 10 s on an idle 2-core CPU
+    p = s["protocols"]["seen"]
+    t = pd.DataFrame(p["rows"])
+    # (2 recipes x 2 inits + the checkpoint without fine-tuning) x 3 prompts + paint nothing
+    assert len(t) == 5 * 3 + 1 and t["prompt"].iloc[-1] == "paint nothing"
+    scratch, pre = t[t["init"] == "scratch"], t[t["init"] == "pretrained"]
+    assert len(scratch) == 6 and len(pre) == 9
+    assert set(scratch["recipe"]) == {"original negatives (query mask), from scratch",
+                                      "class-aware negatives (empty), from scratch"}
+    assert set(pre["recipe"]) == {"original negatives (query mask), from pretrained",
+                                  "class-aware negatives (empty), from pretrained",
+                                  "pretrained vit_nano_shapes, no fine-tuning"}
+    # the same budget for both inits; none for the checkpoint as it is
+    tuned = pre[pre["model"] != S.NO_FINETUNE]
+    assert list(scratch["steps"]) == [2] * 6 and list(tuned["steps"]) == [2] * 6
+    assert list(pre[pre["model"] == S.NO_FINETUNE]["steps"]) == [0] * 3
+    for m in ("query_mask", "empty", "query_mask_from_pretrained", "empty_from_pretrained", S.NO_FINETUNE):
+        assert list(t[t["model"] == m]["prompt"].str.split(" ").str[0]) == ["image", "image", "learned"], m
+    for c in RATES:
+        _unit(t[c])
+    # raw and calibrated rows for every model, the no-fine-tuning one included
+    dec = pd.DataFrame(p["decision_rows"])
+    assert list(dec.columns[:5]) == ["recipe", "negative_target", "prompt", "decision", "init"]
+    for m in ("query_mask", "empty_from_pretrained", S.NO_FINETUNE):
+        for meth in ("top1", "topk", "learned"):
+            assert list(dec[(dec["model"] == m) & (dec["method"] == meth)]["decision"]) == ["raw", "calibrated"]
+    assert (dec["decision"] == "calibrated").sum() == 15 and dec["prompt"].iloc[-1] == "paint nothing"
+    assert f"{S.NO_FINETUNE}/learned" in p["operating_points"] and "empty_from_pretrained/top1" in p["operating_points"]
+    assert set(p["calibrated_vs_floor"]["models"]) == {"query_mask", "empty", "query_mask_from_pretrained",
+                                                       "empty_from_pretrained", S.NO_FINETUNE}
+    assert "pretrained vit_nano_shapes, no fine-tuning: best calibrated PES" in p["calibrated_vs_floor"]["sentence"]
+    # the pretrained rows keep the checkpoint's architecture, and the table says so
+    tr = {r["recipe"]: r for r in p["training"]}
+    arch = "vit_nano (decoder_embed_dim=8)"
+    assert tr["class-aware negatives (empty), from pretrained"]["preset"] == arch
+    assert tr["class-aware negatives (empty), from scratch"]["preset"] == TINY_PRESET
+    name, ov = CFG.resolve_preset(str(next((tmp_path / "work" / "compare_seen" / "run_empty_from_pretrained")
+                                            .rglob("model.safetensors"))), "auto")
+    assert (name, ov) == (TINY_PRESET, SHIPPED_ARCH)  # fine-tuned from the checkpoint
+    md = (tmp_path / "out" / "tables" / "study_seen.md").read_text()
+    assert "from pretrained" in md and "from scratch" in md and "no fine-tuning" in md
+    assert f"use the checkpoint's architecture, {arch}" in md and "one-shot in context" in md
+    assert "| init |" in (tmp_path / "out" / "tables" / "study_seen_decision.md").read_text()
+    assert (tmp_path / "out" / "figures" / "study_seen_decision.png").read_bytes()[:4] == b"\x89PNG"
+    pr = s["pretrained"]
+    assert pr["available"] and pr["name"] == "vit_nano_shapes" and pr["same_architecture"] is False
+    assert pr["sha256"] and s["settings"]["pretrained"] == "pretrained"
+    json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert not any("scratch rows only" in m for m in logs)
+
+
+@pytest.mark.timeout(120)
+def test_study_without_the_shipped_checkpoint_runs_the_scratch_rows(cal_split, tmp_path, monkeypatch):
+    from seggpt_lib.experiments import pretrain as PT
+
+    monkeypatch.setattr(PT, "PRETRAINED_DIR", tmp_path / "no_pretrained")
+    logs: list[str] = []
+    st = S.StudySettings(**TINY_STUDY).with_overrides({"calibration_objective": None, "max_queries": 1})
+    s = S.run_study(_prepared(cal_split, tmp_path / "work"), tmp_path / "out", st, device="cpu", log=logs.append)
+    said = [m for m in logs if "scratch rows only" in m]
+    assert len(said) == 1 and said[0].startswith("no shipped pretrained checkpoint, from-scratch rows only (")
+    assert "\n" not in said[0]
+    rows = s["protocols"]["seen"]["rows"]
+    assert len(rows) == 7 and {r["init"] for r in rows[:-1]} == {"scratch"}
+    assert all(r["recipe"].endswith(", from scratch") for r in rows[:-1])
+    assert s["pretrained"] == {"available": False, "message": said[0]}
+    md = (tmp_path / "out" / "tables" / "study_seen.md").read_text()
+    assert "No shipped pretrained checkpoint, from-scratch rows only" in md
+    # switched off, or a broken path: the same, never a crash
+    assert S.study_checkpoint(None)[0] is None
+    info, why = S.study_checkpoint(str(tmp_path / "missing.safetensors"))
+    assert info is None and why.startswith("no init checkpoint, from-scratch rows only")

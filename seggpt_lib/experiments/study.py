@@ -29,8 +29,14 @@ calibrated row for each (catch, yield, defect-free yield, PES, PES over the pain
 README's "Magnetic-tile study"): **seen classes** (a seeded 70/30 split of every class; a
 validation share carved from the 70) and **held-out classes** (defect classes never seen in
 training; their test images are split into a support half, the prompt pool and the prompt-tuning
-data, and a query half). ``--quick`` is a sub-minute CPU check; the GPU configuration is in
-``benchmarks/gpu_study.sh``.
+data, and a query half). In each protocol every model is trained twice with the same recipe and
+the same number of steps (the *init* dimension): **from scratch** and **from pretrained**, the
+shipped checkpoint (``pretrained/vit_micro_shapes.safetensors``, pretrained on generic shapes by
+``seggpt pretrain``; the pretrained rows keep its architecture, the table says so where the study's
+preset differs); that checkpoint is also scored **without fine-tuning**, one-shot in context on
+defect classes it never saw, with raw and calibrated rows like the others. Without the checkpoint
+the study says so in one line and runs the from-scratch rows alone. ``--quick`` is a sub-minute CPU
+check; the GPU configuration is in ``benchmarks/gpu_study.sh``.
 """
 from __future__ import annotations
 
@@ -68,12 +74,15 @@ from seggpt_lib.experiments.config import BeyondConfig, PipelineConfig
 __all__ = [
     "DECISION_COLUMNS",
     "FULL",
+    "INITS",
     "METHODS",
+    "NO_FINETUNE",
     "PAINT_NOTHING_PES",
     "QUICK",
     "RECIPES",
     "StudySettings",
     "calibrate_method",
+    "checkpoint_info",
     "compare_recipes",
     "decision_figure",
     "decision_note",
@@ -83,9 +92,12 @@ __all__ = [
     "floor_summary",
     "learned_prompts",
     "machine_info",
+    "model_key",
+    "model_short",
     "operating_point_records",
     "run_beyond",
     "run_study",
+    "study_checkpoint",
     "study_dirs",
     "study_settings",
     "train_recipe",
@@ -96,6 +108,10 @@ RECIPES: dict[str, str] = {
     "empty": "class-aware negatives (empty)",
 }
 METHODS = CFG.BEYOND_METHODS  # ("top1", "topk", "learned")
+# where a trained model starts: from scratch (the configured weights, none in the study) or from the
+# shipped pretrained checkpoint (seggpt_lib.experiments.pretrain), the same recipe and steps
+INITS: dict[str, str] = {"scratch": "from scratch", "pretrained": "from pretrained"}
+NO_FINETUNE = "pretrained_no_finetune"  # the model key of the pretrained checkpoint scored as it is
 FREE = "free"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,6 +125,62 @@ PAINT_NOTHING_PES = 0.5  # catch 0, yield 1: the floor a calibrated decision mus
 
 def _quiet(msg: str) -> None:  # a log that says nothing
     pass
+
+
+def model_key(negative_target: str, init: str = "scratch") -> str:
+    """The key of a compared model in :func:`compare_recipes`'s ``models``, ``evals``,
+    ``operating_points`` and the tables' hidden ``model`` column: the ``negative_target`` from
+    scratch, ``<negative_target>_from_pretrained`` from the pretrained checkpoint."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+    return negative_target if init == "scratch" else f"{negative_target}_from_pretrained"
+
+
+def checkpoint_info(weights: str | os.PathLike) -> dict[str, Any]:
+    """What the comparison needs of an init checkpoint (the shipped pretrained one, or any of ours):
+    ``weights``, ``name`` (the file's stem), ``preset`` and ``model`` (its architecture, read from
+    the file), and from the JSON beside it where there is one (``seggpt pretrain``'s export):
+    ``defect_color``, ``mean`` / ``std`` (None: ImageNet's), ``steps``, ``sha256``."""
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    preset, model = CFG.resolve_preset(str(path), "auto")
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    rec = meta.get("recipe") or {}
+    return {"weights": str(path), "name": path.stem, "preset": preset, "model": dict(model),
+            "defect_color": rec.get("defect_color"), "mean": rec.get("image_mean"), "std": rec.get("image_std"),
+            "steps": meta.get("steps"), "sha256": meta.get("sha256")}
+
+
+def study_checkpoint(value: str | os.PathLike | None) -> tuple[dict[str, Any] | None, str]:
+    """The study's init checkpoint (:attr:`StudySettings.pretrained`): ``"pretrained"``, the shipped
+    one (:func:`seggpt_lib.experiments.pretrain.shipped_checkpoint`, its hash checked; the folder
+    and name read at call time), or a path. Returns ``(checkpoint_info, "")``, or ``(None, the one
+    line saying why the study runs its scratch rows only)``: absent, broken or switched off."""
+    from seggpt_lib.experiments import pretrain as PT
+
+    if not value:
+        return None, "pretrained rows off (setting pretrained: null), from-scratch rows only"
+    try:
+        path = PT.shipped_checkpoint(name=PT.SHIPPED_NAME) if str(value) == CFG.PRETRAINED_WEIGHTS else Path(value)
+        return checkpoint_info(path), ""
+    except (PT.PretrainedError, CFG.PipelineError, OSError, ValueError, KeyError) as e:
+        what = "no shipped pretrained checkpoint" if str(value) == CFG.PRETRAINED_WEIGHTS else "no init checkpoint"
+        return None, f"{what}, from-scratch rows only ({e})"
+
+
+def _arch(preset: str, model: dict[str, Any] | None) -> str:
+    return preset + (f" ({', '.join(f'{k}={v}' for k, v in sorted((model or {}).items()))})" if model else "")
+
+
+def model_short(row: dict[str, Any]) -> str:
+    """A compared model in a figure's row label: the recipe's first word, with its init."""
+    if row.get("model") == NO_FINETUNE:
+        return "pretrained, no fine-tuning"
+    base = str(row.get("recipe") or "").split(" ")[0].rstrip(",")
+    init = row.get("init")
+    return f"{base} ({init})" if isinstance(init, str) and init else base
 
 
 # ------------------------------------------------------------------------------------------
@@ -498,6 +570,8 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                     eval_root: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None,
                     mean_std=None, results_dir: str | os.PathLike | None = None, table_name: str | None = None,
                     title: str | None = None, val_root: str | os.PathLike | None = None,
+                    pretrained: str | os.PathLike | dict[str, Any] | None = None, label_init: bool = False,
+                    no_finetune: bool = True, note: str = "",
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or reuse) one model per ``negative_targets`` entry with the same recipe and budget
     (``cfg``: :class:`~seggpt_lib.experiments.config.BeyondConfig`, its ``recipe`` over the
@@ -510,16 +584,28 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
     Prompt tuning uses the recipe's ``fg_weight``. Returns ``table`` (a DataFrame: one row per
     (recipe, prompt method), then ``paint nothing``; columns :data:`TABLE_COLUMNS`), ``per_image``,
     ``training`` (one row per recipe: steps, minutes, best validation mIoU, reused),
-    ``models`` ({negative_target: its training dict}), ``evals`` ({negative_target: evaluate_model's
+    ``models`` ({model key: its training dict}), ``evals`` ({model key: evaluate_model's
     result}) and ``seconds``. With ``results_dir`` and ``table_name`` the tables are written there
     (``tables/<name>.{csv,md}``, ``<name>_per_image``, ``<name>_training``).
+
+    The init dimension (``seggpt study``): with ``pretrained`` (an init checkpoint's path, or
+    :func:`checkpoint_info`'s dict; the study gives the shipped one) each negative target is also
+    trained from that checkpoint with the same recipe and the same number of steps as its
+    from-scratch model (the steps that model did: a wall-clock budget is matched in steps), in the
+    checkpoint's own architecture (said in the note where it is not ``cfg``'s), and, with
+    ``no_finetune``, the checkpoint itself is scored as it is (one-shot in context; its learned
+    prompts tuned with it frozen). Model keys: :func:`model_key` (the negative target from scratch,
+    ``<negative_target>_from_pretrained``) and :data:`NO_FINETUNE`. With ``pretrained`` or
+    ``label_init`` the rows carry an ``init`` column (``scratch`` / ``pretrained``), the recipes
+    say ``, from scratch`` / ``, from pretrained``, and the training table the ``init`` and
+    ``preset`` of each model. ``note`` is appended to the table's note.
 
     The line's decision (``cfg.calibration_objective``; None: off): each (model, prompt method)
     gets an operating point chosen on ``val_root`` ALONE (default: ``split_root``'s ``val``
     split; never the test queries), as notebook 04 chooses its own (:func:`calibrate_method`), and
-    ``decision`` (a DataFrame, columns :data:`DECISION_COLUMNS` + ``method``) holds its ``raw``
-    and ``calibrated`` rows on the same test pairs, then paint nothing (PES 0.5, the floor);
-    written as ``<name>_decision``. ``operating_points``: ``{negative_target: {method: point}}``."""
+    ``decision`` (a DataFrame, columns :data:`DECISION_COLUMNS` + ``method``, ``model``) holds its
+    ``raw`` and ``calibrated`` rows on the same test pairs, then paint nothing (PES 0.5, the
+    floor); written as ``<name>_decision``. ``operating_points``: ``{model key: {method: point}}``."""
     t_all = time.perf_counter()
     recipe = cfg.full_recipe()
     device = CFG.resolve_device_name(cfg.device)
@@ -529,32 +615,71 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
     if cfg.calibration_objective and val_root is None:
         log(f"{split_root}: no val/ split: raw rows only (no calibration)")
     work = Path(work_dir) if work_dir is not None else Path(split_root).parent / "compare"
+    ckpt = None
+    if pretrained is not None:
+        ckpt = dict(pretrained) if isinstance(pretrained, dict) else checkpoint_info(pretrained)
+    by_init = bool(label_init or ckpt)
+    notes: list[str] = []
+    if ckpt is not None:
+        arch, own = _arch(ckpt["preset"], ckpt.get("model")), _arch(cfg.preset, cfg.model)
+        notes.append(f"from pretrained: initialised from {ckpt['name']} ({arch}), the same recipe and the same steps "
+                     f"as the from-scratch model of its negatives recipe"
+                     + (" (their wall-clock budget matched in steps)." if cfg.budget_minutes else "."))
+        if arch != own:
+            notes.append(f"The pretrained rows use the checkpoint's architecture, {arch}; the from-scratch rows {own}.")
+            log(f"the pretrained rows use the checkpoint's architecture {arch}, not {own}")
+        if no_finetune:
+            notes.append(f"pretrained {ckpt['name']}, no fine-tuning: the checkpoint as it is, one-shot in context on "
+                         "defect classes it never saw (learned prompts tuned with it frozen).")
     models: dict[str, dict[str, Any]] = {}
     for nt in negative_targets:
         given = (reuse or {}).get(nt)
+        scratch_label = f"{RECIPES[nt]}, {INITS['scratch']}" if by_init else RECIPES[nt]
         if given:
             info = {"weights": given} if isinstance(given, (str, os.PathLike)) else dict(given)
             info = {"negative_target": nt, "steps": None, "minutes": None, "best_val_miou": math.nan, **info,
                     "reused": True}
             info["weights"] = str(info["weights"])
-            log(f"{info.get('label') or RECIPES[nt]}: reusing {info['weights']}")
+            log(f"{info.get('label') or scratch_label}: reusing {info['weights']}")
         else:
-            log(f"{RECIPES[nt]}: training ({cfg.budget_minutes if cfg.budget_minutes else 'no'} min budget, "
+            log(f"{scratch_label}: training ({cfg.budget_minutes if cfg.budget_minutes else 'no'} min budget, "
                 f"<= {cfg.steps} steps)")
             info = train_recipe(split_root, work / f"run_{nt}", nt, preset=cfg.preset, model_overrides=cfg.model,
                                 weights=cfg.weights, steps=cfg.steps, budget_minutes=cfg.budget_minutes, device=device,
                                 precision=cfg.precision, seed=cfg.seed, recipe=recipe, normalize=cfg.normalize,
                                 mean_std=mean_std, eval_every=cfg.eval_every, val_pairs=cfg.val_pairs,
                                 checkpoint=cfg.checkpoint, log=log)
-        models[nt] = info
+        info.setdefault("label", scratch_label)
+        info.setdefault("preset", "" if info.get("reused") else _arch(cfg.preset, cfg.model))
+        info["init"] = "scratch"
+        models[model_key(nt, "scratch")] = info
+        if ckpt is not None:
+            key, label = model_key(nt, "pretrained"), f"{RECIPES[nt]}, {INITS['pretrained']}"
+            steps = int(info.get("steps") or cfg.steps)  # the same budget in steps as from scratch
+            log(f"{label}: training from {ckpt['name']} ({steps} steps, as from scratch)")
+            p = train_recipe(split_root, work / f"run_{key}", nt, preset=ckpt["preset"],
+                             model_overrides=ckpt.get("model"), weights=ckpt["weights"], steps=steps,
+                             budget_minutes=None, device=device, precision=cfg.precision, seed=cfg.seed, recipe=recipe,
+                             normalize=cfg.normalize, mean_std=mean_std, eval_every=cfg.eval_every,
+                             val_pairs=cfg.val_pairs, checkpoint=cfg.checkpoint, log=log)
+            p.update(label=label, init="pretrained", preset=_arch(ckpt["preset"], ckpt.get("model")))
+            models[key] = p
+    if ckpt is not None and no_finetune:
+        models[NO_FINETUNE] = {
+            "negative_target": "", "label": f"pretrained {ckpt['name']}, no fine-tuning", "init": "pretrained",
+            "preset": _arch(ckpt["preset"], ckpt.get("model")), "weights": str(ckpt["weights"]), "steps": 0,
+            "minutes": 0.0, "best_val_miou": math.nan, "mean": ckpt.get("mean"), "std": ckpt.get("std"),
+            "defect_color": ckpt.get("defect_color"), "reused": True}
 
     rows, per_image, evals, ems, baseline, decision = [], [], {}, {}, None, []
-    for nt, info in models.items():
+    extra = lambda info: {"init": info.get("init", "")} if by_init else {}  # noqa: E731
+    for key, info in models.items():
+        nt = info["negative_target"]
         label = info.get("label") or RECIPES[nt]
         em = EV.load_eval_model(work, weights=info["weights"], preset="auto", device=device, precision=cfg.precision,
                                 max_batch=cfg.max_batch, mean=info.get("mean"), std=info.get("std"),
                                 defect_color=info.get("defect_color") or recipe.get("defect_color"))
-        ems[nt] = em
+        ems[key] = em
         log(f"evaluating {label}: {em.describe()}")
         ev = evaluate_model(em, eval_root, methods=cfg.methods, top_k=cfg.top_k, grid=cfg.grid,
                             work_size=cfg.work_size, tile_pairing=cfg.tile_pairing, max_queries=cfg.max_queries,
@@ -562,51 +687,66 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                             yield_response=cfg.yield_response, tune_steps=cfg.tune_steps, tune_lr=cfg.tune_lr,
                             tune_batch=cfg.tune_batch, tune_fg_weight=_tune_fg_weight(recipe, EV.eval_roots(eval_root)[1]),
                             tune_negative_share=cfg.tune_negative_share, seed=cfg.seed,
-                            prompt_dir=work / f"prompts_{nt}", val_root=val_root,
+                            prompt_dir=work / f"prompts_{key}", val_root=val_root,
                             calibration_objective=cfg.calibration_objective,
                             calibration_yield_target=cfg.calibration_yield_target, log=log)
-        evals[nt] = ev
+        evals[key] = ev
         for r in ev["rows"]:
-            rows.append({"recipe": label, "negative_target": nt, "steps": info.get("steps"), **r})
+            rows.append({"recipe": label, "negative_target": nt, "steps": info.get("steps"), **extra(info), **r,
+                         "model": key})
         for r in ev["decision_rows"]:
-            decision.append({"recipe": label, "negative_target": nt, **r})
+            decision.append({"recipe": label, "negative_target": nt, **extra(info), **r, "model": key})
         t = ev["per_image"].copy()
+        if by_init:
+            t.insert(0, "init", info.get("init", ""))
         t.insert(0, "negative_target", nt)
+        if by_init:
+            t.insert(0, "model", key)
         per_image.append(t)
         baseline = baseline or ev["baseline"]
     if baseline is not None:
         rows.append({"recipe": "baseline", "negative_target": "", "prompt": "paint nothing", "steps": None,
-                     "method": "paint_nothing", **baseline})
+                     **extra({}), "method": "paint_nothing", **baseline, "model": ""})
     if baseline is not None and decision:
         decision.append({"recipe": "baseline", "negative_target": "", "prompt": "paint nothing", "decision": "none",
-                         "method": "paint_nothing", **_decision_values({"catch_rate": baseline["catch_rate"],
-                         "yield_rate": baseline["yield_rate"], "free_yield_rate": baseline["free_yield_rate"],
-                         "pes": baseline["PES"], "miou": baseline["mIoU"]}), "operating_point": "an empty mask"})
-    decision_df = pd.DataFrame(decision, columns=DECISION_COLUMNS + ["method"])
+                         **extra({}), "method": "paint_nothing",
+                         **_decision_values({"catch_rate": baseline["catch_rate"], "yield_rate": baseline["yield_rate"],
+                                             "free_yield_rate": baseline["free_yield_rate"], "pes": baseline["PES"],
+                                             "miou": baseline["mIoU"]}),
+                         "operating_point": "an empty mask", "model": ""})
+    hidden = ["method", "model"] if by_init else ["method"]  # model: the model key (with an init dimension)
+    dec_cols = DECISION_COLUMNS[:4] + (["init"] if by_init else []) + DECISION_COLUMNS[4:]
+    decision_df = pd.DataFrame([{c: r.get(c) for c in dec_cols + hidden} for r in decision], columns=dec_cols + hidden)
     table = pd.DataFrame(rows)
-    table = table[[c for c in TABLE_COLUMNS if c in table.columns] + ["method"]]
+    tab_cols = TABLE_COLUMNS[:4] + (["init"] if by_init else []) + TABLE_COLUMNS[4:]
+    table = table[[c for c in tab_cols if c in table.columns] + hidden]
     table["steps"] = pd.Series([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
                                 for v in table["steps"]], dtype=object)  # 123, or empty for the baseline
     per_image_df = pd.concat(per_image, ignore_index=True) if per_image else pd.DataFrame()
-    training = pd.DataFrame([{"recipe": m.get("label") or RECIPES[nt], "negative_target": nt, "steps": m.get("steps"),
-                              "minutes": m.get("minutes"), "best_val_mIoU": m.get("best_val_miou"),
-                              "reused": bool(m.get("reused")), "weights": Path(m["weights"]).name}
-                             for nt, m in models.items()])
+    training = pd.DataFrame([{"recipe": m.get("label") or RECIPES[m["negative_target"]],
+                              "negative_target": m["negative_target"],
+                              **({"init": m.get("init", ""), "preset": m.get("preset", "")} if by_init else {}),
+                              "steps": m.get("steps"), "minutes": m.get("minutes"),
+                              "best_val_mIoU": m.get("best_val_miou"), "reused": bool(m.get("reused")),
+                              "weights": Path(m["weights"]).name} for m in models.values()])
     if results_dir is not None and table_name:
-        RES.write_table(table.drop(columns=["method"]), results_dir, table_name, title=title or "Beyond the original",
-                        note="Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative prompts). "
-                             "Paint nothing: the trivial baseline on the same pairs.")
+        RES.write_table(table.drop(columns=hidden), results_dir, table_name,
+                        title=title or "Beyond the original",
+                        note=" ".join(["Same test queries for every row; PES = 0.5·catch + 0.5·yield (negative "
+                                       "prompts). Paint nothing: the trivial baseline on the same pairs.", *notes,
+                                       *([note] if note else [])]))
         if len(per_image_df):
             RES.write_table(per_image_df, results_dir, f"{table_name}_per_image", title="Every scored pair")
-        RES.write_table(training, results_dir, f"{table_name}_training", title="The models compared")
+        RES.write_table(training, results_dir, f"{table_name}_training", title="The models compared",
+                        note=" ".join(notes) if notes else None)
         if len(decision_df):
-            RES.write_table(decision_df.drop(columns=["method"]), results_dir, f"{table_name}_decision",
+            RES.write_table(decision_df.drop(columns=hidden), results_dir, f"{table_name}_decision",
                             title=f"{title or 'Beyond the original'}: the line's decision, raw and calibrated",
                             note=decision_note(decision_df, cfg.calibration_objective))
     return {"table": table, "per_image": per_image_df, "training": training, "models": models, "evals": evals,
-            "decision": decision_df, "operating_points": {nt: ev["operating_points"] for nt, ev in evals.items()},
+            "decision": decision_df, "operating_points": {k: ev["operating_points"] for k, ev in evals.items()},
             "eval_models": ems, "eval_root": str(eval_root), "grid": cfg.grid, "tile_pairing": cfg.tile_pairing,
-            "seconds": time.perf_counter() - t_all}
+            "pretrained": ckpt, "notes": notes, "seconds": time.perf_counter() - t_all}
 
 
 def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callable[[str], None] = print, *,
@@ -744,14 +884,20 @@ def operating_point_records(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for nt, pts in (res.get("operating_points") or {}).items() for m, p in pts.items()}
 
 
+def _model_column(decision) -> str:
+    """The column naming the compared model: ``model`` (with an init dimension), else ``negative_target``."""
+    return "model" if "model" in decision.columns else "negative_target"
+
+
 def floor_sentence(decision) -> str:
     """One sentence per compared model: its best calibrated PES (the test pairs, the decision
     chosen on validation) against the paint-nothing floor (0.5), beside its raw PES."""
     if decision is None or not len(decision):
         return "No calibrated rows (no calibration)."
     parts = []
-    for nt in [v for v in dict.fromkeys(decision["negative_target"]) if v]:
-        d = decision[decision["negative_target"] == nt]
+    by = _model_column(decision)
+    for nt in [v for v in dict.fromkeys(decision[by]) if v]:
+        d = decision[decision[by] == nt]
         cal = d[(d["decision"] == "calibrated") & d["PES"].notna()]
         raw = d[(d["decision"] == "raw") & d["PES"].notna()]
         name = d["recipe"].iloc[0]
@@ -770,12 +916,13 @@ def floor_sentence(decision) -> str:
 
 def floor_summary(decision) -> dict[str, Any]:
     """Each compared model's best calibrated PES against the paint-nothing floor: ``floor``,
-    ``models`` ({negative_target: {recipe, prompt, pes, raw_pes (same prompt), over_floor, above}}),
-    ``sentence`` (:func:`floor_sentence`)."""
+    ``models`` ({model key (the negative_target from scratch, :func:`model_key`): {recipe, prompt,
+    pes, raw_pes (same prompt), over_floor, above}}), ``sentence`` (:func:`floor_sentence`)."""
     models: dict[str, Any] = {}
     if decision is not None and len(decision):
-        for nt in [v for v in dict.fromkeys(decision["negative_target"]) if v]:
-            d = decision[decision["negative_target"] == nt]
+        by = _model_column(decision)
+        for nt in [v for v in dict.fromkeys(decision[by]) if v]:
+            d = decision[decision[by] == nt]
             cal = d[(d["decision"] == "calibrated") & d["PES"].notna()]
             if not len(cal):
                 models[nt] = {"recipe": d["recipe"].iloc[0], "prompt": None, "pes": None, "raw_pes": None,
@@ -793,10 +940,11 @@ def floor_summary(decision) -> dict[str, Any]:
 def decision_figure(decision, title: str = "The line's decision: raw and calibrated on val"):
     """PES of every (model, prompt), raw beside calibrated, the paint-nothing floor dashed."""
     d = decision[decision["decision"].isin(("raw", "calibrated"))]
-    wide = d.pivot_table(index=["negative_target", "method"], columns="decision", values="PES", aggfunc="first",
+    by = _model_column(decision)
+    wide = d.pivot_table(index=[by, "method"], columns="decision", values="PES", aggfunc="first",
                          sort=False, dropna=False).reset_index()
-    labels = {(r["negative_target"], r["method"]): f"{r['recipe'].split(' ')[0]} · {r['prompt']}" for r in d.to_dict("records")}
-    wide["row"] = [labels[(a, b)] for a, b in zip(wide["negative_target"], wide["method"])]
+    labels = {(r[by], r["method"]): f"{model_short(r)} · {r['prompt']}" for r in d.to_dict("records")}
+    wide["row"] = [labels[(a, b)] for a, b in zip(wide[by], wide["method"])]
     cols = [c for c in ("raw", "calibrated") if c in wide.columns]
     return V.bar_chart(wide.rename(columns={c: f"PES {c}" for c in cols}), "row", [f"PES {c}" for c in cols],
                        title=title, hline=PAINT_NOTHING_PES, hline_label="paint nothing (0.5)", rotate=30)
@@ -812,8 +960,8 @@ def decision_note(decision, objective: str | None) -> str:
 
 def headline_rows(table) -> list[dict[str, Any]]:
     """The comparison's rows as plain dicts for a summary (recipe, prompt, steps, the rates)."""
-    keep = ["recipe", "negative_target", "prompt", "steps", "mIoU", "catch_rate", "yield_rate", "free_yield_rate",
-            "PES"]
+    keep = ["recipe", "negative_target", *(["init", "model"] if "init" in table.columns else []), "prompt", "steps",
+            "mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
     out = []
     for r in table.to_dict("records"):
         out.append({k: (None if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k)) for k in keep})
@@ -877,6 +1025,11 @@ class StudySettings:
     # the line's decision per (model, prompt), chosen on each protocol's validation split (None: raw only)
     calibration_objective: str | None = PipelineConfig.calibration_objective
     calibration_yield_target: float = PipelineConfig.calibration_yield_target
+    # the init dimension: every model also trained from this checkpoint (same recipe, same steps, its
+    # own architecture) and the checkpoint scored without fine-tuning. "pretrained": the shipped one
+    # (pretrained/vit_micro_shapes.safetensors; absent: scratch rows only, said in one line); a path:
+    # that checkpoint; None: scratch rows only
+    pretrained: str | None = CFG.PRETRAINED_WEIGHTS
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "StudySettings":
         valid = [f.name for f in dataclasses.fields(self)]
@@ -935,12 +1088,17 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
               seed: int = 0, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The magnetic-tile study on data prepared by :func:`data_prep.study_data.prepare_study_data`
     (converted, split per protocol: seen classes 70/30 by class with a 10 % val carved from the 70;
-    held-out classes never in training): :func:`compare_recipes` per protocol. Writes
+    held-out classes never in training): :func:`compare_recipes` per protocol, every model trained
+    from scratch and, from the same steps and recipe, from the pretrained checkpoint
+    (``settings.pretrained``: the shipped one by default; :func:`study_checkpoint`), beside that
+    checkpoint scored without fine-tuning; without the checkpoint one log line says so and the
+    from-scratch rows run alone. Writes
     ``out/tables/study_<protocol>*.{csv,md}`` (``study_<protocol>_decision``: the raw and the
     calibrated rows, the decision chosen on the protocol's validation split only),
     ``out/figures/study_<protocol>.png`` (``_decision.png``: raw against calibrated PES, the
     paint-nothing floor dashed) and ``out/summary.json`` (rows, ``decision_rows``,
-    ``operating_points``, ``calibrated_vs_floor``, settings, timings, machine)."""
+    ``operating_points``, ``calibrated_vs_floor``, settings, ``pretrained`` (the checkpoint, or why
+    none), timings, machine)."""
     t_all = time.perf_counter()
     st = settings
     out = Path(out)
@@ -950,6 +1108,12 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
     times: dict[str, float] = {"convert_s": prepared["convert_s"]}
     recipe = {**CFG.PIPELINE_RECIPE, **st.train}
     bc = st.beyond(dev, seed, recipe)
+    ckpt, missing = study_checkpoint(st.pretrained)
+    if ckpt is None:
+        log(missing)
+    else:
+        log(f"each model trains from scratch and from {ckpt['name']} ({_arch(ckpt['preset'], ckpt.get('model'))}), "
+            f"the same steps; {ckpt['name']} is also scored without fine-tuning")
     results: dict[str, Any] = {}
     for proto, prep in prepared["protocols"].items():
         split_dir, eval_root, held = Path(prep["split_root"]), Path(prep["eval_root"]), prep["holdout_classes"]
@@ -958,10 +1122,13 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
         title = ("Magnetic tile, seen classes (70/30 split by class)" if proto == "seen" else
                  f"Magnetic tile, held-out classes {', '.join(held)} (never in training)")
         res = compare_recipes(split_dir, bc, eval_root=eval_root, work_dir=work / f"compare_{proto}", results_dir=out,
-                              table_name=name, title=title, log=lambda m, p=proto: log(f"[{p}] {m}"))
+                              table_name=name, title=title, pretrained=ckpt, label_init=True,
+                              note=f"{missing[:1].upper()}{missing[1:]}." if ckpt is None else "",
+                              log=lambda m, p=proto: log(f"[{p}] {m}"))
         times[f"{proto}_s"] = prep["split_s"] + res["seconds"]
         tab = res["table"]
-        fig = V.bar_chart(tab.assign(row=tab["recipe"].str.split(" ").str[0] + " · " + tab["prompt"]), "row",
+        fig = V.bar_chart(tab.assign(row=[f"{model_short(r)} · {r['prompt']}" if r["recipe"] != "baseline" else
+                                          r["prompt"] for r in tab.to_dict("records")]), "row",
                           ["mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"], title=title, rotate=30)
         RES.save_figure(fig, out, name, show=False)
         dec = res["decision"]
@@ -969,7 +1136,7 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
             RES.save_figure(decision_figure(dec, title=f"{title}: raw and calibrated on val"), out, f"{name}_decision",
                             show=False)
             log(f"[{proto}] {floor_sentence(dec)}")
-        results[proto] = {"holdout_classes": held, "rows": headline_rows(tab),
+        results[proto] = {"holdout_classes": held, "notes": res["notes"], "rows": headline_rows(tab),
                           "decision_rows": decision_rows(dec), "operating_points": operating_point_records(res),
                           "calibrated_vs_floor": floor_summary(dec),
                           "training": json.loads(res["training"].to_json(orient="records")),
@@ -977,7 +1144,13 @@ def run_study(prepared: dict[str, Any], out: str | os.PathLike, settings: StudyS
     times["total_s"] = prepared["convert_s"] + time.perf_counter() - t_all
     summary = {
         "study": "magnetic_tile", "quick": bool(quick), "data": _portable_path(Path(prepared["source"])), "device": dev,
-        "seed": seed, "settings": dataclasses.asdict(st), "recipe": recipe, "protocols": results, "timings_s": times,
+        "seed": seed, "settings": dataclasses.asdict(st), "recipe": recipe,
+        "pretrained": ({"available": False, "message": missing} if ckpt is None else
+                       {"available": True, "weights": _portable_path(Path(ckpt["weights"])), "name": ckpt["name"],
+                        "preset": ckpt["preset"], "model": ckpt.get("model") or {}, "steps": ckpt.get("steps"),
+                        "sha256": ckpt.get("sha256"), "study_preset": st.preset,
+                        "same_architecture": _arch(ckpt["preset"], ckpt.get("model")) == _arch(st.preset, st.model)}),
+        "protocols": results, "timings_s": times,
         "machine": machine_info(dev), "git_commit": REP.git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / "summary.json").write_text(json.dumps(RES.jsonable(summary), indent=2) + "\n")
