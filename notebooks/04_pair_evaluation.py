@@ -58,6 +58,7 @@ catch_iou = 0.3
 yield_response = 0.000239
 calibration_objective = "max_pes"  # max_pes or max_catch_at_yield, chosen on the validation split
 calibration_yield_target = 0.6  # max_catch_at_yield: the yield to reach
+pretrained_baseline = True  # also score the shipped pretrained checkpoint without fine-tuning, same pairs
 n_panels = 3
 
 # %%
@@ -66,7 +67,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from seggpt_lib.experiments import results as RES, evaluation as EV
+from seggpt_lib.experiments import results as RES, evaluation as EV, report as REP
 from seggpt_lib.experiments import viz as V
 from seggpt_lib.eval.metrics import summary_markdown
 
@@ -82,7 +83,9 @@ ev = EV.pair_evaluation(em, split_root, grid=eval_grid, top_k=top_k, work_size=w
                        calibration_objective=calibration_objective, calibration_yield_target=calibration_yield_target,
                        results_dir=R)
 summary = ev["summary"]
-display(Markdown(summary_markdown(summary) + "\n" + EV.operating_point_text(ev["operating_point"])))
+baseline_note = REP.baseline_note(summary)  # the figures equal to a trivial baseline's ("" when none)
+display(Markdown(summary_markdown(summary) + "\n" + EV.operating_point_text(ev["operating_point"])
+                 + (f"\n\n> ⚠ {baseline_note}" if baseline_note else "")))
 
 # %% [markdown]
 # ## Ours beside the original and the trivial baselines
@@ -94,7 +97,7 @@ comp = RES.write_table(EV.comparison_table(summary, RES.grid_miou(R)), R, "04_su
                           "Baselines: paint nothing / paint everything on the same pairs.")
 fig = V.bar_chart(comp, "metric", [c for c in comp.columns if c != "metric"], title="Production-line figures", rotate=30)
 RES.save_figure(fig, R, "04_summary");
-comp
+comp.assign(equals_trivial_baseline=REP.baseline_column(comp))  # a figure within BASELINE_TOL of a baseline's
 
 # %% [markdown]
 # ## The line's decision: raw and calibrated
@@ -113,6 +116,30 @@ RES.write_table(EV.decision_table(summary, summary.get("calibrated"), summary["b
                 title="The line's decision: raw and calibrated (test pairs)",
                 note=EV.operating_point_text(ev["operating_point"]) + f" AUC (negative prompts) "
                      f"{ev['curve']['auc_negative']:.3f}, (defect-free) {ev['curve']['auc_free']:.3f}.")
+
+# %% [markdown]
+# ## Without fine-tuning: the pretrained checkpoint, one-shot
+# SegGPT as it is used: the shipped in-context checkpoint (pretrained on generic shapes only,
+# `make pretrained`), *not* fine-tuned, prompted one-shot on the same test pairs. Every defect
+# class here is one it never saw. Beside it the model notebook 02 trained; each with its own
+# operating point calibrated on the validation split.
+
+# %%
+wft = None
+if pretrained_baseline:
+    wft = EV.pretrained_without_finetuning(
+        split_root, summary, device=device, precision=precision, max_batch=max_batch, grid=eval_grid, top_k=top_k,
+        work_size=work_size, tile_pairing=tile_pairing, catch_iou=catch_iou, yield_response=yield_response,
+        seed=mapping_seed, max_queries=max_queries, calibration_objective=calibration_objective,
+        calibration_yield_target=calibration_yield_target)
+if wft is not None:
+    RES.write_table(wft["table"], R, "04_without_finetuning",
+                    title="The pretrained checkpoint without fine-tuning beside the fine-tuned model (test pairs)",
+                    note=f"pretrained: {Path(wft['weights']).name}, one-shot on defect classes it never saw; "
+                         "raw = snapped masks, calibrated = the operating point chosen on the validation split.")
+    display(wft["table"])
+else:
+    print("not run (pretrained_baseline = False, or no shipped checkpoint)")
 
 # %% [markdown]
 # ## Does the prompt consistency tell a wrong prompt apart?
@@ -167,10 +194,11 @@ if ev["mappings"]["negative"]:
     RES.save_figure(V.five_panel_figure(rows, suptitle="negative prompts: strongest response"), R, "04_negative_strongest")
 
 # %%
-RES.write_fragment(R, RES.PairEvaluationFragment.build(ev, em, R, eval_grid, top_k, comp))
+RES.write_fragment(R, RES.PairEvaluationFragment.build(ev, em, R, eval_grid, top_k, comp, without_finetuning=wft))
 cal = summary.get("calibrated") or {}
 display(Markdown(f"**PES {summary['pes']:.4f}** raw (catch {summary['catch_rate']:.3f}, yield {summary['yield_rate']:.3f}, "
                  f"defect-free yield {summary['free_yield_rate']:.3f})"
                  + (f"; **{cal['pes']:.4f}** calibrated on val (catch {cal['catch_rate']:.3f}, yield "
                     f"{cal['yield_rate']:.3f}, defect-free yield {cal['free_yield_rate']:.3f})" if cal else "")
-                 + "; the original: PES 0.546 (catch 0.91, yield 0.182)."))
+                 + "; the original: PES 0.546 (catch 0.91, yield 0.182)."
+                 + (f"\n\n> ⚠ {baseline_note}" if baseline_note else "")))

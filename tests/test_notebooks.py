@@ -220,7 +220,20 @@ def test_reports_rendered(results):
 # ------------------------------------------------------------------------------------------
 def test_explorer_notebook_runs(results, tmp_path):
     params = RUN.notebook_parameters(CFG.EXPLORER_NOTEBOOK, CFG.load_config(None, {"results_dir": str(results)}))
-    out = RUN.execute_notebook(CFG.EXPLORER_NOTEBOOK, tmp_path / "explorer.ipynb", params)
+
+    def run():
+        return RUN.execute_notebook(CFG.EXPLORER_NOTEBOOK, tmp_path / "explorer.ipynb", params, timeout=120)
+
+    # Nondeterminism named (as in tests/test_explorer.py): on a loaded 2-core machine the kernel of
+    # this widget notebook has stopped answering inside a cell (seen once here, with a training
+    # job beside the suite); a cell timeout turns that into an error and one retry tells a stuck
+    # kernel from a broken notebook (which fails twice).
+    try:
+        out = run()
+    except Exception as e:  # nbclient's CellTimeoutError / DeadKernelError, possibly wrapped
+        if not any(w in f"{type(e).__name__} {e}" for w in ("Timeout", "DeadKernel", "timed out")):
+            raise
+        out = run()
     import nbformat
 
     nb = nbformat.read(str(out), as_version=4)

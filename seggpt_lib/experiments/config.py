@@ -122,6 +122,7 @@ class PipelineConfig:
     # the line's decision (04): chosen on the validation split, then applied to the test pairs
     calibration_objective: str = "max_pes"  # max_pes | max_catch_at_yield (seggpt_lib.eval.calibration)
     calibration_yield_target: float = 0.6  # max_catch_at_yield: the yield (negative and defect-free) to reach
+    pretrained_baseline: bool = True  # 04: also score the shipped pretrained checkpoint without fine-tuning
     # --- beyond the original (05): the other negatives recipe, same budget, and prompt tuning
     beyond_minutes: float | None = None  # training budget of 05's model; None: train_minutes (the same as 02's)
     beyond_tune_steps: int = 30  # prompt-tuning steps per class
@@ -317,7 +318,7 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
                          "n_panels"),
     "04_pair_evaluation": ("results_dir", "device", "precision", "eval_grid", "top_k", "work_size", "tile_pairing",
                            "max_batch", "max_queries", "mapping_seed", "catch_iou", "yield_response",
-                           "calibration_objective", "calibration_yield_target", "n_panels"),
+                           "calibration_objective", "calibration_yield_target", "pretrained_baseline", "n_panels"),
     "05_beyond": ("results_dir", "preset", "model", "weights", "steps", "train_minutes", "beyond_minutes", "device",
                   "precision", "seed", "normalize", "train", "eval_every", "val_pairs", "checkpoint",
                   "beyond_tune_steps", "beyond_max_queries", "beyond_top_k", "beyond_grid", "work_size",

@@ -26,7 +26,7 @@ from seggpt_lib.eval.mapping import build_mapping
 from seggpt_lib.eval.metrics import CATCH_IOU, KINDS, YIELD_RESPONSE, PairResult, evaluate
 from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
-from seggpt_lib.experiments.config import PipelineError, resolve_preset
+from seggpt_lib.experiments.config import PipelineError, resolve_preset, resolve_weights
 from seggpt_lib.experiments.dataset import scan_index, split_roots
 from seggpt_lib.experiments.results import read_fragment, result_dirs
 from seggpt_lib.model.checkpoint import build_from_checkpoint
@@ -89,8 +89,10 @@ def load_eval_model(results_dir: str | os.PathLike, weights: str = "", preset: s
                     defect_color: Sequence[int] | None = None) -> EvalModel:
     """The model to evaluate: ``weights`` (official, HF or ours), or, when empty, what notebook
     02 produced (its fragment: weights, architecture, normalisation, the fixed defect colour
-    it was trained with). The prompt masks are painted in ``defect_color`` (default white)."""
+    it was trained with). The prompt masks are painted in ``defect_color`` (default white).
+    ``weights`` "pretrained": the shipped pretrained checkpoint."""
 
+    weights = resolve_weights(weights)
     if not weights:
         frag = read_fragment(results_dir, "02_training")
         weights, preset, model = frag["weights"], frag["preset"], frag.get("model") or {}
@@ -370,6 +372,50 @@ def decision_table(raw: dict[str, Any], calibrated: dict[str, Any] | None = None
            for name, v in rows if v is not None]
     df = pd.DataFrame(out)
     return df.astype({c: float for c in df.columns if c != "row"})
+
+
+def pretrained_without_finetuning(split_root: str | os.PathLike, finetuned: dict[str, Any] | None = None, *,
+                                  weights: str = "pretrained", device: str = "cpu", precision: str = "auto",
+                                  max_batch: int = 64, log: Callable[[str], None] = print,
+                                  **evaluation: Any) -> dict[str, Any] | None:
+    """SegGPT as it is used: the shipped pretrained in-context checkpoint, *not* fine-tuned,
+    prompted one-shot on the test split's defect classes, none of which it ever saw (it was
+    pretrained on generic shapes only). Scored on the same pairs and with the same settings
+    (``evaluation``: :func:`pair_evaluation`'s keyword arguments, without ``results_dir``: its
+    operating point is calibrated on the validation split and kept in memory, never written over
+    the fine-tuned model's) as the fine-tuned model's ``finetuned`` summary.
+
+    Returns ``summary`` (with ``calibrated``), ``table`` (rows: pretrained / fine-tuned, raw /
+    calibrated, paint nothing; catch, yield, defect-free yield, PES, mIoU) and ``weights``;
+    None (said in one line) when the shipped checkpoint is absent."""
+    from seggpt_lib.experiments.pretrain import PretrainedError
+    try:
+        em = load_eval_model("", weights=weights, device=device, precision=precision, max_batch=max_batch)
+    except (PipelineError, PretrainedError) as e:
+        log(f"no comparison without fine-tuning: {e}")
+        return None
+    log(f"without fine-tuning: {em.describe()}")
+    ev = pair_evaluation(em, split_root, results_dir=None, log=log, **evaluation)
+    cols = ("miou", "catch_rate", "yield_rate", "free_yield_rate", "pes")
+
+    def row(model: str, decision: str, s: dict[str, Any] | None) -> dict[str, Any]:
+        return {"model": model, "decision": decision,
+                **{("PES" if c == "pes" else "mIoU" if c == "miou" else c): (s or {}).get(c, math.nan) for c in cols}}
+
+    rows = [row("pretrained, no fine-tuning", "raw", ev["summary"])]
+    if ev["summary"].get("calibrated"):
+        rows.append(row("pretrained, no fine-tuning", "calibrated", ev["summary"]["calibrated"]))
+    if finetuned:
+        rows.append(row("fine-tuned", "raw", finetuned))
+        if finetuned.get("calibrated"):
+            rows.append(row("fine-tuned", "calibrated", finetuned["calibrated"]))
+    nothing = ev["summary"].get("baselines", {}).get("paint_nothing")
+    if nothing:
+        rows.append(row("paint nothing", "none", nothing))
+    table = pd.DataFrame(rows)
+    return {"summary": ev["summary"], "table": table.astype({c: float for c in table.columns
+                                                             if c not in ("model", "decision")}),
+            "weights": em.weights, "operating_point": ev["operating_point"]}
 
 
 def decision_points(summary: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from seggpt_lib.eval.metrics import BASELINE_TOL, trivial_baseline
 from seggpt_lib.experiments.config import REPO_ROOT
-from seggpt_lib.experiments.evaluation import PUBLISHED, decision_table, operating_point_text
+from seggpt_lib.experiments.evaluation import PUBLISHED, comparison_table, decision_table, operating_point_text
 from seggpt_lib.experiments.results import (
     BeyondFragment,
     DataFragment,
@@ -52,7 +53,10 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
     """Merge the notebooks' typed fragments into one summary: ``headline`` (mIoU per tiling grid,
     positive mIoU, catch rate, negative mIoU, yield rate, defect-free yield, PES), ``published``,
     ``baselines``, the run's settings (data, preset, weights, device, steps), wall time, git
-    commit, and each notebook's fragment."""
+    commit, and each notebook's fragment. ``collapse`` / ``collapse_steps``: notebook 02's training
+    collapse ("nothing" / "everything" at its last validation, None: none; every validation step
+    with one); ``trivial_baseline``: the baseline every raw test figure equals
+    (:func:`seggpt_lib.eval.metrics.trivial_baseline`; None: neither)."""
     cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
     d01 = load_fragment(results_dir, DataFragment, required=False)
     d02 = load_fragment(results_dir, TrainingFragment, required=False)
@@ -80,6 +84,7 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
                       **{k: PUBLISHED[k] for k in ("positive_miou", "catch_rate", "negative_miou", "yield_rate", "pes")}},
         "baselines": s04.get("baselines", {}),
         "operating_point": d04.operating_point if d04 is not None else {},
+        "without_finetuning": list(getattr(d04, "without_finetuning", []) or []) if d04 is not None else [],
         "decision": {"curve": curve04, "consistency": d04.consistency if d04 is not None else {},
                      "calibrated_counts": {k: cal04.get(k) for k in ("n_positive", "n_catch", "n_negative", "n_yield",
                                                                      "n_free", "n_free_yield")} if cal04 else {}},
@@ -101,6 +106,9 @@ def build_summary(results_dir: str | os.PathLike, config: dict[str, Any] | None 
         "steps": d02.steps_done if d02 is not None else None,
         "train_wall_s": d02.wall_s if d02 is not None else None,
         "best_val_miou": d02.best_val_miou if d02 is not None else None,
+        "collapse": (d02.collapse or None) if d02 is not None else None,
+        "collapse_steps": list(d02.collapse_steps or []) if d02 is not None else [],
+        "trivial_baseline": trivial_baseline(s04) if s04 else None,
         "beyond": ({k: getattr(d05, k) for k in ("rows", "decision_rows", "operating_points", "calibration_objective",
                                                  "training", "budget_minutes", "grid", "top_k", "tune_steps",
                                                  "max_queries")} if d05 is not None else {}),
@@ -139,14 +147,114 @@ def headline_table(summary: dict[str, Any]):
     return df.astype({c: float for c in cols[1:]}, errors="ignore")
 
 
-def _html_table(df, floatfmt: str = ".3f") -> str:
+# ------------------------------------------------------------------------------------------
+# figures equal to a trivial baseline's; a training collapse
+# ------------------------------------------------------------------------------------------
+BASELINE_LABELS = {"paint_nothing": "paint nothing", "paint_everything": "paint everything"}
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def baseline_marks(table, columns: tuple[str, ...] = ("ours", "calibrated"),
+                   tol: float = BASELINE_TOL) -> dict[tuple[int, str], str]:
+    """The figures of a headline table (:func:`headline_table`, or notebook 04's
+    :func:`~seggpt_lib.experiments.evaluation.comparison_table`) that equal a trivial baseline's
+    on the same row, within ``tol`` (:data:`~seggpt_lib.eval.metrics.BASELINE_TOL`):
+    ``{(row position, column): "= paint nothing"}`` (``"= paint nothing, paint everything"`` where
+    both baselines give that figure). Only the ``columns`` present are compared."""
+    marks: dict[tuple[int, str], str] = {}
+    cols = [c for c in columns if c in table.columns]
+    for i, row in enumerate(table.to_dict("records")):
+        for col in cols:
+            v = _finite(row.get(col))
+            if v is None:
+                continue
+            same = [label for key, label in BASELINE_LABELS.items()
+                    if (b := _finite(row.get(key))) is not None and abs(v - b) <= tol]
+            if same:
+                marks[(i, col)] = "= " + ", ".join(same)
+    return marks
+
+
+def baseline_column(table, columns: tuple[str, ...] = ("ours", "calibrated"), tol: float = BASELINE_TOL) -> list[str]:
+    """One text per row of ``table`` naming its figures equal to a trivial baseline's
+    (:func:`baseline_marks`), e.g. ``"ours = paint nothing"``; empty where none is."""
+    marks = baseline_marks(table, columns, tol)
+    return ["; ".join(f"{c} {marks[(i, c)]}" for c in columns if (i, c) in marks) for i in range(len(table))]
+
+
+def baseline_note(summary: dict[str, Any], tol: float = BASELINE_TOL) -> str:
+    """Markdown for notebook 04: the figures of :func:`seggpt_lib.eval.metrics.evaluate`'s
+    ``summary`` (raw, and calibrated where it has them) that equal a trivial baseline's, and a
+    warning when every raw figure equals one (the model does not read its images); "" when none does."""
+    comp = comparison_table(summary)
+    marks = baseline_marks(comp, tol=tol)
+    if not marks:
+        return ""
+    items = [f"{row['metric']}{' (calibrated)' if col == 'calibrated' else ''} {float(row[col]):.3f} {marks[(i, col)]}"
+             for i, row in enumerate(comp.to_dict("records")) for col in ("ours", "calibrated") if (i, col) in marks]
+    text = (f"**Equal to a trivial baseline** (within {tol:g}, on the same pairs): " + "; ".join(items) + ".")
+    whole = trivial_baseline(summary, tol=tol)
+    if whole:
+        text = (f"**WARNING: every figure equals the {BASELINE_LABELS[whole]} baseline's: the model evaluated does "
+                f"not read its images.** " + text)
+    return text
+
+
+def training_collapse(summary: dict[str, Any]) -> tuple[str | None, list[int]]:
+    """Notebook 02's collapse in a summary (``collapse`` / ``collapse_steps``, else its training
+    fragment's, for a summary written before those keys): ``("nothing" | "everything" | None, steps)``."""
+    if "collapse" in summary:
+        return summary.get("collapse") or None, list(summary.get("collapse_steps") or [])
+    frag = (summary.get("training") or (summary.get("fragments") or {}).get(TrainingFragment.NAME) or {})
+    return frag.get("collapse") or None, list(frag.get("collapse_steps") or [])
+
+
+def _headline_baseline(summary: dict[str, Any]) -> str | None:
+    """:func:`~seggpt_lib.eval.metrics.trivial_baseline` of a summary's raw headline (a summary
+    written before its ``trivial_baseline`` key)."""
+    h = summary.get("headline") or {}
+    figures = {"miou": h.get("positive_miou"), **{k: h.get(k) for k in ("catch_rate", "yield_rate", "free_yield_rate", "pes")}}
+    return trivial_baseline(figures, summary.get("baselines") or {})
+
+
+def collapse_html(summary: dict[str, Any]) -> list[str]:
+    """The results page's warning boxes: the training collapsed (notebook 02), and every raw test
+    figure equals a trivial baseline's; [] when neither."""
+    from seggpt_lib.experiments.training import collapse_banner
+
+    out = []
+    collapse, steps = training_collapse(summary)
+    if collapse:
+        text = collapse_banner(collapse, steps).removeprefix("WARNING: COLLAPSE: ")
+        out.append(f"<div class=warn role=alert><strong>WARNING: TRAINING COLLAPSED: the model paints "
+                   f"{html.escape(collapse.upper())}.</strong><br>{html.escape(text[:1].upper() + text[1:])} "
+                   f"(notebook 02; <code>metrics.csv</code>, column <code>collapse</code>).</div>")
+    whole = summary["trivial_baseline"] if "trivial_baseline" in summary else _headline_baseline(summary)
+    if whole in BASELINE_LABELS:
+        out.append(f"<div class=warn role=alert><strong>WARNING: every headline figure on the test pairs equals the "
+                   f"{BASELINE_LABELS[whole]} baseline's</strong>: the model evaluated does not read its images "
+                   f"(figures marked below).</div>")
+    return out
+
+
+def _html_table(df, floatfmt: str = ".3f", marks: dict[tuple[int, str], str] | None = None) -> str:
+    """``df`` as an HTML table; ``marks`` (:func:`baseline_marks`): a text set beside a cell's figure."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = []
-    for row in df.itertuples(index=False):
+    for i, row in enumerate(df.itertuples(index=False)):
         cells = []
-        for v in row:
+        for col, v in zip(df.columns, row):
             is_num = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-            cells.append(f"<td{' class=num' if is_num else ''}>{html.escape(format_cell(v, floatfmt))}</td>")
+            mark = (marks or {}).get((i, col))
+            extra = f" <span class=baseline>({html.escape(mark)})</span>" if mark else ""
+            cells.append(f"<td{' class=num' if is_num else ''}>{html.escape(format_cell(v, floatfmt))}{extra}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -159,6 +267,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
 .meta td:first-child{font-weight:600}.status-failed{color:#b00;font-weight:700}
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs a{display:block;width:250px;font-size:.8em;text-decoration:none;color:#333}
 .figs img{width:250px;border:1px solid #ccc}small{color:#666}
+.warn{border:3px solid #b00;background:#fff0f0;color:#600;padding:.8em 1em;margin:1em 0;font-size:1.05em}
+.baseline{color:#b00;font-weight:600;white-space:nowrap}
 """
 
 
@@ -192,6 +302,20 @@ def _beyond_html(summary: dict[str, Any]) -> list[str]:
                 f"<p><small>Each (recipe, prompt) with its own operating point, calibrated on the validation split "
                 f"only ({b.get('calibration_objective')}); the raw row is the snapped masks, never replaced.</small></p>"]
     return out
+
+
+def _without_finetuning_html(summary: dict[str, Any]) -> list[str]:
+    """The shipped pretrained checkpoint, not fine-tuned, beside the fine-tuned model (notebook 04)."""
+    rows = summary.get("without_finetuning") or []
+    if not rows:
+        return []
+    cols = ["model", "decision", "mIoU", "catch_rate", "yield_rate", "free_yield_rate", "PES"]
+    return ["<h2>Without fine-tuning: the pretrained checkpoint, one-shot</h2>",
+            _html_table(pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)),
+            "<p><small>The shipped in-context checkpoint (pretrained on generic shapes only, "
+            "<code>make pretrained</code>) prompted one-shot on the same test pairs: every defect class is one it "
+            "never saw. Beside it the model notebook 02 fine-tuned from it; each calibrated on the validation split "
+            "only.</small></p>"]
 
 
 def _decision_html(summary: dict[str, Any]) -> list[str]:
@@ -231,10 +355,14 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     root = dirs["root"]
     h = html.escape
     status = summary.get("status", "complete")
+    collapse, collapse_steps = training_collapse(summary)
     meta = [("status", status), ("data", summary.get("data")), ("preset", summary.get("preset")),
             ("weights evaluated", summary.get("weights")),
             ("initial weights", summary.get("init_weights") or "none (random initialisation)"),
-            ("training steps", summary.get("steps")), ("device", summary.get("device")),
+            ("training steps", summary.get("steps")),
+            ("training collapse", f"{collapse} (validation steps {', '.join(map(str, collapse_steps))})" if collapse
+             else "none"),
+            ("device", summary.get("device")),
             ("evaluation", f"grid {summary.get('eval_grid')}, top-{summary.get('top_k')}, "
                            f"{summary.get('tile_pairing')} tile pairing, work size {summary.get('work_size')}"),
             ("thresholds", f"catch IoU ≥ {summary.get('thresholds', {}).get('catch_iou')}, "
@@ -244,17 +372,23 @@ def write_index_html(results_dir: str | os.PathLike, summary: dict[str, Any]) ->
     meta_rows = "".join(
         f"<tr><td>{h(k)}</td><td{' class=status-failed' if k == 'status' and v != 'complete' else ''}>{h(str(v))}</td></tr>"
         for k, v in meta)
+    table = headline_table(summary)
+    marks = baseline_marks(table)
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         "<title>SegGPT defect segmentation: results</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>SegGPT few-shot defect segmentation: results</h1>",
+        *collapse_html(summary),
         "<h2>Headline</h2>",
-        _html_table(headline_table(summary)),
+        _html_table(table, marks=marks),
         "<p><small>original: the published figures of the project this one grows from (11 VISION queries, grid 2; "
         "one per defect type). Paint nothing / paint everything: trivial baselines on the same pairs. "
-        "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5.</small></p>",
+        "PES = 0.5·catch + 0.5·yield; a silent model scores 0.5."
+        + (f" A figure marked “= paint nothing” (or everything) equals that baseline's within {BASELINE_TOL:g}."
+           if marks else "") + "</small></p>",
         *_decision_html(summary),
+        *_without_finetuning_html(summary),
         *_beyond_html(summary),
         "<h2>Run</h2>",
         f"<table class=meta>{meta_rows}</table>",

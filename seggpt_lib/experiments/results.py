@@ -260,10 +260,13 @@ class PairEvaluationFragment(Fragment):
     operating_point: dict[str, Any] = field(default_factory=dict)  # evaluation.operating_point_record
     curve: dict[str, Any] = field(default_factory=dict)  # evaluation.curve_record
     consistency: dict[str, Any] = field(default_factory=dict)  # auroc, separates, counts, sentence
+    # the shipped pretrained checkpoint without fine-tuning on the same pairs beside the fine-tuned
+    # model (evaluation.pretrained_without_finetuning's table rows; empty: not run)
+    without_finetuning: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(cls, ev: dict[str, Any], em, results_dir: str | os.PathLike, grid: int, top_k: int,
-              comparison) -> "PairEvaluationFragment":
+              comparison, without_finetuning=None) -> "PairEvaluationFragment":
         """From :func:`~seggpt_lib.experiments.evaluation.pair_evaluation`'s result ``ev``, the
         :class:`~seggpt_lib.experiments.evaluation.EvalModel` scored and the comparison table."""
         from seggpt_lib.experiments import evaluation as EV
@@ -275,7 +278,9 @@ class PairEvaluationFragment(Fragment):
                    operating_point=EV.operating_point_record(ev["operating_point"], ev["operating_point_path"],
                                                              results_dir),
                    curve=EV.curve_record(ev["curve"], ev.get("raw_curve")),
-                   consistency={k: v for k, v in sep.items() if k not in ("positive", "negative", "free")})
+                   consistency={k: v for k, v in sep.items() if k not in ("positive", "negative", "free")},
+                   without_finetuning=(without_finetuning["table"].to_dict("records")
+                                       if without_finetuning is not None else []))
 
 
 @dataclass
