@@ -595,8 +595,16 @@ def resolve_preset(weights: str = "", preset: str | None = "auto", model: dict |
     checkpoint ``weights`` records (our safetensors, HF folders) or its tensor shapes imply
     (the official pickle). ``weights`` "pretrained": the shipped checkpoint (:func:`resolve_weights`)."""
     model = dict(model or {})
+    shipped = str(weights) == PRETRAINED_WEIGHTS
     weights = resolve_weights(weights)
     if preset and preset != "auto":
+        if shipped:
+            from seggpt_lib.experiments.pretrain import shipped_info
+            own = shipped_info().get("preset")
+            if own and own != preset:
+                raise PipelineError(f"weights \"pretrained\" is the shipped {own} checkpoint, preset is {preset}: "
+                                    f"give preset {own} (or auto), or weights of a {preset} (--set weights= trains "
+                                    "from scratch)")
         return preset, model
     if not weights:
         raise PipelineError("preset 'auto' needs weights to read the architecture from; give a preset (e.g. vit_micro)")
