@@ -38,7 +38,7 @@ test = 0.15
 rebuild_data = False  # False: reuse an identical earlier build
 preset = "vit_micro"  # the model size decides the pair layout shown below
 model = {}
-weights = ""  # with preset "auto" the architecture is read from these weights
+weights = "pretrained"  # the shipped pretrained checkpoint; with preset "auto" the architecture is read from the weights
 seed = 0
 train = {"lr": 1e-3, "batch_size": 16, "fg_weight": "auto", "weight_query_defects": True, "defect_color": [255, 255, 255], "query_mask_share": 0.5,
          "warmup_steps": 30, "cycle_steps": 100000, "mask_ratio": 0.75, "negative_target": "empty", "num_workers": 0}  # the pipeline's recipe (pair layout, colouring)

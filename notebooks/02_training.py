@@ -33,7 +33,7 @@
 results_dir = "results"
 preset = "vit_micro"  # "auto": the architecture of `weights`
 model = {}  # preset overrides (official constructor names)
-weights = ""  # initial weights (official .pth, HF, our .safetensors); empty: random init
+weights = "pretrained"  # initial weights: "pretrained" (the shipped checkpoint), official .pth, HF, ours; empty: random init
 steps = 500  # the training budget (0: no training); the same steps and seed give the same run
 train_minutes = None  # optional wall-clock cap on top of steps; None: none
 device = "cpu"

@@ -46,7 +46,7 @@
 results_dir = "results"
 preset = "vit_micro"
 model = {}
-weights = ""  # initial weights of the training (as notebook 02)
+weights = "pretrained"  # initial weights of the training (as notebook 02)
 steps = 500  # notebook 02's budget, in steps (the same for the model trained here)
 train_minutes = None  # notebook 02's optional wall-clock cap
 beyond_minutes = None  # the wall-clock cap of the model trained here; None: train_minutes (the same budget)
