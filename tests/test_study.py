@@ -46,7 +46,7 @@ def _unit(values) -> None:
 
 
 def test_compare_recipes_table(tiny, tmp_path):
-    cfg = CFG.BeyondConfig(preset=TINY_PRESET, budget_minutes=None, recipe=TINY_RECIPE, steps=2,
+    cfg = CFG.BeyondConfig(preset=TINY_PRESET, weights="", budget_minutes=None, recipe=TINY_RECIPE, steps=2,
                            eval_every=2, val_pairs=4, top_k=2, max_queries=3, tune_steps=2)
     res = S.compare_recipes(tiny, cfg, work_dir=tmp_path / "work", results_dir=tmp_path / "res", table_name="cmp",
                             log=lambda m: None)
@@ -153,7 +153,7 @@ def test_05_notebook_with_papermill(tiny, tmp_path):
     pytest.importorskip("papermill")
     results = tmp_path / "results"
     _tiny_results(tiny, results)
-    cfg = CFG.load_config(None, {"results_dir": str(results), "preset": TINY_PRESET, "steps": 2, "train_minutes": None,
+    cfg = CFG.load_config(None, {"results_dir": str(results), "preset": TINY_PRESET, "weights": "", "steps": 2, "train_minutes": None,
                                "train": TINY_RECIPE, "eval_every": 2, "val_pairs": 4, "beyond_tune_steps": 2,
                                "beyond_max_queries": 3, "beyond_top_k": 2, "n_panels": 1})
     params = RUN.notebook_parameters("05_beyond", cfg)

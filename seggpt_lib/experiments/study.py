@@ -1045,7 +1045,7 @@ class StudySettings:
 
     def beyond(self, device: str, seed: int, recipe: dict[str, Any]) -> BeyondConfig:
         """The :class:`~seggpt_lib.experiments.config.BeyondConfig` of one protocol's comparison."""
-        return BeyondConfig(preset=self.preset, model=dict(self.model), steps=int(self.steps),
+        return BeyondConfig(preset=self.preset, model=dict(self.model), weights="", steps=int(self.steps),  # scratch rows
                             budget_minutes=self.minutes, device=device, seed=seed, recipe=recipe,
                             eval_every=int(self.eval_every), val_pairs=int(self.val_pairs), top_k=int(self.top_k),
                             max_queries=self.max_queries, tune_steps=int(self.tune_steps),
