@@ -141,7 +141,7 @@ def _tiny_results(tiny: Path, results: Path) -> None:
     """Notebooks 01 and 02's fragments for the tiny set (02: a 2-step class-aware model)."""
     RES.write_fragment(results, RES.DataFragment(split_root=str(tiny), mean=[0.5] * 3, std=[0.25] * 3))
     run_dir = RUN.training_run_dir(results)
-    settings = CFG.TrainSettings(preset=TINY_PRESET, steps=2, eval_every=2, val_pairs=4,
+    settings = CFG.TrainSettings(preset=TINY_PRESET, weights="", steps=2, eval_every=2, val_pairs=4,
                                  recipe={**TINY_RECIPE, "negative_target": "empty"})
     cfg = TR.training_config(tiny, run_dir, settings, log=lambda m: None)
     assert cfg.fg_weight == CFG.PIPELINE_RECIPE["fg_weight"]  # the recipe over the pipeline's

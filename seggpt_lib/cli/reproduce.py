@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PipelineError, load_config, parse_data_spec
+from seggpt_lib.experiments.config import NOTEBOOK_PARAMETERS, PRETRAINED_WEIGHTS, PipelineError, load_config, parse_data_spec
 from seggpt_lib.experiments.runner import reproduce
 from seggpt_lib.utils.outputs import OutputError, check_not_inside
 
@@ -50,7 +50,10 @@ def _check_results_dir(cfg: dict) -> None:
     except PipelineError:  # a missing data folder: reported by the stage that reads it
         data_path = ""
     try:
-        check_not_inside(cfg["results_dir"], {"data": data_path, "weights": cfg.get("weights")}, what="results_dir")
+        # weights "pretrained": the shipped checkpoint in the repository's pretrained/, which the
+        # runner's source-tree check keeps results out of
+        weights = cfg.get("weights") if cfg.get("weights") != PRETRAINED_WEIGHTS else ""
+        check_not_inside(cfg["results_dir"], {"data": data_path, "weights": weights}, what="results_dir")
     except OutputError as e:
         raise PipelineError(str(e)) from None
 
