@@ -25,23 +25,9 @@ from seggpt_lib.data.layout import DefectIndex, read_class_names, read_label
 
 coco_mask = pytest.importorskip("pycocotools.mask")
 from pycocotools.coco import COCO  # noqa: E402  (the oracle: COCO's own annToMask)
+from test_coco import _write_export  # noqa: E402  (one writer of COCO fixtures)
 
 SPLITS = ("train", "val", "test")
-
-
-def _write_export(folder: Path, images, anns, cats, colour=90) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (name, w, h) in enumerate(images, start=1):
-        Image.fromarray(np.full((h, w, 3), colour, np.uint8)).save(folder / name)
-        entries.append({"id": i, "file_name": name, "width": w, "height": h})
-    for k, a in enumerate(anns, start=1):
-        a.setdefault("id", k)
-        a.setdefault("iscrowd", 0)
-    path = folder / "_annotations.coco.json"
-    path.write_text(json.dumps({"images": entries, "annotations": anns,
-                                "categories": [{"id": i, "name": n} for i, n in cats]}))
-    return path
 
 
 def _oracle(ann_file: Path) -> dict[str, tuple[dict[int, np.ndarray], np.ndarray]]:
