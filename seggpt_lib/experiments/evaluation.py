@@ -275,22 +275,35 @@ def calibrate_operating_point(em: EvalModel, val_root: str | os.PathLike, *, gri
     :func:`~seggpt_lib.eval.calibration.calibrate` for ``objective``. ``validation`` of the point
     also holds the AUCs of its catch / yield curve on those pairs. None (and a log line) when
     the folder has no positive pairs to calibrate on."""
-    t0 = time.perf_counter()
     cfg = ScoringConfig(grid=grid, top_k=top_k, work_size=int(work_size), tile_pairing=tile_pairing)
+    settings = {"val_dir": str(val_root), "weights": em.weights, "grid": grid, "top_k": top_k,
+                "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
+                "defect_color": [int(c) for c in em.predictor.defect_color]}
+    return calibrate_collected(lambda: collect_pairs(em.predictor, val_root, cfg, k=top_k, seed=seed), settings,
+                               objective=objective, yield_target=yield_target, catch_iou=catch_iou,
+                               yield_response=yield_response, what=f"on {val_root}", log=log)
+
+
+def calibrate_collected(collect: Callable[[], list], settings: dict[str, Any], *, objective: str,
+                        yield_target: float, catch_iou: float, yield_response: float, what: str,
+                        log: Callable[[str], None] = print,
+                        errors: tuple[type[BaseException], ...] = (ValueError,)) -> OperatingPoint | None:
+    """Collect the validation pairs (``collect()``), :func:`~seggpt_lib.eval.calibration.calibrate`
+    them for ``objective`` and add the AUCs of the chosen point's catch / yield curve, the pairs'
+    counts and the seconds to its ``validation``; None (and a log line "no calibration
+    ``what``") when collecting or calibrating raises one of ``errors``."""
+    t0 = time.perf_counter()
     try:
-        pairs = collect_pairs(em.predictor, val_root, cfg, k=top_k, seed=seed)
-        settings = {"val_dir": str(val_root), "weights": em.weights, "grid": grid, "top_k": top_k,
-                    "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
-                    "defect_color": [int(c) for c in em.predictor.defect_color]}
+        pairs = collect()
         point = calibrate(pairs, objective, yield_target, catch_iou=catch_iou, yield_response=yield_response,
                           settings=settings)
-    except ValueError as e:
-        log(f"no calibration on {val_root}: {e}")
+    except errors as e:
+        log(f"no calibration {what}: {e}")
         return None
     curve = catch_yield_curve(pairs, point.default, catch_iou=catch_iou, yield_response=yield_response)
     point.validation.update(auc_negative=curve["auc_negative"], auc_free=curve["auc_free"],
                             pairs=pairs_summary(pairs), seconds=time.perf_counter() - t0)
-    log(f"calibrated on {val_root} ({len(pairs)} pairs, {objective}) in {time.perf_counter() - t0:.1f} s: "
+    log(f"calibrated {what} ({len(pairs)} pairs, {objective}) in {time.perf_counter() - t0:.1f} s: "
         + json.dumps(point.default.to_dict()))
     return point
 

@@ -57,7 +57,7 @@ import torch
 
 from seggpt_lib.data.layout import DefectIndex, read_label, read_rgb
 from seggpt_lib.engine.prompt_tuning import PromptTuningConfig, save_learned_prompt, to_prompt_pairs, tune_prompt
-from seggpt_lib.eval.calibration import OBJECTIVES, PairScore, calibrate, catch_yield_curve, pairs_summary
+from seggpt_lib.eval.calibration import OBJECTIVES, PairScore
 from seggpt_lib.eval.decision import OperatingPoint
 from seggpt_lib.eval.mapping import build_mapping
 from seggpt_lib.eval.metrics import CATCH_IOU, YIELD_RESPONSE, evaluate, iou, response_rate
@@ -391,24 +391,14 @@ def calibrate_method(em, val_root: str | os.PathLike, method: str, *, k: int = 1
             if kk > 1:
                 log(f"{method}: calibrating with one prompt per pair instead of {kk}")
         return None
-    t0 = time.perf_counter()
-    try:
-        pairs = _learned_val_pairs(em, val_root, prompts or {}, grid=grid, work_size=int(work_size),
-                                   tile_pairing=tile_pairing, seed=seed)
-        settings = {"val_dir": str(val_root), "weights": em.weights, "prompt": "learned", "grid": grid, "top_k": 1,
-                    "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
-                    "defect_color": [int(c) for c in em.predictor.defect_color]}
-        point = calibrate(pairs, objective, yield_target, catch_iou=catch_iou, yield_response=yield_response,
-                          settings=settings)
-    except (ValueError, KeyError) as e:
-        log(f"no calibration of the learned prompts on {val_root}: {e}")
-        return None
-    curve = catch_yield_curve(pairs, point.default, catch_iou=catch_iou, yield_response=yield_response)
-    point.validation.update(auc_negative=curve["auc_negative"], auc_free=curve["auc_free"],
-                            pairs=pairs_summary(pairs), seconds=time.perf_counter() - t0)
-    log(f"calibrated the learned prompts on {val_root} ({len(pairs)} pairs, {objective}) in "
-        f"{time.perf_counter() - t0:.1f} s: " + json.dumps(point.default.to_dict()))
-    return point
+    settings = {"val_dir": str(val_root), "weights": em.weights, "prompt": "learned", "grid": grid, "top_k": 1,
+                "work_size": int(work_size), "tile_pairing": tile_pairing, "seed": seed,
+                "defect_color": [int(c) for c in em.predictor.defect_color]}
+    return EV.calibrate_collected(
+        lambda: _learned_val_pairs(em, val_root, prompts or {}, grid=grid, work_size=int(work_size),
+                                   tile_pairing=tile_pairing, seed=seed),
+        settings, objective=objective, yield_target=yield_target, catch_iou=catch_iou, yield_response=yield_response,
+        what=f"of the learned prompts on {val_root}", log=log, errors=(ValueError, KeyError))
 
 
 def _point_short(point: OperatingPoint | None) -> str:
