@@ -2,7 +2,8 @@
 
 Nothing here looks like a defect of :mod:`data_prep.synthetic`: the classes are plain
 geometric shapes and textured patches, each drawn in a random colour on a random smooth
-background, two to four classes per image (one to three instances each). A model that learns
+background, two to four classes drawn per image (one to three instances each; a class that later
+objects cover down to a few pixels leaves the label, so a few images, about 0.3 %, hold one). A model that learns
 to paint "the class the prompt shows, and nothing else" on this set has learned to read its
 prompt before it sees a single defect; fine-tuning then teaches it what defects look like.
 
@@ -199,7 +200,7 @@ def render_shapes(seed: int, index: int, size: int = 128, n_classes: tuple[int, 
 def generate_shapes(out_dir, n_images: int = 2000, seed: int = 0, size: int = 128, n_free: int | None = None,
                     overwrite: bool = False, show_progress: bool | None = None) -> Path:
     """Write the pretraining set (images/, labels/, labels.txt, classes.csv, shapes.json) to
-    ``out_dir``: ``n_images`` images with two to four shape classes each, plus ``n_free``
+    ``out_dir``: ``n_images`` images with two to four shape classes drawn each (see the module), plus ``n_free``
     images without objects (default: 5 % of ``n_images``). Returns the output path."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataPrepError(f"seed must be a non-negative integer, got {seed!r}")

@@ -211,6 +211,52 @@ def test_another_recipe_in_the_same_run_dir_is_refused(shapes, full_run):
     assert _tree_digest(full_run) == before
 
 
+def test_a_folder_of_something_else_is_never_touched(shapes, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("my data")
+    with pytest.raises(ValueError, match=r"mine exists and holds files of something else"):
+        _run(_cfg(), shapes, other)
+    assert (other / "notes.txt").read_text() == "my data" and len(list(other.iterdir())) == 1
+
+
+def test_checkpoints_without_the_run_files_are_a_clear_error(shapes, full_run, tmp_path):
+    stray = tmp_path / "stray"
+    (stray / "checkpoints").mkdir(parents=True)
+    import shutil
+    shutil.copytree(full_run / "checkpoints" / "last", stray / "checkpoints" / "last")
+    before = _tree_digest(stray)
+    with pytest.raises(ValueError, match=r"stray holds checkpoints but no config.json or pretrain.json"):
+        _run(_cfg(), shapes, stray)
+    assert _tree_digest(stray) == before
+
+
+def test_a_run_recorded_before_a_new_recipe_key_still_resumes(shapes, tmp_path):
+    run_dir = tmp_path / "older"
+    _run(_cfg(), shapes, run_dir, stop_at_step=2)
+    recipe = json.loads((run_dir / "pretrain.json").read_text())
+    del recipe["init_weights"]  # as a run written before the key existed
+    (run_dir / "pretrain.json").write_text(json.dumps(recipe))
+    assert _run(_cfg(), shapes, run_dir)["steps"] == 4
+
+
+def test_init_weights_starts_from_a_checkpoint(shapes, full_run, tmp_path):
+    """A run started from other weights (here: a trained run's, shifted by 0.25, so no random
+    initialisation resembles them) records them and, at a learning rate too small to move
+    anything, ends where they are."""
+    from safetensors.torch import save_file
+    src = tmp_path / "shifted.safetensors"
+    shifted = {k: (v + 0.25 if v.is_floating_point() else v) for k, v in _weights(full_run).items()}
+    save_file(shifted, str(src))
+    _run(_cfg(init_weights=str(src), steps=2, lr=1e-12, min_lr=1e-13), shapes, tmp_path / "cont")
+    assert json.loads((tmp_path / "cont" / "pretrain.json").read_text())["init_weights"] == str(src)
+    ended = _weights(tmp_path / "cont")
+    for k, v in shifted.items():
+        assert torch.allclose(ended[k].float(), v.float(), atol=1e-6), k
+    with pytest.raises(Exception, match="missing.safetensors"):
+        _run(_cfg(init_weights=str(tmp_path / "missing.safetensors")), shapes, tmp_path / "bad")
+
+
 def test_unknown_recipe_key_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown pretraining keys \['bogus'\].*valid keys"):
         PretrainConfig.from_dict({"bogus": 1})

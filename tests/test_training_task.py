@@ -148,10 +148,10 @@ def _pair(index, prompt: str, query: str, kind: str) -> D.Pair:
     return D.Pair(index.find(prompt), index.find(query), kind == "negative", kind, 0, 0, -1)
 
 
-@pytest.mark.parametrize("wqd", [False, True])
+@pytest.mark.parametrize("wqd", [False, True, 3.0])
 def test_weight_on_a_negative_query_defect(tiny_index, wqd):
     """A negative pair with an empty target: the query's own defect weighs fg_weight with
-    weight_query_defects, 1 without; the prompt's defect fg_weight either way."""
+    weight_query_defects True, the number given (3), 1 without; the prompt's defect fg_weight either way."""
     fg = 7.0
     pair = _pair(tiny_index, "dent_000.png", "scratch_002.png", "negative")
     it = _eval_ds(tiny_index, [pair], fg_weight=fg, negative_target="empty", weight_query_defects=wqd)[0]
@@ -163,13 +163,14 @@ def test_weight_on_a_negative_query_defect(tiny_index, wqd):
     q_defect = torch.from_numpy(np.asarray(Image.open(tiny_index.root / "labels" / "scratch_002.png")) != 0)
     assert q_defect.sum() == 64
     q_valid = valid[:, h:]
-    assert (q_valid[:, q_defect] == (fg if wqd else 1.0)).all()
+    expected = wqd if not isinstance(wqd, bool) else (fg if wqd else 1.0)
+    assert (q_valid[:, q_defect] == expected).all()
     assert (q_valid[:, ~q_defect] == 1.0).all()
     p_fg = labels[:h] > 0
     assert p_fg.sum() == 16 and (valid[:, :h][:, p_fg] == fg).all() and (valid[:, :h][:, ~p_fg] == 1.0).all()
 
 
-@pytest.mark.parametrize("wqd", [False, True])
+@pytest.mark.parametrize("wqd", [False, True, 3.0])
 def test_weight_on_a_positive_target(tiny_index, wqd):
     fg = 7.0
     pair = _pair(tiny_index, "dent_000.png", "dent_001.png", "positive")

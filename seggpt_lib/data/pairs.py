@@ -377,6 +377,15 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def query_defect_weight(weight_query_defects: bool | float, fg_weight: float) -> float:
+    """The loss weight of a query's defect pixels its target does not paint: 1 (``False``, the
+    original recipe), ``fg_weight`` (``True``: a negative's defect weighs what a positive's does)
+    or the number given."""
+    if isinstance(weight_query_defects, bool):
+        return float(fg_weight) if weight_query_defects else 1.0
+    return float(weight_query_defects)
+
+
 @dataclass
 class PairConfig:
     """How a :class:`PairDataset` builds its samples: everything but the index, a prebuilt
@@ -414,7 +423,9 @@ class PairConfig:
     # negative pair with negative_target "empty", another class in a positive's query): a defect
     # the prompt does not ask for weighs as much as one it asks for, so ignoring the prompt stops
     # paying. False: only the target's defect pixels (the original recipe)
-    weight_query_defects: bool = False
+    # True: fg_weight; a number: that weight (between the two: painting every defect and painting
+    # nothing cost about the same while the model cannot yet tell the prompt's class from others)
+    weight_query_defects: bool | float = False
     mask_ratio: float = 0.75
     query_mask_share: float = 0.0
     mean: Sequence[float] = IMAGENET_MEAN
@@ -529,7 +540,7 @@ class PairDataset(Dataset):
         self.augment = augment
         self.seed = int(c.seed)
         self.fg_weight = float(c.fg_weight)
-        self.weight_query_defects = bool(c.weight_query_defects)
+        self.weight_query_defects = c.weight_query_defects
         self.epoch = 0
         self.pairs = list(pairs) if pairs is not None else None
         self.sampler_args = dict(
@@ -676,10 +687,11 @@ class PairDataset(Dataset):
         imgs = normalize(torch.cat([p_img, q_img], dim=1), self.mean, self.std)
         tgts = normalize(label_to_color(labels, palette), self.mean, self.std)
         valid = torch.ones_like(tgts)
+        w_query = query_defect_weight(self.weight_query_defects, self.fg_weight)
+        if w_query != 1.0:  # the query's own defects, whether the target paints them or not
+            valid[:, p_lbl.shape[0]:][:, q_mask != 0] = w_query
         if self.fg_weight != 1.0:
             valid[:, labels > 0] = self.fg_weight
-            if self.weight_query_defects:  # the query's own defects, whether the target paints them or not
-                valid[:, p_lbl.shape[0]:][:, q_mask != 0] = self.fg_weight
         if p_ig is not None or q_ig is not None:  # ignore pixels (crowd regions) weigh nothing
             h = p_lbl.shape[0]
             if p_ig is not None:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from seggpt_lib import data as D
+from seggpt_lib.data.pairs import query_defect_weight
 from seggpt_lib.eval import metrics as M
 from seggpt_lib.model.checkpoint import CheckpointError, load_weights, safe_torch_load, save_weights
 from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig, build_seggpt
@@ -101,7 +102,7 @@ class TrainConfig:
     query_mask_share: float = 0.0  # share of training samples with the whole query half hidden (the inference task)
     free_share: float = 0.0
     fg_weight: float | str = 1.0  # weight of defect pixels in the loss (1 = the original loss); "auto": auto_fg_weight
-    weight_query_defects: bool = False  # fg_weight also on a query's own defects its target leaves out (negatives)
+    weight_query_defects: bool | float = False  # a query's own defects its target leaves out weigh fg_weight (True) or this
     layer_decay: float = 1.0  # lr x layer_decay^(depth - layer) (1: off)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
     augment: dict[str, Any] | None = None  # seggpt_lib.data.transforms.AugmentConfig fields; None = defaults
@@ -222,6 +223,7 @@ TRAIN_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "query_mask_share": (_share, "a number in [0, 1]"),
     "free_share": (_share, "a number in [0, 1]"),
     "fg_weight": (lambda v: v == "auto" or (is_number(v) and v > 0), "a number > 0 or \"auto\""),
+    "weight_query_defects": (lambda v: isinstance(v, bool) or (is_number(v) and v > 0), "true, false or a weight > 0"),
     "layer_decay": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "val_pairs": (_at_least(0), "an integer >= 0"),
     "val_negative_share": (_share, "a number in [0, 1]"),
@@ -738,8 +740,9 @@ class Trainer:
             how = (f"fg_weight auto = {self.fg_weight:.2f} (the training set's defect images are {100 * self.defect_share:.2f} % "
                    f"defect pixels: they get {100 * AUTO_FG_SHARE:.0f} % of the loss weight)" if auto else
                    f"fg_weight {self.fg_weight:g} (the training set's defect images are {100 * self.defect_share:.2f} % defect pixels)")
-            if cfg.weight_query_defects and self.fg_weight != 1.0:
-                how += "; the query's own defects weigh as much in every pair (weight_query_defects)"
+            w_query = query_defect_weight(cfg.weight_query_defects, self.fg_weight)
+            if w_query != 1.0:
+                how += (f"; the query's own defects weigh {w_query:g} in every pair (weight_query_defects)")
             print(how, file=sys.stderr, flush=True)
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
         self.steps_per_epoch = max(1, self.data_count // self.global_batch)

@@ -63,7 +63,7 @@ def display_dataset(split_root: str | os.PathLike, preset: str = "vit_micro", mo
         query_mask_share=float(t.get("query_mask_share", 0.0)), defect_color=t.get("defect_color"),
         negative_target=t.get("negative_target", "query_mask"), seed=seed, length=max(n, 1),
         fg_weight=1.0 if t.get("fg_weight") == "auto" else float(t.get("fg_weight", 1.0)),
-        weight_query_defects=bool(t.get("weight_query_defects", False)),
+        weight_query_defects=t.get("weight_query_defects", False),
         negative_share=float(t.get("negative_share", 0.25))))
     if t.get("fg_weight") == "auto":  # as the trainer resolves it: from the training set's defect share
         ds.fg_weight = auto_fg_weight(defect_share(ds.cache))

@@ -89,7 +89,7 @@ class PretrainConfig:
     # off: a query's shapes the target leaves out weigh 1. On (fg x8, 4000 steps) the model still painted
     # nothing on validation at step 2000: with 2-4 classes per image, painting nothing costs less than
     # painting every shape, so it never started to paint. Fine-tuning on defects turns it on (pipeline).
-    weight_query_defects: bool = False
+    weight_query_defects: bool | float = False
     mask_ratio: float = 0.75
     query_mask_share: float = 0.5
     defect_color: list[int] = field(default_factory=lambda: [255, 255, 255])
@@ -97,6 +97,7 @@ class PretrainConfig:
     val_pairs: int = 128
     seed: int = 0
     num_workers: int = 0
+    init_weights: str = ""  # start from these weights ("" = random initialisation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,12 +122,12 @@ def pretrain_train_config(cfg: PretrainConfig, train_dir: str | os.PathLike, val
         lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), cycle_steps=int(cfg.steps), min_lr=float(cfg.min_lr),
         weight_decay=float(cfg.weight_decay), negative_share=float(cfg.negative_share),
         free_share=float(cfg.free_share), negative_target=cfg.negative_target, fg_weight=float(cfg.fg_weight),
-        weight_query_defects=bool(cfg.weight_query_defects),
+        weight_query_defects=cfg.weight_query_defects,
         mask_ratio=float(cfg.mask_ratio), query_mask_share=float(cfg.query_mask_share),
         defect_color=list(cfg.defect_color), data_count=int(cfg.eval_every) * int(cfg.batch_size),
         epoch=max(1, math.ceil(cfg.steps / cfg.eval_every)), eval_per_epoch=1, ckpt_interval=int(cfg.eval_every),
         val_pairs=int(cfg.val_pairs), seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=device,
-        precision="auto", log_interval=50,
+        precision="auto", log_interval=50, init_weights=cfg.init_weights or None,
     ), source="pretraining config")
 
 
@@ -142,8 +143,11 @@ def run_pretraining(cfg: PretrainConfig, train_dir: str | os.PathLike, val_dir: 
     recipe_file = run_dir / "pretrain.json"
     t0 = time.perf_counter()
     if find_resume_checkpoint(run_dir) is not None:
-        old = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
-        if old is not None and old != cfg.to_dict():
+        if not (run_dir / "config.json").is_file() or not recipe_file.is_file():
+            raise ValueError(f"{run_dir} holds checkpoints but no config.json or pretrain.json: not a pretraining "
+                             "run this command wrote; give another --run-dir, or remove the folder to start over")
+        old = {**PretrainConfig().to_dict(), **json.loads(recipe_file.read_text())}  # newer keys: their defaults
+        if old != cfg.to_dict():
             changed = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
             raise ValueError(f"{run_dir} holds a pretraining run with another recipe (differs in {changed}); "
                              "give another --run-dir or remove it")
@@ -151,8 +155,13 @@ def run_pretraining(cfg: PretrainConfig, train_dir: str | os.PathLike, val_dir: 
         res = resume(run_dir, stop_at_step=stop_at_step, progress=progress, overrides={"device": device})
         resumed = True
     else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a run that never wrote a complete checkpoint: nothing to keep
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not recipe_file.is_file():
+                raise ValueError(f"{run_dir} exists and holds files of something else (no pretrain.json): "
+                                 "give another --run-dir; nothing there was touched")
+            shutil.rmtree(run_dir)  # a run of ours that never wrote a complete checkpoint: nothing to keep
+        elif run_dir.exists():
+            run_dir.rmdir()
         run_dir.mkdir(parents=True)
         _write_text(recipe_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
         log(f"pretraining {cfg.preset} for {cfg.steps} steps (batch {cfg.batch_size}) in {run_dir}")
