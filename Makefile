@@ -20,7 +20,7 @@ OVERRIDES := $(if $(DATA),--set data=$(DATA)) $(if $(WEIGHTS),--set weights=$(WE
              $(if $(DEVICE),--set device=$(DEVICE)) $(if $(PRESET),--set preset=$(PRESET)) \
              $(if $(STEPS),--set steps=$(STEPS))
 
-.PHONY: reproduce test install browser clean lab ablate pretrained
+.PHONY: reproduce test install browser clean lab ablate pretrained study
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ ablate: $(STAMP)
 # export weights + SHA-256 + recipe + curve. Resumable: interrupted, the same command continues.
 pretrained: $(STAMP)
 	$(VENV)/bin/seggpt pretrain
+
+# The magnetic-tile study on this CPU (README "Magnetic-tile study"): budgets in steps, so the same
+# command gives the same tables; needs the set in ../shared/datasets/magnetic_tile (or DATA=...);
+# STUDY_SET="key=value ..." adds study settings (seggpt study --help).
+STUDY_SET ?=
+STUDY_CPU := --set preset=vit_micro minutes=null steps=400 eval_every=50 val_pairs=32 tune_steps=30 \
+	  max_queries=30 top_k=3 train.batch_size=32 train.num_workers=0
+study: $(STAMP)
+	$(VENV)/bin/seggpt study --device cpu $(if $(DATA),--data $(DATA)) $(STUDY_CPU) $(STUDY_SET)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --timeout=600

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default="runs/pretrain", help="the training run (resumed when it exists)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {PretrainConfig.steps})")
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a PretrainConfig key (images, val_images, preset, batch_size, lr, fg_weight, ...)")
+                        help="override a PretrainConfig key (images, val_images, preset, batch_size, lr, fg_weight, "
+                             "weight_query_defects, init_weights, ...)")
     parser.add_argument("--out", default=str(PRETRAINED_DIR), help="where the exported checkpoint goes (default pretrained/)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--export-only", action="store_true", help="export the run's last checkpoint without training")

@@ -742,7 +742,7 @@ class Trainer:
                    f"fg_weight {self.fg_weight:g} (the training set's defect images are {100 * self.defect_share:.2f} % defect pixels)")
             w_query = query_defect_weight(cfg.weight_query_defects, self.fg_weight)
             if w_query != 1.0:
-                how += (f"; the query's own defects weigh {w_query:g} in every pair (weight_query_defects)")
+                how += f"; the query's own defects weigh {w_query:.3g} in every pair (weight_query_defects)"
             print(how, file=sys.stderr, flush=True)
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
         self.steps_per_epoch = max(1, self.data_count // self.global_batch)

@@ -214,6 +214,9 @@ def export_pretrained(run_dir: str | os.PathLike, cfg: PretrainConfig, command: 
         "final_val_miou": float(val["val_miou"].iloc[-1]) if len(val) else None,
         "curve": f"{name}_metrics.csv",
     }
+    if cfg.init_weights:  # what the run started from, so the file can be rebuilt from the same start
+        start = Path(cfg.init_weights)
+        info["init_weights_sha256"] = file_sha256(start) if start.is_file() else None
     _write_text(out_dir / f"{name}.json", json.dumps(info, indent=2) + "\n")
     return info
 
