@@ -16,7 +16,9 @@ Classes (:data:`SHAPE_CLASSES`, label values 1..16 in this order, ``labels.txt``
 * textured blobs (an irregular outline filled with a texture of two random colours):
   ``stripes``, ``checker``, ``speckle``, ``waves``.
 
-The colour of every object is random, so a class is its shape or texture, never its colour.
+The colour of every object is random, so a class is its shape or texture, never its colour;
+with ``class_colours`` each class has its own colours (jittered), the easier task of matching the
+prompt's colour, which a small model learns first.
 Masks are class-index masks (``labels/<stem>.png``, disjoint: a later object covers an earlier
 one); ``n_free`` images hold no object (class ``free``). Every random number comes from a numpy
 generator seeded with ``(seed, index)``: the same seed gives byte-identical files.
@@ -42,6 +44,19 @@ SHAPE_CLASSES: tuple[str, ...] = (
 )
 _TEXTURED = ("stripes", "checker", "speckle", "waves")
 GENERATOR_VERSION = 1
+CLASS_JITTER = 0.15  # class_colours: a drawn colour moves the class's own by up to 15 % of the range
+
+
+def class_palette() -> np.ndarray:
+    """``class_colours``: each class's two colours (16 x 2 x 3, RGB 0..255): hues evenly spaced
+    round the colour wheel, the second (the pattern's, textured classes) opposite the first."""
+    import colorsys
+    out = np.zeros((len(SHAPE_CLASSES), 2, 3), np.float32)
+    for i in range(len(SHAPE_CLASSES)):
+        h = i / len(SHAPE_CLASSES)
+        out[i, 0] = np.array(colorsys.hsv_to_rgb(h, 0.85, 0.9)) * 255
+        out[i, 1] = np.array(colorsys.hsv_to_rgb((h + 0.5) % 1.0, 0.85, 0.45)) * 255
+    return out
 
 
 def _rng(seed: int, index: int, what: str = "") -> np.random.Generator:
@@ -142,14 +157,22 @@ def _shape_mask(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
     return np.asarray(im) > 127
 
 
-def _texture(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
-    """The fill of an object: a flat random colour, or for textured classes two colours in a pattern."""
+def _texture(rng: np.random.Generator, cls: str, size: int, class_colours: bool = False) -> np.ndarray:
+    """The fill of an object: a flat random colour, or for textured classes two colours in a
+    pattern. ``class_colours``: the class's own colours (:func:`class_palette`), each moved by the
+    random one drawn (the same draws either way, so the shapes do not change)."""
+    own = class_palette()[SHAPE_CLASSES.index(cls)] if class_colours else None
+
+    def coloured(drawn: np.ndarray, which: int) -> np.ndarray:
+        return drawn if own is None else np.clip(own[which] + CLASS_JITTER * (drawn - 127.5), 0, 255)
+
     c0 = _colour(rng)
     if cls not in _TEXTURED:
-        return np.broadcast_to(c0, (size, size, 3)).astype(np.float32)
+        return np.broadcast_to(coloured(c0, 0), (size, size, 3)).astype(np.float32)
     c1 = _colour(rng)
     while np.abs(c1 - c0).sum() < 120:  # a visible pattern
         c1 = _colour(rng)
+    c0, c1 = coloured(c0, 0), coloured(c1, 1)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     a = rng.uniform(0, np.pi)
     u = np.cos(a) * xx + np.sin(a) * yy
@@ -167,9 +190,10 @@ def _texture(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
 
 
 def render_shapes(seed: int, index: int, size: int = 128, n_classes: tuple[int, int] = (2, 4),
-                  free: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  free: bool = False, class_colours: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One image (uint8 HxWx3), its class-index mask (uint8 HxW, value = place in
-    :data:`SHAPE_CLASSES` + 1) and the classes it holds (in drawing order). ``free``: no object."""
+    :data:`SHAPE_CLASSES` + 1) and the classes it holds (in drawing order). ``free``: no object.
+    ``class_colours``: every object in its class's colours (near-fixed), not a random one."""
     rng = _rng(seed, index)
     img = _background(rng, size)
     label = np.zeros((size, size), np.uint8)
@@ -184,7 +208,7 @@ def render_shapes(seed: int, index: int, size: int = 128, n_classes: tuple[int, 
         value = SHAPE_CLASSES.index(cls) + 1
         for _ in range(int(rng.integers(1, 4))):
             m = _shape_mask(rng, cls, size)
-            img[m] = _texture(rng, cls, size)[m]
+            img[m] = _texture(rng, cls, size, class_colours)[m]
             label[m] = value
         drawn.append(cls)
     # a class covered by later objects down to a few pixels is dropped from the image's label
@@ -198,10 +222,13 @@ def render_shapes(seed: int, index: int, size: int = 128, n_classes: tuple[int, 
 
 
 def generate_shapes(out_dir, n_images: int = 2000, seed: int = 0, size: int = 128, n_free: int | None = None,
-                    overwrite: bool = False, show_progress: bool | None = None) -> Path:
+                    overwrite: bool = False, show_progress: bool | None = None, class_colours: bool = False) -> Path:
     """Write the pretraining set (images/, labels/, labels.txt, classes.csv, shapes.json) to
     ``out_dir``: ``n_images`` images with two to four shape classes drawn each (see the module), plus ``n_free``
-    images without objects (default: 5 % of ``n_images``). Returns the output path."""
+    images without objects (default: 5 % of ``n_images``). ``class_colours``: each class in its own
+    colours (:func:`class_palette`, jittered): the prompt's colour then tells its class, a cue a
+    small model picks up first (default: random colours, a class is its shape or texture).
+    Returns the output path."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataPrepError(f"seed must be a non-negative integer, got {seed!r}")
     if size < 32:
@@ -217,7 +244,7 @@ def generate_shapes(out_dir, n_images: int = 2000, seed: int = 0, size: int = 12
         rows = []
         for i in progress(range(n_images + n_free), desc="shapes", total=n_images + n_free, enabled=show_progress):
             free = i >= n_images
-            img, label, held = render_shapes(seed, i, size, free=free)
+            img, label, held = render_shapes(seed, i, size, free=free, class_colours=class_colours)
             name = f"shapes_{i:06d}.png"
             Image.fromarray(img, mode="RGB").save(tmp / "images" / name, format="PNG", compress_level=1)
             Image.fromarray(label, mode="L").save(tmp / "labels" / name, format="PNG", compress_level=6)
@@ -226,5 +253,7 @@ def generate_shapes(out_dir, n_images: int = 2000, seed: int = 0, size: int = 12
         (tmp / LABEL_NAMES).write_text("background\n" + "\n".join(SHAPE_CLASSES) + "\n")
         meta = {"generator": "data_prep.shapes", "version": GENERATOR_VERSION, "seed": int(seed), "size": size,
                 "n_images": n_images, "n_free": n_free, "classes": list(SHAPE_CLASSES)}
+        if class_colours:  # (absent otherwise: files of the random-colour set stay byte-identical)
+            meta["class_colours"] = True
         (tmp / "shapes.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

@@ -99,6 +99,29 @@ def test_render_shapes_masks_hold_the_classes_it_names():
     assert held == [] and not label.any()
 
 
+def test_class_colours_keep_the_shapes_and_paint_each_class_its_own_colour():
+    """class_colours draws the same shapes (same masks, same classes) and paints every flat
+    object near its class's colour: within the jitter of it, nearer its own than any other class's."""
+    from data_prep.shapes import CLASS_JITTER, _TEXTURED, class_palette
+    palette = class_palette()
+    assert len(np.unique(palette[:, 0].round(), axis=0)) == len(SHAPE_CLASSES)  # one colour per class
+    near = 0
+    for i in range(30):
+        img_r, lab_r, held_r = render_shapes(9, i, size=SIZE)
+        img_c, lab_c, held_c = render_shapes(9, i, size=SIZE, class_colours=True)
+        assert np.array_equal(lab_r, lab_c) and held_r == held_c
+        for c in held_c:
+            if c in _TEXTURED:
+                continue
+            k = SHAPE_CLASSES.index(c)
+            mean = img_c[lab_c == k + 1].reshape(-1, 3).astype(float).mean(0)
+            d = np.abs(palette[:, 0] - mean).max(1)  # distance to every class's colour
+            assert d[k] <= CLASS_JITTER * 128 + 20  # the jitter plus the image noise
+            near += int(d.argmin() == k)
+    assert near >= 20
+    assert not np.array_equal(render_shapes(9, 0, size=SIZE)[0], render_shapes(9, 0, size=SIZE, class_colours=True)[0])
+
+
 def test_shapes_layout_is_a_multiclass_dataset(shapes):
     root = shapes["train"]
     names = (root / "labels.txt").read_text().split("\n")

@@ -46,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
         wall = None
         if not args.export_only:
             spec = {"images": cfg.images, "val_images": cfg.val_images, "size": cfg.image_size, "seed": cfg.data_seed}
+            if cfg.class_colours:  # (a key only when set: the random-colour set's stamp stays as it was)
+                spec["class_colours"] = True
             stamp = data / "spec.json"
             if not (stamp.is_file() and json.loads(stamp.read_text()) == spec):
                 print(f"building the shapes set ({cfg.images} + {cfg.val_images} images) in {data}", flush=True)
                 generate_shapes(data / "train", n_images=cfg.images, seed=cfg.data_seed, size=cfg.image_size,
-                                overwrite=True, show_progress=not args.quiet)
+                                overwrite=True, show_progress=not args.quiet, class_colours=cfg.class_colours)
                 generate_shapes(data / "val", n_images=cfg.val_images, seed=cfg.data_seed + 1_000_003,
-                                size=cfg.image_size, overwrite=True, show_progress=not args.quiet)
+                                size=cfg.image_size, overwrite=True, show_progress=not args.quiet,
+                                class_colours=cfg.class_colours)
                 stamp.write_text(json.dumps(spec) + "\n")
             res = run_pretraining(cfg, data / "train", data / "val", run_dir, device=args.device,
                                   progress=not args.quiet, log=lambda m: print(m, flush=True))

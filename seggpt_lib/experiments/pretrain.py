@@ -75,6 +75,7 @@ class PretrainConfig:
     val_images: int = 300
     image_size: int = 128  # rendered size (resized to the model's 64 x 64)
     data_seed: int = 0
+    class_colours: bool = False  # each shape class in its own colours (data_prep.shapes.class_palette)
     preset: str = "vit_micro"
     steps: int = 4000
     batch_size: int = 16
