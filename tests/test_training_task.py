@@ -477,3 +477,42 @@ def test_baseline_note_for_notebook_04():
 
     col = REP.baseline_column(comparison_table(cal))
     assert col[-1] == "calibrated = paint nothing" and col[0] == "calibrated = paint nothing"
+
+
+# ------------------------------------------------------------------------------------------
+# val_prompt_auroc: does the prompt change what is painted (threshold-free)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("painter, want", [("oracle", 1.0), ("ignores_prompt", 0.5)])
+def test_prompt_auroc_tells_a_prompt_reader_from_a_defect_painter(synth, tmp_path, monkeypatch, painter, want):
+    """Validation with a scripted model: one that paints exactly its target (the prompt's class on
+    positives, nothing on negatives) scores AUROC 1; one that paints every defect of the query
+    whatever the prompt scores 0.5, though both catch every positive."""
+    from seggpt_lib.utils.colors import normalize
+    trainer = Trainer(_cfg(synth, tmp_path, val_pairs=24, negative_target="empty"))
+    model, seen = trainer.model, {}
+    real_inputs = D.model_inputs
+
+    def keep_batch(batch, device=None, non_blocking=True):
+        seen["batch"] = batch
+        return real_inputs(batch, device, non_blocking)
+
+    def scripted(imgs, tgts, bool_masked_pos=None, valid=None, seg_type=None, **kw):
+        if painter == "oracle":
+            paint = tgts
+        else:
+            h = tgts.shape[-2] // 2
+            white = seen["batch"]["query_defects"].float()[:, None].expand(-1, 3, -1, -1) * 255.0
+            paint = tgts.clone()
+            paint[:, :, h:] = normalize(white, trainer.cfg.image_mean, trainer.cfg.image_std)
+        pred = model.patchify(paint)
+        return torch.zeros(()), pred, bool_masked_pos
+
+    monkeypatch.setattr(D, "model_inputs", keep_batch)
+    monkeypatch.setattr(model, "forward", scripted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        val = trainer.evaluate()
+    kinds = [it["kind"] for it in trainer.val_ds]
+    assert kinds.count("positive") >= 3 and kinds.count("negative") >= 3
+    assert val["val_catch"] == 1.0  # both paint every positive's defect
+    assert val["val_prompt_auroc"] == pytest.approx(want)

@@ -706,6 +706,7 @@ class PairDataset(Dataset):
             "seg_type": torch.tensor(0, dtype=torch.long),
             "labels": labels,
             "query_label": q_lbl,
+            "query_defects": (q_mask != 0).to(torch.uint8),  # every defect of the query, asked for or not
             "palette": palette,
             "prompt_class": self.index.class_names[cls],
             "query_class": self.index.class_names[ci[pair.query]],

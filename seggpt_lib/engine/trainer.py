@@ -53,7 +53,7 @@ from seggpt_lib.data.pairs import query_defect_weight
 from seggpt_lib.eval import metrics as M
 from seggpt_lib.model.checkpoint import CheckpointError, load_weights, safe_torch_load, save_weights
 from seggpt_lib.model.seggpt import SegGPT, SegGPTConfig, build_seggpt
-from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, denormalize
+from seggpt_lib.utils.colors import IMAGENET_MEAN, IMAGENET_STD, cmap_to_lbl, defect_score, denormalize
 from seggpt_lib.utils.config import ConfigError, check_fields, field_types, is_number, read_json_config, type_matches
 from seggpt_lib.utils.device import autocast, precision_dtype, resolve_device, resolve_precision
 from seggpt_lib.utils.masking import patch_mask_to_pixels
@@ -600,12 +600,13 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
 # query halves at that step; the val_* columns: the validation at that step (NaN on other rows):
 # val_miou is the positive pairs' mIoU (= val_miou_pos, the earlier column), val_fg_frac the
 # predicted defect share of the validation queries, val_gt_frac their true share, collapse
-# "nothing" / "everything" / empty (collapse_of). Timing columns: samples_per_s, elapsed_s.
+# "nothing" / "everything" / empty (collapse_of); val_prompt_auroc: does the prompt change what is
+# painted, threshold-free (Trainer.evaluate). Timing columns: samples_per_s, elapsed_s.
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "fg_frac", "val_loss", "val_miou", "val_fg_frac", "samples_per_s", "elapsed_s",
                  "val_pes", "val_catch", "val_yield_neg", "val_yield_free", "val_miou_pos", "val_miou_neg", "val_gt_frac",
-                 "collapse"]
+                 "collapse", "val_prompt_auroc"]
 VAL_FIELDS = ["val_loss", "val_miou", "val_fg_frac", "val_pes", "val_catch", "val_yield_neg", "val_yield_free",
-              "val_miou_pos", "val_miou_neg", "val_gt_frac"]
+              "val_miou_pos", "val_miou_neg", "val_gt_frac", "val_prompt_auroc"]
 TIMING_FIELDS = ("samples_per_s", "elapsed_s")
 
 
@@ -654,6 +655,16 @@ def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> tor
     rgb = denormalize(pred_img.float(), mean, std)
     h = rgb.shape[-2] // 2
     return cmap_to_lbl(rgb[:, :, h:], palette)
+
+
+def _query_defect_score(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> torch.Tensor:
+    """The per-pixel defect score of the query half ``(B, H, W)``, 0..1, before snapping: how far
+    each painted pixel lies from the sample's background colour toward its defect colour
+    (``palette[:, 0]`` and ``palette[:, 1]``; :func:`~seggpt_lib.utils.colors.defect_score`)."""
+    rgb = denormalize(pred_img.float(), mean, std)
+    h = rgb.shape[-2] // 2
+    return torch.stack([defect_score(rgb[j, :, h:], palette[j, 1].tolist(), palette[j, 0].tolist())
+                        for j in range(rgb.shape[0])])
 
 
 class _StopOnSignal:
@@ -932,12 +943,16 @@ class Trainer:
         half hidden, the prediction snapped to the palette, scored by
         :func:`seggpt_lib.eval.metrics.evaluate` at the model's size (a positive against the query's
         pixels of the prompt's class, a negative's yield and a free query's by the predicted
-        share; a negative's mIoU against the query's own defects).
+        share; a negative's mIoU against the query's own defects). ``val_prompt_auroc``: the
+        prompt's effect before any snapping: each positive pair scored by the defect score the model
+        paints on the query's defect of the prompt's class (mean over its pixels), each negative by
+        the score it paints on the query's own defects; the AUROC of positives over negatives (0.5: the prompt
+        changes nothing, as for a model that ignores it; 1: it paints only what the prompt shows).
 
         Returns ``val_loss``, ``val_pes``, ``val_catch``, ``val_yield_neg``, ``val_yield_free``,
         ``val_miou_pos`` (also as ``val_miou``, the earlier column), ``val_miou_neg``,
         ``val_fg_frac`` (predicted defect share of the queries), ``val_gt_frac`` (their true
-        share: a positive's defect, nothing elsewhere) and ``collapse`` (:func:`collapse_of`); a
+        share: a positive's defect, nothing elsewhere), ``val_prompt_auroc`` and ``collapse`` (:func:`collapse_of`); a
         collapse warns (:class:`CollapseWarning`). Empty without validation pairs."""
 
         if self.val_ds is None:
@@ -956,13 +971,19 @@ class Trainer:
                 loss, pred, _ = self.model(**inputs)
             pred_img = self.model.unpatchify(pred.float())
             lbl = _snap_query(pred_img, batch["palette"].to(self.device), mean, std).cpu()
+            two_colours = batch["palette"].shape[1] == 2  # binary painting (else: no prompt AUROC)
+            score = _query_defect_score(pred_img, batch["palette"], mean, std).cpu() if two_colours else None
             b = lbl.shape[0]
             loss_sum += loss.item() * b
             n += b
             gt = batch["query_label"]
             for j in range(b):
-                rows.append((int(batch["sample"][j]), batch["kind"][j], batch["query_class"][j], batch["query_file"][j],
-                             batch["prompt_file"][j], (lbl[j] > 0).numpy(), (gt[j] > 0).numpy()))
+                kind = batch["kind"][j]
+                shown = gt[j] > 0 if kind == "positive" else batch["query_defects"][j] > 0
+                painted = float(score[j][shown].mean()) if score is not None and kind != "free" and shown.any() \
+                    else math.nan
+                rows.append((int(batch["sample"][j]), kind, batch["query_class"][j], batch["query_file"][j],
+                             batch["prompt_file"][j], (lbl[j] > 0).numpy(), (gt[j] > 0).numpy(), painted))
             last = (batch, pred_img.cpu())
         loss_sum, n = _all_reduce_sum([loss_sum, n], self.device, self.info)
         rows = sorted(_all_gather_list(rows, self.info), key=lambda r: r[0])
@@ -972,7 +993,8 @@ class Trainer:
         if not rows:
             return {}
         records = [M.PairResult(query=q, prompts=[pf], kind=k, query_class=c, pred=pr, gt=g)
-                   for _, k, c, q, pf, pr, g in rows]
+                   for _, k, c, q, pf, pr, g, _ in rows]
+        prompt_auroc = M.auroc([r[7] for r in rows if r[1] == "positive"], [r[7] for r in rows if r[1] == "negative"])
         _, summ = M.evaluate(records)
         pred_share = float(np.mean([r[5].mean() for r in rows]))
         true_share = float(np.mean([r[6].mean() if r[1] == "positive" else 0.0 for r in rows]))
@@ -990,6 +1012,7 @@ class Trainer:
             "val_miou_pos": summ["miou"],
             "val_miou_neg": summ["negative_miou"],
             "val_gt_frac": true_share,
+            "val_prompt_auroc": prompt_auroc,
             "collapse": collapse,
         }
 

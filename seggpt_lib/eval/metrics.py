@@ -49,6 +49,7 @@ __all__ = [
     "yield_rate",
     "pes",
     "mean_iou",
+    "auroc",
     "per_class_iou",
     "evaluate",
     "summary_markdown",
@@ -137,6 +138,17 @@ def yield_rate(responses: Iterable[float], thr: float = YIELD_RESPONSE) -> float
 def pes(catch_rate_value: float, yield_rate_value: float) -> float:
     """Production evaluation score: ``0.5 * catch_rate + 0.5 * yield_rate``."""
     return 0.5 * float(catch_rate_value) + 0.5 * float(yield_rate_value)
+
+
+def auroc(positive: Iterable[float], negative: Iterable[float]) -> float:
+    """The chance that a value of ``positive`` exceeds one of ``negative`` (ties count half;
+    0.5 = no separation, 1 = complete); NaNs left out; NaN when either side is empty."""
+    pos, neg = _finite_values(positive), np.sort(_finite_values(negative))
+    if not pos.size or not neg.size:
+        return math.nan
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
 
 
 def mean_iou(ious: Iterable[float]) -> float:

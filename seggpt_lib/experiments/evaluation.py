@@ -23,6 +23,7 @@ from seggpt_lib.eval.decision import (
     save_operating_point,
 )
 from seggpt_lib.eval.mapping import build_mapping
+from seggpt_lib.eval import metrics as M
 from seggpt_lib.eval.metrics import CATCH_IOU, KINDS, YIELD_RESPONSE, PairResult, evaluate
 from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
@@ -513,12 +514,7 @@ def consistency_separation(table, good: float = 0.7, weak: float = 0.6) -> dict[
         return v[np.isfinite(v)]
 
     pos, neg, free = vals("positive"), vals("negative"), vals("free")
-    auroc = math.nan
-    if pos.size and neg.size:
-        s = np.sort(neg)
-        below = np.searchsorted(s, pos, side="left")
-        ties = np.searchsorted(s, pos, side="right") - below
-        auroc = float((below + 0.5 * ties).sum() / (pos.size * neg.size))
+    auroc = M.auroc(pos, neg)
     n = f"{pos.size} positive and {neg.size} negative pairs with a value"
     if math.isnan(auroc):
         sentence = f"The prompt consistency cannot be judged here ({n})."

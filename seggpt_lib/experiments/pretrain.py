@@ -77,6 +77,7 @@ class PretrainConfig:
     data_seed: int = 0
     class_colours: bool = False  # each shape class in its own colours (data_prep.shapes.class_palette)
     preset: str = "vit_micro"
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides (e.g. loss_beta)
     steps: int = 4000
     batch_size: int = 16
     lr: float = 1e-3
@@ -118,7 +119,7 @@ def pretrain_train_config(cfg: PretrainConfig, train_dir: str | os.PathLike, val
     decay over ``steps`` after ``warmup_steps``, validation and checkpoints every ``eval_every``."""
     run_dir = Path(run_dir)
     return TrainConfig.from_dict(dict(
-        preset=cfg.preset, train_dataset_dir=str(train_dir), val_dataset_dir=str(val_dir),
+        preset=cfg.preset, model=dict(cfg.model), train_dataset_dir=str(train_dir), val_dataset_dir=str(val_dir),
         log_dir=str(run_dir.parent), run_id=run_dir.name, max_steps=int(cfg.steps), batch_size=int(cfg.batch_size),
         lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), cycle_steps=int(cfg.steps), min_lr=float(cfg.min_lr),
         weight_decay=float(cfg.weight_decay), negative_share=float(cfg.negative_share),
@@ -213,6 +214,9 @@ def export_pretrained(run_dir: str | os.PathLike, cfg: PretrainConfig, command: 
         "command": command, "recipe": cfg.to_dict(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
         "wall_s_last_call": wall_s,
         "final_val_miou": float(val["val_miou"].iloc[-1]) if len(val) else None,
+        "final_val_prompt_auroc": (float(val["val_prompt_auroc"].iloc[-1])
+                                   if len(val) and "val_prompt_auroc" in val and pd.notna(val["val_prompt_auroc"].iloc[-1])
+                                   else None),
         "curve": f"{name}_metrics.csv",
     }
     if cfg.init_weights:  # what the run started from, so the file can be rebuilt from the same start

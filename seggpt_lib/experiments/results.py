@@ -176,6 +176,7 @@ class TrainingFragment(Fragment):
     best_val_pes: float | None = None
     best_val_catch: float | None = None
     best_val_yield: float | None = None
+    best_val_prompt_auroc: float | None = None  # 0.5: the prompt changes nothing painted; 1: everything
     best_step: int | None = None
     select_by: str | None = None
     collapse: str | None = None
@@ -197,7 +198,8 @@ class TrainingFragment(Fragment):
                    mean=list(cfg.image_mean), std=list(cfg.image_std), defect_color=cfg.defect_color, trained=trained,
                    steps_done=int(run["steps_done"]), wall_s=float(run["wall_s"]), best_val_miou=run["best_val_miou"],
                    device=cfg.device, n_parameters=int(n_parameters),
-                   **{k: run.get(k) for k in ("best_val_pes", "best_val_catch", "best_val_yield", "best_step",
+                   **{k: run.get(k) for k in ("best_val_pes", "best_val_catch", "best_val_yield",
+                                              "best_val_prompt_auroc", "best_step",
                                               "select_by", "collapse", "fg_weight", "defect_share")},
                    collapse_steps=list(run.get("collapse_steps") or []))
 

@@ -79,7 +79,7 @@ def panel_dataset(cfg, split_root: str | os.PathLike, n: int = 4, mcfg=None):
 # run_training's keys beyond run_dir / steps_done / wall_s, as a run without training has them
 NO_TRAINING: dict[str, Any] = {
     "best_val_miou": math.nan, "best_val_pes": math.nan, "best_val_catch": math.nan, "best_val_yield": math.nan,
-    "best_step": None, "select_by": None, "collapse": None, "collapse_steps": [], "fg_weight": None,
+    "best_val_prompt_auroc": math.nan, "best_step": None, "select_by": None, "collapse": None, "collapse_steps": [], "fg_weight": None,
     "defect_share": None,
 }
 
@@ -94,14 +94,16 @@ def _num(v: Any) -> float:
 def run_summary(res) -> dict[str, Any]:
     """A :class:`~seggpt_lib.engine.trainer.TrainResult`'s figures as :func:`run_training` returns
     them: the kept ``best`` checkpoint's validation (``best_val_miou``, ``best_val_pes``,
-    ``best_val_catch``, ``best_val_yield`` (negative pairs), ``best_step``, chosen by
+    ``best_val_catch``, ``best_val_yield`` (negative pairs), ``best_val_prompt_auroc`` (does the
+    prompt change what is painted: 0.5 no, 1 completely), ``best_step``, chosen by
     ``select_by``), the last validation's ``collapse`` ("nothing" / "everything", None: none)
     with every ``collapse_steps``, the ``fg_weight`` used and the training set's ``defect_share``."""
     b = res.best_val
     return {
         "best_val_miou": res.best_miou if res.best_miou >= 0 else math.nan,
         "best_val_pes": _num(b.get("val_pes")), "best_val_catch": _num(b.get("val_catch")),
-        "best_val_yield": _num(b.get("val_yield_neg")), "best_step": res.best_step, "select_by": res.select_by,
+        "best_val_yield": _num(b.get("val_yield_neg")), "best_val_prompt_auroc": _num(b.get("val_prompt_auroc")),
+        "best_step": res.best_step, "select_by": res.select_by,
         "collapse": res.collapse or None, "collapse_steps": list(res.collapse_steps), "fg_weight": float(res.fg_weight),
         "defect_share": float(res.defect_share),
     }
@@ -123,7 +125,8 @@ def run_training(cfg, run_dir: str | os.PathLike, log: Callable[[str], None] = p
     out = run_summary(res)
     log(f"trained {res.step} steps in {wall / 60:.1f} min (fg_weight {out['fg_weight']:.2f}, defect share "
         f"{100 * out['defect_share']:.2f} %); best checkpoint (step {out['best_step']}): val PES {out['best_val_pes']:.4f}, "
-        f"catch {out['best_val_catch']:.3f}, yield {out['best_val_yield']:.3f}, mIoU {out['best_val_miou']:.4f}")
+        f"catch {out['best_val_catch']:.3f}, yield {out['best_val_yield']:.3f}, mIoU {out['best_val_miou']:.4f}, "
+        f"prompt AUROC {out['best_val_prompt_auroc']:.3f}")
     if out["collapse"]:
         log(collapse_banner(out["collapse"], out["collapse_steps"]))
     return {"run_dir": str(run_dir), "steps_done": int(res.step), "wall_s": wall, **out}
@@ -160,7 +163,8 @@ def training_table(cfg: TrainConfig, run: dict[str, Any], metrics: pd.DataFrame,
         "preset": cfg.preset, "parameters_M": n_parameters / 1e6, "device": cfg.device, "trained": run["trained"],
         "steps": run["steps_done"], "minutes": run["wall_s"] / 60, "best_val_mIoU": run["best_val_miou"],
         "best_val_PES": run.get("best_val_pes", math.nan), "best_val_catch": run.get("best_val_catch", math.nan),
-        "best_val_yield": run.get("best_val_yield", math.nan), "collapse": run.get("collapse") or "none",
+        "best_val_yield": run.get("best_val_yield", math.nan),
+        "best_val_prompt_AUROC": run.get("best_val_prompt_auroc", math.nan), "collapse": run.get("collapse") or "none",
         "fg_weight": run.get("fg_weight"),
         "final_loss": float(metrics["loss"].iloc[-1]) if len(metrics) else math.nan,
         "lr": cfg.lr, "batch_size": cfg.batch_size,
