@@ -195,7 +195,8 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     """Train ``recipe`` with ``negative_target`` on ``split_root/train`` (validation on ``val``)
     for at most ``steps`` steps or ``budget_minutes`` minutes, in ``run_dir``. Returns
     ``negative_target``, ``weights`` (the ``checkpoint`` chosen), ``steps``, ``minutes``,
-    ``best_val_miou``, ``mean``, ``std``, ``reused`` (False)."""
+    ``best_val_miou``, ``best_val_pes``, ``best_val_prompt_auroc``, ``collapse`` (the last
+    validation's: "nothing" / "everything", "" none), ``mean``, ``std``, ``reused`` (False)."""
     if negative_target not in RECIPES:
         raise ValueError(f"negative_target must be one of {sorted(RECIPES)}, got {negative_target!r}")
     train = {**(recipe or {}), "negative_target": negative_target}
@@ -206,6 +207,8 @@ def train_recipe(split_root: str | os.PathLike, run_dir: str | os.PathLike, nega
     res = TR.run_training(cfg, run_dir, log=log)
     return {"negative_target": negative_target, "weights": str(TR.trained_weights(run_dir, checkpoint)),
             "steps": res["steps_done"], "minutes": res["wall_s"] / 60, "best_val_miou": res["best_val_miou"],
+            "best_val_pes": res.get("best_val_pes", math.nan), "best_val_prompt_auroc": res.get("best_val_prompt_auroc", math.nan),
+            "collapse": res.get("collapse") or "",
             "mean": list(cfg.image_mean), "std": list(cfg.image_std), "defect_color": cfg.defect_color,
             "reused": False}
 
@@ -717,7 +720,10 @@ def compare_recipes(split_root: str | os.PathLike, cfg: BeyondConfig, *,
                               "negative_target": m["negative_target"],
                               **({"init": m.get("init", ""), "preset": m.get("preset", "")} if by_init else {}),
                               "steps": m.get("steps"), "minutes": m.get("minutes"),
-                              "best_val_mIoU": m.get("best_val_miou"), "reused": bool(m.get("reused")),
+                              "best_val_mIoU": m.get("best_val_miou"), "best_val_PES": m.get("best_val_pes", math.nan),
+                              "best_val_prompt_AUROC": m.get("best_val_prompt_auroc", math.nan),
+                              "collapse": m.get("collapse") or ("none" if m.get("steps") else "–"),
+                              "reused": bool(m.get("reused")),
                               "weights": Path(m["weights"]).name} for m in models.values()])
     if results_dir is not None and table_name:
         RES.write_table(table.drop(columns=hidden), results_dir, table_name,
@@ -760,7 +766,9 @@ def run_beyond(results_dir: str | os.PathLike, cfg: PipelineConfig, log: Callabl
         cfg.calibration_yield_target if calibration_yield_target is None else calibration_yield_target))
     own = cfg.train.get("negative_target", CFG.PIPELINE_RECIPE["negative_target"])  # the recipe notebook 02 trained
     reuse = {own: {"weights": trained.weights, "steps": trained.steps_done, "minutes": (trained.wall_s or 0) / 60,
-                   "best_val_miou": trained.best_val_miou, "mean": trained.mean, "std": trained.std,
+                   "best_val_miou": trained.best_val_miou, "best_val_pes": trained.best_val_pes,
+                   "best_val_prompt_auroc": trained.best_val_prompt_auroc, "collapse": trained.collapse or "",
+                   "mean": trained.mean, "std": trained.std,
                    "defect_color": trained.defect_color}}
     if trained.trained:
         targets: tuple[str, ...] = ("query_mask", "empty")
