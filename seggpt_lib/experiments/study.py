@@ -878,8 +878,14 @@ def decision_rows(decision) -> list[dict[str, Any]]:
 def operating_point_records(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"<negative_target>/<method>": what a summary keeps of its operating point}``
     (:func:`~seggpt_lib.experiments.evaluation.operating_point_record`; ``{}`` where none was chosen)."""
-    return {f"{nt}/{m}": EV.operating_point_record(p, None)
-            for nt, pts in (res.get("operating_points") or {}).items() for m, p in pts.items()}
+    out = {f"{nt}/{m}": EV.operating_point_record(p, None)
+           for nt, pts in (res.get("operating_points") or {}).items() for m, p in pts.items()}
+    for rec in out.values():  # summaries are committed: the settings' files relative to the repository
+        settings = rec.get("settings") or {}
+        for k in ("weights", "val_dir"):
+            if settings.get(k):
+                settings[k] = _portable_path(Path(settings[k]))
+    return out
 
 
 def _model_column(decision) -> str:
