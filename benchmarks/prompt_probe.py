@@ -23,18 +23,14 @@ from pathlib import Path
 import torch
 
 from seggpt_lib import data as D
-from seggpt_lib.engine.trainer import Trainer, TrainConfig
-from seggpt_lib.utils.colors import defect_score, denormalize
+from seggpt_lib.engine.trainer import Trainer, TrainConfig, query_defect_score, query_rgb
 
 
 def query_scores(model, imgs, tgts, masked, palette, mean, std) -> torch.Tensor:
     """Per-pixel defect score of the query half (B, H, W)."""
     with torch.no_grad():
         _, pred, _ = model(imgs=imgs, tgts=tgts, bool_masked_pos=masked)
-    rgb = denormalize(model.unpatchify(pred.float()), mean, std)
-    h = rgb.shape[-2] // 2
-    return torch.stack([defect_score(rgb[j, :, h:], palette[j, 1].tolist(), palette[j, 0].tolist())
-                        for j in range(rgb.shape[0])])
+    return query_defect_score(query_rgb(model.unpatchify(pred.float()), mean, std), palette)
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,6 +25,8 @@ generator seeded with ``(seed, index)``: the same seed gives byte-identical file
 """
 from __future__ import annotations
 
+import colorsys
+import functools
 import json
 import math
 import zlib
@@ -47,15 +49,16 @@ GENERATOR_VERSION = 1
 CLASS_JITTER = 0.15  # class_colours: a drawn colour moves the class's own by up to 15 % of the range
 
 
+@functools.lru_cache(maxsize=1)
 def class_palette() -> np.ndarray:
-    """``class_colours``: each class's two colours (16 x 2 x 3, RGB 0..255): hues evenly spaced
-    round the colour wheel, the second (the pattern's, textured classes) opposite the first."""
-    import colorsys
+    """``class_colours``: each class's two colours (16 x 2 x 3, RGB 0..255, read-only): hues evenly
+    spaced round the colour wheel, the second (the pattern's, textured classes) opposite the first."""
     out = np.zeros((len(SHAPE_CLASSES), 2, 3), np.float32)
     for i in range(len(SHAPE_CLASSES)):
         h = i / len(SHAPE_CLASSES)
         out[i, 0] = np.array(colorsys.hsv_to_rgb(h, 0.85, 0.9)) * 255
         out[i, 1] = np.array(colorsys.hsv_to_rgb((h + 0.5) % 1.0, 0.85, 0.45)) * 255
+    out.flags.writeable = False
     return out
 
 

@@ -650,20 +650,23 @@ class TrainingInterrupted(KeyboardInterrupt):
                          f"saved; resume with: seggpt train --resume {result.run_dir}")
 
 
+def query_rgb(pred_img: torch.Tensor, mean, std) -> torch.Tensor:
+    """The painted query half ``(B, 3, H, W)`` on 0..255 from the model's normalised prediction."""
+    rgb = denormalize(pred_img.float(), mean, std)
+    return rgb[:, :, rgb.shape[-2] // 2:]
+
+
 def _snap_query(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> torch.Tensor:
     """Predicted query-half class indices ``(B, H, W)`` after palette snapping."""
-    rgb = denormalize(pred_img.float(), mean, std)
-    h = rgb.shape[-2] // 2
-    return cmap_to_lbl(rgb[:, :, h:], palette)
+    return cmap_to_lbl(query_rgb(pred_img, mean, std), palette)
 
 
-def _query_defect_score(pred_img: torch.Tensor, palette: torch.Tensor, mean, std) -> torch.Tensor:
-    """The per-pixel defect score of the query half ``(B, H, W)``, 0..1, before snapping: how far
-    each painted pixel lies from the sample's background colour toward its defect colour
-    (``palette[:, 0]`` and ``palette[:, 1]``; :func:`~seggpt_lib.utils.colors.defect_score`)."""
-    rgb = denormalize(pred_img.float(), mean, std)
-    h = rgb.shape[-2] // 2
-    return torch.stack([defect_score(rgb[j, :, h:], palette[j, 1].tolist(), palette[j, 0].tolist())
+def query_defect_score(rgb: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """The per-pixel defect score ``(B, H, W)``, 0..1, of painted query halves ``rgb``
+    (:func:`query_rgb`) before snapping: how far each pixel lies from its sample's background
+    colour toward its defect colour (``palette[:, 0]``, ``palette[:, 1]``;
+    :func:`~seggpt_lib.utils.colors.defect_score`)."""
+    return torch.stack([defect_score(rgb[j], palette[j, 1].tolist(), palette[j, 0].tolist())
                         for j in range(rgb.shape[0])])
 
 
@@ -972,7 +975,7 @@ class Trainer:
             pred_img = self.model.unpatchify(pred.float())
             lbl = _snap_query(pred_img, batch["palette"].to(self.device), mean, std).cpu()
             two_colours = batch["palette"].shape[1] == 2  # binary painting (else: no prompt AUROC)
-            score = _query_defect_score(pred_img, batch["palette"], mean, std).cpu() if two_colours else None
+            score = query_defect_score(query_rgb(pred_img, mean, std), batch["palette"]).cpu() if two_colours else None
             b = lbl.shape[0]
             loss_sum += loss.item() * b
             n += b

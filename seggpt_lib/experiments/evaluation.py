@@ -23,8 +23,7 @@ from seggpt_lib.eval.decision import (
     save_operating_point,
 )
 from seggpt_lib.eval.mapping import build_mapping
-from seggpt_lib.eval import metrics as M
-from seggpt_lib.eval.metrics import CATCH_IOU, KINDS, YIELD_RESPONSE, PairResult, evaluate
+from seggpt_lib.eval.metrics import CATCH_IOU, KINDS, YIELD_RESPONSE, PairResult, auroc, evaluate
 from seggpt_lib.eval.scoring import Folder, ScoringConfig, score_mapping
 from seggpt_lib.experiments import viz
 from seggpt_lib.experiments.config import PipelineError, resolve_preset, resolve_weights
@@ -514,20 +513,20 @@ def consistency_separation(table, good: float = 0.7, weak: float = 0.6) -> dict[
         return v[np.isfinite(v)]
 
     pos, neg, free = vals("positive"), vals("negative"), vals("free")
-    auroc = M.auroc(pos, neg)
+    separation = auroc(pos, neg)
     n = f"{pos.size} positive and {neg.size} negative pairs with a value"
-    if math.isnan(auroc):
+    if math.isnan(separation):
         sentence = f"The prompt consistency cannot be judged here ({n})."
-    elif auroc >= good:
-        sentence = (f"The prompt consistency separates positive from negative pairs: AUROC {auroc:.2f} "
+    elif separation >= good:
+        sentence = (f"The prompt consistency separates positive from negative pairs: AUROC {separation:.2f} "
                     f"(0.5 = chance; {n}), so a consistency threshold can withdraw answers to a wrong prompt.")
-    elif auroc >= weak:
-        sentence = (f"The prompt consistency separates positive from negative pairs only weakly: AUROC {auroc:.2f} "
+    elif separation >= weak:
+        sentence = (f"The prompt consistency separates positive from negative pairs only weakly: AUROC {separation:.2f} "
                     f"(0.5 = chance; {n}).")
     else:
         sentence = (f"The prompt consistency does not separate positive from negative pairs for this model: "
-                    f"AUROC {auroc:.2f} (0.5 = chance; {n}), so it cannot tell a wrong prompt apart.")
-    return {"auroc": auroc, "separates": bool(auroc >= good) if not math.isnan(auroc) else False,
+                    f"AUROC {separation:.2f} (0.5 = chance; {n}), so it cannot tell a wrong prompt apart.")
+    return {"auroc": separation, "separates": bool(separation >= good) if not math.isnan(separation) else False,
             "n_positive": int(pos.size), "n_negative": int(neg.size), "n_free": int(free.size),
             "positive": pos, "negative": neg, "free": free, "sentence": sentence}
 

@@ -162,9 +162,7 @@ def run_pretraining(cfg: PretrainConfig, train_dir: str | os.PathLike, val_dir: 
                 raise ValueError(f"{run_dir} exists and holds files of something else (no pretrain.json): "
                                  "give another --run-dir; nothing there was touched")
             shutil.rmtree(run_dir)  # a run of ours that never wrote a complete checkpoint: nothing to keep
-        elif run_dir.exists():
-            run_dir.rmdir()
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         _write_text(recipe_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
         log(f"pretraining {cfg.preset} for {cfg.steps} steps (batch {cfg.batch_size}) in {run_dir}")
         res = train(tcfg, run_dir=run_dir, stop_at_step=stop_at_step, progress=progress)
@@ -207,16 +205,19 @@ def export_pretrained(run_dir: str | os.PathLike, cfg: PretrainConfig, command: 
         os.replace(tmp_csv, out_dir / f"{name}_metrics.csv")
     step = checkpoint_step(src.parent)
     val = curve.dropna(subset=["val_miou"]) if "val_miou" in curve else pd.DataFrame()
+
+    def final(column: str) -> float | None:  # the last validation's value (None: none, or not logged then)
+        v = val[column].iloc[-1] if len(val) and column in val else None
+        return float(v) if v is not None and pd.notna(v) else None
+
     info = {
         "file": weights.name, "sha256": file_sha256(weights), "bytes": weights.stat().st_size,
         "preset": cfg.preset, "parameters": int(sum(p.numel() for p in model.parameters())),
         "steps": int(step or 0), "checkpoint": which,
         "command": command, "recipe": cfg.to_dict(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
         "wall_s_last_call": wall_s,
-        "final_val_miou": float(val["val_miou"].iloc[-1]) if len(val) else None,
-        "final_val_prompt_auroc": (float(val["val_prompt_auroc"].iloc[-1])
-                                   if len(val) and "val_prompt_auroc" in val and pd.notna(val["val_prompt_auroc"].iloc[-1])
-                                   else None),
+        "final_val_miou": final("val_miou"),
+        "final_val_prompt_auroc": final("val_prompt_auroc"),
         "curve": f"{name}_metrics.csv",
     }
     if cfg.init_weights:  # what the run started from, so the file can be rebuilt from the same start
